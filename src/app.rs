@@ -1,0 +1,123 @@
+//! Wiring: the one place that creates the channels and starts the actors (reader and store on
+//! threads of their own, uplink and control socket as tasks), and the one place that stops them.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::clock::ClockWatch;
+use crate::config::Config;
+use crate::control::ControlServer;
+use crate::reader::{Reader, ReaderStats};
+use crate::status::StatusSource;
+use crate::store::{PassingEvent, Store, StoreParts, StoreStats};
+use crate::uplink::{Uplink, UplinkStatus};
+
+/// Reads waiting for the store. At ~100 bytes each this bounds memory at a few MB, and is far
+/// more than a mass start produces within one commit interval.
+const READ_QUEUE: usize = 32_768;
+/// How often systemd's `STATUS=` line is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A started gateway: its handles, and the way to stop it.
+pub struct Running {
+    pub cancel: CancellationToken,
+    pub events: broadcast::Sender<PassingEvent>,
+    pub status: StatusSource,
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    reader: JoinHandle<anyhow::Result<()>>,
+    store: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Start every actor. Returns once the store is open, the reader started and the socket bound.
+pub fn start(cfg: &Config, cancel: CancellationToken) -> anyhow::Result<Running> {
+    let reader_stats = Arc::new(ReaderStats::default());
+    let store_stats = Arc::new(StoreStats::default());
+    let uplink_status = Arc::new(Mutex::new(UplinkStatus::default()));
+    let notify = Arc::new(Notify::new());
+    let (events, _) = broadcast::channel(1024);
+    let (reads_tx, reads_rx) = crossbeam_channel::bounded(READ_QUEUE);
+
+    let StoreParts { store, handle } = Store::open(cfg, reads_rx, notify.clone(), events.clone(), store_stats.clone())?;
+    let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
+
+    let reader = Reader::new(cfg, reads_tx, reader_stats.clone())?;
+    let reader_cancel = cancel.clone();
+    let reader = std::thread::Builder::new().name("reader".into()).spawn(move || reader.run(reader_cancel))?;
+
+    let status = StatusSource {
+        port: cfg.reader.port.clone().unwrap_or_default(),
+        db_path: cfg.storage.path.clone(),
+        reader: reader_stats,
+        store: store_stats,
+        uplink: uplink_status.clone(),
+        clock: ClockWatch::new(&cfg.clock),
+    };
+    let control = ControlServer::bind(&cfg.control.socket, handle.clone(), status.clone(), cfg.session.alias.clone())
+        .with_context(|| format!("control.socket: cannot bind {}", cfg.control.socket.display()))?;
+    let uplink = Uplink::new(cfg, handle, notify, uplink_status)?;
+
+    let mut tasks = JoinSet::new();
+    let c = cancel.clone();
+    tasks.spawn(async move { ("control", control.run(c).await) });
+    let c = cancel.clone();
+    tasks.spawn(async move { ("uplink", uplink.run(c).await) });
+    let c = cancel.clone();
+    let s = status.clone();
+    tasks.spawn(async move { ("status", report_status(s, c).await) });
+    Ok(Running { cancel, events, status, tasks, reader, store })
+}
+
+impl Running {
+    /// Run until cancelled or until an actor fails; then stop everything in order: the uplink
+    /// finishes its request in flight, the reader stops, the store commits what it holds.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut failure: Option<anyhow::Error> = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let (name, result) = joined.unwrap_or_else(|e| ("task", Err(anyhow::anyhow!("panicked: {e}"))));
+            if let Err(e) = result {
+                error!(actor = name, error = %format!("{e:#}"), "actor failed; stopping");
+                failure.get_or_insert(e.context(format!("{name} failed")));
+            }
+            self.cancel.cancel();
+        }
+        let reader = tokio::task::spawn_blocking(move || self.reader.join()).await?;
+        if let Ok(Err(e)) | Err(e) = reader.map_err(|_| anyhow::anyhow!("reader thread panicked")) {
+            warn!(error = %format!("{e:#}"), "reader stopped with an error");
+        }
+        // Every sender is gone now: the store drains, commits and returns.
+        let store = tokio::task::spawn_blocking(move || self.store.join()).await?;
+        match store {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(_) => failure = failure.or(Some(anyhow::anyhow!("store thread panicked"))),
+        }
+        match failure {
+            None => {
+                info!("stopped cleanly");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// Keep systemd's one-line `STATUS=` current.
+async fn report_status(source: StatusSource, cancel: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        let s = source.clone();
+        if let Ok(Ok(status)) = tokio::task::spawn_blocking(move || s.snapshot()).await {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status.one_line())]);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STATUS_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The command line (DESIGN.md, "Command line") and what each command does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Purpose};
+use crate::control::{self, NotRunning, Request};
+use crate::store::query::Db;
+
+#[derive(Debug, Parser)]
+#[command(name = "rufus-gateway", version, about = "Race-timing RFID reader → RUFUS Cloud gateway")]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, env = "RUFUS_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (what systemd runs).
+    Run,
+    /// Load and validate the config; print a summary with secrets masked.
+    CheckConfig,
+    /// Ask the running daemon for its state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open, close or list timing sessions.
+    Session {
+        #[command(subcommand)]
+        action: SessionAction,
+    },
+    /// Passings (or raw reads) as CSV; works without the daemon.
+    Export {
+        #[arg(long)]
+        session: Option<i64>,
+        #[arg(long)]
+        reads: bool,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Bind this box as a RUFUS device.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+    /// Run the whole pipeline against a simulated reader and a stand-in API.
+    Demo {
+        /// How long the simulated race runs, in seconds.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Take the API down for a while in the middle.
+        #[arg(long)]
+        outage: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionAction {
+    /// Open a new session now (offline or not).
+    Start {
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Close the open session (its queue drains, then it is closed remotely).
+    Close,
+    /// Every session with its counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceAction {
+    /// Register this box with RUFUS and print the deviceid for the config.
+    Bind {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        serial_number: String,
+        #[arg(long)]
+        alias: Option<String>,
+    },
+}
+
+/// Exit codes of DESIGN.md: 78 bad config, 69 daemon unreachable, 1 anything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<ConfigError>()) {
+        78
+    } else if e.chain().any(|c| c.is::<NotRunning>()) {
+        69
+    } else {
+        1
+    }
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    let path = cli.config;
+    match cli.command {
+        Command::Run => run_daemon(Config::load(&path, Purpose::Daemon)?, &path),
+        Command::CheckConfig => {
+            let cfg = Config::load(&path, Purpose::Daemon)?;
+            println!("{} is valid\n\n{}", path.display(), cfg.summary());
+            Ok(())
+        }
+        Command::Status { json } => {
+            let cfg = Config::load(&path, Purpose::Local)?;
+            let value = control::request(&cfg.control.socket, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let status: crate::status::Status = serde_json::from_value(value)?;
+                print!("{}", status.human());
+            }
+            Ok(())
+        }
+        Command::Session { action } => session(action, &Config::load(&path, Purpose::Local)?),
+        Command::Export { session, reads, output } => {
+            let cfg = Config::load(&path, Purpose::Local)?;
+            let db = open_db(&cfg)?;
+            let out: Box<dyn std::io::Write> = match &output {
+                Some(p) => Box::new(std::fs::File::create(p)?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let n = if reads {
+                crate::export::reads(&db, session, out)?
+            } else {
+                crate::export::passings(&db, session, out)?
+            };
+            if let Some(p) = output {
+                eprintln!("wrote {n} rows to {}", p.display());
+            }
+            Ok(())
+        }
+        Command::Device { action: DeviceAction::Bind { model, serial_number, alias } } => {
+            let cfg = Config::load(&path, Purpose::DeviceBind)?;
+            bind(&cfg, &model, &serial_number, alias.as_deref())
+        }
+        Command::Demo { duration, outage } => {
+            runtime()?.block_on(crate::demo::run(Duration::from_secs(duration), outage))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One worker: the async side (uplink, control socket) is light; blocking work has its own threads.
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn open_db(cfg: &Config) -> anyhow::Result<Db> {
+    if !cfg.storage.path.exists() {
+        anyhow::bail!(
+            "no database at {} (storage.path): the daemon has not run with this config yet",
+            cfg.storage.path.display()
+        );
+    }
+    Ok(Db::open_readonly(&cfg.storage.path)?)
+}
+
+fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
+    crate::logging::init(&cfg.log)?;
+    info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), port = cfg.reader.port.as_deref().unwrap_or(""), "rufus-gateway starting");
+    runtime()?.block_on(async {
+        let cancel = CancellationToken::new();
+        let running = crate::app::start(&cfg, cancel.clone())?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        info!("ready");
+        let signals = tokio::spawn(crate::supervisor::watch_signals(cancel.clone()));
+        let result = running.wait().await;
+        signals.abort();
+        result
+    })
+}
+
+fn session(action: SessionAction, cfg: &Config) -> anyhow::Result<()> {
+    match action {
+        SessionAction::Start { alias } => {
+            let v = control::request(&cfg.control.socket, &Request::SessionStart { alias })?;
+            println!(
+                "session #{} \"{}\" open (remote: {}); reads are assigned to it from now on",
+                v["id"],
+                v["alias"].as_str().unwrap_or(""),
+                v["remote_state"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        SessionAction::Close => {
+            let v = control::request(&cfg.control.socket, &Request::SessionClose)?;
+            println!(
+                "session #{} closing: no more reads assigned; {} passings still to send, then it is closed remotely",
+                v["id"], v["pending"]
+            );
+            Ok(())
+        }
+        SessionAction::List { json } => {
+            let sessions = open_db(cfg)?.sessions()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+                return Ok(());
+            }
+            println!(
+                "{:>4}  {:<16} {:<8} {:<16} {:>8} {:>8} {:>9} {:>13}",
+                "id", "alias", "state", "remote_state", "passings", "pending", "delivered", "undeliverable"
+            );
+            for s in sessions {
+                println!(
+                    "{:>4}  {:<16} {:<8} {:<16} {:>8} {:>8} {:>9} {:>13}",
+                    s.id, s.alias, s.state, s.remote_state, s.passings, s.pending, s.delivered, s.undeliverable
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn bind(cfg: &Config, model: &str, serial: &str, alias: Option<&str>) -> anyhow::Result<()> {
+    let client = crate::uplink::api::RufusClient::new(&cfg.api)?;
+    let reply: Value = runtime()?.block_on(client.bind_device(model, serial, alias))?;
+    let id = crate::uplink::api::field(&reply, "deviceid").and_then(Value::as_str).unwrap_or_default();
+    if id.is_empty() {
+        anyhow::bail!("the API answered without a deviceid: {reply}");
+    }
+    println!(
+        "bound: deviceid {id}\n\nput this line in the [api] section of {}:\ndeviceid = \"{id}\"",
+        DEFAULT_CONFIG_PATH
+    );
+    Ok(())
+}

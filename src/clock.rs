@@ -1,0 +1,104 @@
+//! Host time: UTC and monotonic stamps, the boot id, and whether the system clock is synchronised.
+//!
+//! A Raspberry Pi has no battery-backed clock: until NTP synchronises, `now()` can be minutes or
+//! months off. Every read therefore records the flag, the boot id and the monotonic time, so
+//! host timestamps can be judged (and corrected) later.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{ClockConfig, ClockSource};
+
+/// A host time stamp: wall clock (UTC µs) and monotonic clock (µs since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub utc_us: i64,
+    pub monotonic_us: i64,
+}
+
+impl Stamp {
+    pub fn now() -> Self {
+        Self { utc_us: Utc::now().timestamp_micros(), monotonic_us: monotonic_us() }
+    }
+}
+
+pub fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+pub fn monotonic_us() -> i64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() * 1_000_000 + t.tv_nsec() / 1000)
+        .unwrap_or(0)
+}
+
+/// The kernel's id of this boot; monotonic times only compare within one boot.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The wire format of the RUFUS API: `YYYY-MM-DDTHH:mm:ss.sssZ`.
+pub fn api_timestamp(utc_us: i64) -> String {
+    DateTime::from_timestamp_micros(utc_us).unwrap_or_default().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// RFC 3339 for status and export, microseconds kept.
+pub fn rfc3339(utc_us: i64) -> String {
+    DateTime::from_timestamp_micros(utc_us).unwrap_or_default().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// Answers "is the system clock synchronised?" per `[clock] source`.
+#[derive(Debug, Clone)]
+pub struct ClockWatch {
+    source: ClockSource,
+    flag: PathBuf,
+}
+
+impl ClockWatch {
+    pub fn new(cfg: &ClockConfig) -> Self {
+        Self { source: cfg.source, flag: cfg.timesyncd_flag.clone() }
+    }
+
+    pub fn synchronized(&self) -> bool {
+        match self.source {
+            ClockSource::Trust => true,
+            ClockSource::Timesyncd => self.flag.exists(),
+            ClockSource::Adjtimex => kernel_synchronized(),
+            ClockSource::Auto => self.flag.exists() || kernel_synchronized(),
+        }
+    }
+}
+
+/// chrony, ntpd and timesyncd all clear `STA_UNSYNC` once they discipline the clock.
+fn kernel_synchronized() -> bool {
+    // SAFETY: adjtimex with modes = 0 only reads the kernel's state into the zeroed struct.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut tx) };
+    state != -1 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_timestamps_have_milliseconds_and_z() {
+        assert_eq!(api_timestamp(1_674_379_225_000_000), "2023-01-22T09:20:25.000Z");
+        assert_eq!(api_timestamp(1_674_379_225_123_999), "2023-01-22T09:20:25.123Z");
+    }
+
+    #[test]
+    fn trust_and_flag_file() {
+        let dir = std::env::temp_dir().join(format!("rg-clock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = dir.join("synchronized");
+        let mut cfg = ClockConfig { source: ClockSource::Trust, timesyncd_flag: flag.clone(), ..Default::default() };
+        assert!(ClockWatch::new(&cfg).synchronized());
+        cfg.source = ClockSource::Timesyncd;
+        assert!(!ClockWatch::new(&cfg).synchronized());
+        std::fs::write(&flag, b"").unwrap();
+        assert!(ClockWatch::new(&cfg).synchronized());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,74 @@
+//! `export`: passings or raw reads as CSV, straight from the database (daemon running or not).
+
+use std::io::Write;
+
+use rusqlite::params;
+
+use crate::clock::rfc3339;
+use crate::store::query::Db;
+
+pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Result<u64> {
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record([
+        "session_id",
+        "alias",
+        "num_passing",
+        "bib",
+        "chip",
+        "timestamp",
+        "state",
+        "error",
+        "delivered_at",
+    ])?;
+    let mut stmt = db.connection().prepare(
+        "SELECT p.session_id, s.alias, p.num_passing, p.bib, p.chip, p.timestamp, p.state, p.error, p.delivered_at
+         FROM passings p JOIN sessions s ON s.id = p.session_id
+         WHERE ?1 IS NULL OR p.session_id = ?1 ORDER BY p.session_id, p.num_passing",
+    )?;
+    let mut rows = stmt.query(params![session])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        csv.write_record([
+            r.get::<_, i64>(0)?.to_string(),
+            r.get(1)?,
+            r.get::<_, i64>(2)?.to_string(),
+            r.get(3)?,
+            r.get(4)?,
+            crate::clock::api_timestamp(r.get(5)?),
+            r.get(6)?,
+            r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+            r.get::<_, Option<i64>>(8)?.map(rfc3339).unwrap_or_default(),
+        ])?;
+        n += 1;
+    }
+    csv.flush()?;
+    Ok(n)
+}
+
+pub fn reads(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Result<u64> {
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record(["received_at", "chip", "antenna", "rssi", "reader_time", "session_id", "clock_synced", "raw"])?;
+    let mut stmt = db.connection().prepare(
+        "SELECT received_at, chip, antenna, rssi, reader_time, session_id, clock_synced, raw FROM reads
+         WHERE ?1 IS NULL OR session_id = ?1 ORDER BY id",
+    )?;
+    let mut rows = stmt.query(params![session])?;
+    let mut n = 0;
+    let opt = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_default();
+    while let Some(r) = rows.next()? {
+        let raw: Vec<u8> = r.get(7)?;
+        csv.write_record([
+            rfc3339(r.get(0)?),
+            r.get(1)?,
+            opt(r.get(2)?),
+            opt(r.get(3)?),
+            r.get::<_, Option<i64>>(4)?.map(rfc3339).unwrap_or_default(),
+            opt(r.get(5)?),
+            r.get::<_, bool>(6)?.to_string(),
+            String::from_utf8_lossy(&raw).into_owned(),
+        ])?;
+        n += 1;
+    }
+    csv.flush()?;
+    Ok(n)
+}

@@ -1,0 +1,37 @@
+//! rufus-gateway: race-timing RFID reader → SQLite → RUFUS Cloud API.
+//!
+//! # Layout
+//!
+//! ```text
+//! serial/TCP ─► reader ──Read──► store ──"new work"──► uplink ──HTTP──► RUFUS API
+//!               (thread)  bounded (thread, the only     (task: replays the store
+//!                         channel  SQLite writer)        in order, retries forever)
+//!                                    ▲   ▲
+//!                  control socket ───┘   └── uplink outcomes (delivered, refused, …)
+//! ```
+//!
+//! - [`reader`]: port open/reopen, framing ([`reader::framing`]) and parsing ([`reader::format`]).
+//! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions; the read side in
+//!   [`store::query`].
+//! - [`uplink`]: the RUFUS client ([`uplink::api`]) and the replay loop with backoff.
+//! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports.
+//! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] the signals.
+//! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
+//!   with the test suite.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod dedup;
+pub mod demo;
+pub mod export;
+pub mod fake_api;
+pub mod logging;
+pub mod pty;
+pub mod reader;
+pub mod status;
+pub mod store;
+pub mod supervisor;
+pub mod uplink;

@@ -1,0 +1,235 @@
+//! Parsers: one framed record in, a parsed read (or a skip, or a rejection with its reason) out.
+//!
+//! Pure functions of their input: no clock, no I/O. The reader actor stamps host time and hands
+//! the record here; new reader families add a module and a `Format` variant (readers.md, "Later").
+
+pub mod ipico;
+pub mod regex;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use crate::config::{ChipEncoding, Format, ReaderConfig};
+
+/// What a parser found in one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedRead {
+    pub chip: String,
+    pub antenna: Option<i64>,
+    pub rssi: Option<i64>,
+    /// The reader's own time for the read, converted to UTC, when the format carries one.
+    pub reader_time: Option<DateTime<Utc>>,
+    /// A bib the record itself carries (regex `bib` group).
+    pub bib: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Read(ParsedRead),
+    /// Not a tag read (status line, banner, control reply, heartbeat): ignored, not counted.
+    Skip,
+    Reject(Reject),
+}
+
+/// Why a record was refused; each has its own counter in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    TooLong,
+    InvalidUtf8,
+    NoMatch,
+    BadLength,
+    BadChecksum,
+    BadTime,
+    BadField,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 7] = [
+        Reject::TooLong,
+        Reject::InvalidUtf8,
+        Reject::NoMatch,
+        Reject::BadLength,
+        Reject::BadChecksum,
+        Reject::BadTime,
+        Reject::BadField,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::TooLong => "too_long",
+            Reject::InvalidUtf8 => "invalid_utf8",
+            Reject::NoMatch => "no_match",
+            Reject::BadLength => "bad_length",
+            Reject::BadChecksum => "bad_checksum",
+            Reject::BadTime => "bad_time",
+            Reject::BadField => "bad_field",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Reject::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// A configured parser for one reader.
+pub enum Parser {
+    Regex(regex::RegexParser),
+    Ipico(ipico::IpicoParser),
+}
+
+impl Parser {
+    pub fn from_config(cfg: &ReaderConfig, encoding: ChipEncoding) -> anyhow::Result<Self> {
+        let tz: Tz =
+            cfg.timezone.parse().map_err(|_| anyhow::anyhow!("reader.timezone: unknown zone {}", cfg.timezone))?;
+        Ok(match cfg.format {
+            Format::Regex => Parser::Regex(regex::RegexParser::new(
+                &cfg.pattern,
+                TimestampFormat::parse(&cfg.timestamp_format).map_err(anyhow::Error::msg)?,
+                tz,
+                encoding,
+            )?),
+            Format::Ipico => Parser::Ipico(ipico::IpicoParser::new(tz)),
+            other => anyhow::bail!("reader.format {other:?} is not supported by this version"),
+        })
+    }
+
+    /// Parse one record. `today` is the host's date, used only by time-of-day-only formats.
+    pub fn parse(&self, record: &[u8], today: NaiveDate) -> Parsed {
+        match self {
+            Parser::Regex(p) => p.parse(record, today),
+            Parser::Ipico(p) => p.parse(record),
+        }
+    }
+}
+
+/// How a regex `timestamp` group is written (`reader.timestamp_format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimestampFormat {
+    Rfc3339,
+    /// Seconds since 1970, optionally with a fraction.
+    Unix,
+    UnixMs,
+    /// A chrono strftime pattern in the reader's time zone; a pattern without a date is a time of day.
+    Pattern(String),
+}
+
+impl TimestampFormat {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Ok(match text {
+            "rfc3339" => TimestampFormat::Rfc3339,
+            "unix" => TimestampFormat::Unix,
+            "unix_ms" => TimestampFormat::UnixMs,
+            pattern if pattern.contains('%') => {
+                let items: Vec<_> = chrono::format::StrftimeItems::new(pattern).collect();
+                if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
+                    return Err(format!("\"{pattern}\" is not a valid strftime pattern"));
+                }
+                TimestampFormat::Pattern(pattern.to_string())
+            }
+            other => {
+                return Err(format!(
+                    "\"{other}\" is not rfc3339, unix, unix_ms or a strftime pattern such as \"%d-%m-%Y %H:%M:%S%.3f\""
+                ));
+            }
+        })
+    }
+
+    /// Convert one timestamp field to UTC.
+    pub fn to_utc(&self, text: &str, tz: Tz, today: NaiveDate) -> Option<DateTime<Utc>> {
+        let text = text.trim();
+        match self {
+            TimestampFormat::Rfc3339 => {
+                DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc)).or_else(|| {
+                    // Readers often omit the offset: then the time is in the reader's zone.
+                    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok().and_then(|n| local_to_utc(n, tz))
+                })
+            }
+            TimestampFormat::Unix => {
+                let secs: f64 = text.parse().ok()?;
+                if !secs.is_finite() {
+                    return None;
+                }
+                let micros = (secs * 1e6).round() as i64;
+                DateTime::from_timestamp_micros(micros)
+            }
+            TimestampFormat::UnixMs => DateTime::from_timestamp_millis(text.parse().ok()?),
+            TimestampFormat::Pattern(p) => match NaiveDateTime::parse_from_str(text, p) {
+                Ok(n) => local_to_utc(n, tz),
+                Err(_) => {
+                    let time = chrono::NaiveTime::parse_from_str(text, p).ok()?;
+                    local_to_utc(today.and_time(time), tz)
+                }
+            },
+        }
+    }
+}
+
+/// A reader's local wall-clock time to UTC. In the repeated hour of a DST change the earlier
+/// instant is taken; a time inside the skipped hour does not exist and is refused.
+pub fn local_to_utc(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
+    tz.from_local_datetime(&local).earliest().map(|t| t.with_timezone(&Utc))
+}
+
+/// `chip_encoding = "ascii"`: hex EPC bytes that spell the chip code; leading NULs and zeros dropped.
+pub fn decode_ascii_chip(hex: &str) -> Option<String> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+    let bytes = bytes?;
+    let text: String = bytes.iter().skip_while(|b| **b == 0 || **b == b'0').map(|b| *b as char).collect();
+    if text.is_empty() || !text.chars().all(|c| c.is_ascii_graphic()) {
+        return None;
+    }
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 3, 7).unwrap()
+    }
+
+    #[test]
+    fn timestamp_formats() {
+        let utc: Tz = "UTC".parse().unwrap();
+        let madrid: Tz = "Europe/Madrid".parse().unwrap();
+        let cases: &[(&str, &str, Tz, &str)] = &[
+            ("rfc3339", "2018-06-14T00:15:54.36879Z", utc, "2018-06-14T00:15:54.368790Z"),
+            ("rfc3339", "2018-06-14T02:15:54.5+02:00", utc, "2018-06-14T00:15:54.500Z"),
+            ("rfc3339", "2026-07-01T10:00:00.250", madrid, "2026-07-01T08:00:00.250Z"),
+            ("unix", "1700000000", utc, "2023-11-14T22:13:20Z"),
+            ("unix", "1700000000.125", utc, "2023-11-14T22:13:20.125Z"),
+            ("unix_ms", "1700000000125", utc, "2023-11-14T22:13:20.125Z"),
+            ("%d-%m-%Y %H:%M:%S%.3f", "22-09-2011 02:41:30.620", utc, "2011-09-22T02:41:30.620Z"),
+            ("%d-%m-%Y %H:%M:%S%.3f", "22-01-2026 10:00:00.000", madrid, "2026-01-22T09:00:00Z"),
+            ("%Y/%m/%d %H:%M:%S", "2008/10/28 10:49:35", madrid, "2008-10-28T09:49:35Z"),
+            // Time of day only: today's date in the reader's zone.
+            ("%H:%M:%S%.3f", "09:20:25.100", utc, "2026-03-07T09:20:25.100Z"),
+            // DST in Madrid: 2026-10-25 02:30 happens twice; the earlier (summer time) wins.
+            ("%Y-%m-%d %H:%M:%S", "2026-10-25 02:30:00", madrid, "2026-10-25T00:30:00Z"),
+        ];
+        for (fmt, text, tz, want) in cases {
+            let f = TimestampFormat::parse(fmt).unwrap();
+            let got = f.to_utc(text, *tz, day()).unwrap_or_else(|| panic!("{fmt} {text}"));
+            let want = DateTime::parse_from_rfc3339(want).unwrap().with_timezone(&Utc);
+            assert_eq!(got, want, "{fmt} {text}");
+        }
+        // 2026-03-29 02:30 does not exist in Madrid (clocks jump 02:00 → 03:00).
+        let f = TimestampFormat::parse("%Y-%m-%d %H:%M:%S").unwrap();
+        assert_eq!(f.to_utc("2026-03-29 02:30:00", madrid, day()), None);
+        assert_eq!(TimestampFormat::parse("unix").unwrap().to_utc("soon", utc, day()), None);
+        assert!(TimestampFormat::parse("yesterday").is_err());
+    }
+
+    #[test]
+    fn ascii_chips() {
+        assert_eq!(decode_ascii_chip("00323038").as_deref(), Some("208"));
+        assert_eq!(decode_ascii_chip("30303030304D433030393738").as_deref(), Some("MC00978"));
+        assert_eq!(decode_ascii_chip("0001"), None);
+        assert_eq!(decode_ascii_chip("abc"), None);
+    }
+}

@@ -1,0 +1,284 @@
+//! The reader actor: a dedicated thread that opens the port (reopening it with backoff when it is
+//! missing or fails), frames and parses records, stamps them, and hands reads to the store.
+
+pub mod format;
+pub mod framing;
+pub mod transport;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::clock::{ClockWatch, Stamp};
+use crate::config::{Config, ReaderConfig, TimestampSource};
+use format::{Parsed, Parser, Reject};
+use framing::{Framed, LineFramer};
+use transport::{Port, Received};
+
+/// Reopen delays: quick at first (a replugged cable is back within 2 s), capped so a missing
+/// reader costs one `open` every two seconds.
+const REOPEN_DELAYS: [Duration; 4] =
+    [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1), Duration::from_secs(2)];
+/// At most one rejected-record warning per this interval (a wrong baud rate rejects everything).
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the reader re-checks whether the system clock is synchronised.
+const CLOCK_RECHECK: Duration = Duration::from_secs(1);
+
+/// One report of one tag, as the store receives it.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub host: Stamp,
+    pub clock_synced: bool,
+    pub chip: String,
+    pub antenna: Option<i64>,
+    pub rssi: Option<i64>,
+    pub reader_time_us: Option<i64>,
+    pub bib: Option<String>,
+    pub raw: Vec<u8>,
+    /// The time the passing will carry: the reader's when configured and known, else the host's.
+    pub timestamp_us: i64,
+}
+
+/// Counters the reader shares with status and metrics.
+#[derive(Debug, Default)]
+pub struct ReaderStats {
+    pub connected: AtomicBool,
+    pub reads_total: AtomicU64,
+    pub rejected: [AtomicU64; Reject::ALL.len()],
+    /// Host time of the last read, UTC µs; 0 = never.
+    pub last_read_at: AtomicI64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReaderStatus {
+    pub port: String,
+    pub connected: bool,
+    pub reads_total: u64,
+    pub rejected_total: u64,
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    pub last_read_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl ReaderStats {
+    pub fn snapshot(&self, port: &str) -> ReaderStatus {
+        let rejected: std::collections::BTreeMap<_, _> = Reject::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), self.rejected[r.index()].load(Ordering::Relaxed)))
+            .collect();
+        let last = self.last_read_at.load(Ordering::Relaxed);
+        ReaderStatus {
+            port: port.to_string(),
+            connected: self.connected.load(Ordering::Relaxed),
+            reads_total: self.reads_total.load(Ordering::Relaxed),
+            rejected_total: rejected.values().sum(),
+            rejected,
+            last_read_at: (last != 0).then(|| crate::clock::rfc3339(last)),
+            last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+        }
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = error;
+        }
+    }
+}
+
+pub struct Reader {
+    cfg: ReaderConfig,
+    parser: Parser,
+    clock: ClockWatch,
+    out: crossbeam_channel::Sender<Read>,
+    stats: Arc<ReaderStats>,
+}
+
+impl Reader {
+    pub fn new(cfg: &Config, out: crossbeam_channel::Sender<Read>, stats: Arc<ReaderStats>) -> anyhow::Result<Self> {
+        Ok(Self {
+            parser: Parser::from_config(&cfg.reader, cfg.passings.chip_encoding)?,
+            cfg: cfg.reader.clone(),
+            clock: ClockWatch::new(&cfg.clock),
+            out,
+            stats,
+        })
+    }
+
+    /// Blocking: run on a dedicated thread. Returns when cancelled or when the store is gone.
+    pub fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let _span = tracing::info_span!("reader").entered();
+        let port_name = self.cfg.port.clone().unwrap_or_default();
+        let mut session = ReadSession::new(&self);
+        let mut attempt = 0usize;
+        let mut last_open_error: Option<(String, Instant)> = None;
+        while !cancel.is_cancelled() {
+            match Port::open(&self.cfg) {
+                Ok(mut port) => {
+                    attempt = 0;
+                    last_open_error = None;
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    self.stats.set_error(None);
+                    info!(port = %port_name, "reader connected");
+                    let outcome = session.pump(&mut port, &cancel);
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    session.framer.reset();
+                    match outcome {
+                        Pump::Cancelled => break,
+                        Pump::StoreGone => return Ok(()),
+                        Pump::Lost(e) => {
+                            warn!(port = %port_name, error = %e, "reader disconnected; reopening");
+                            self.stats.set_error(Some(format!("disconnected: {e}")));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    // One line when the failure starts or changes, then one a minute.
+                    let repeat = matches!(&last_open_error, Some((prev, at)) if *prev == text && at.elapsed() < Duration::from_secs(60));
+                    if !repeat {
+                        warn!(port = %port_name, error = %text, "cannot open reader port; retrying");
+                        last_open_error = Some((text.clone(), Instant::now()));
+                    }
+                    self.stats.set_error(Some(format!("cannot open: {text}")));
+                }
+            }
+            let delay = REOPEN_DELAYS[attempt.min(REOPEN_DELAYS.len() - 1)];
+            attempt += 1;
+            if wait_cancelled(&cancel, delay) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Pump {
+    Cancelled,
+    StoreGone,
+    Lost(std::io::Error),
+}
+
+/// State that outlives one connection: the framer, the clock cache, reject logging.
+struct ReadSession<'a> {
+    reader: &'a Reader,
+    framer: LineFramer<Stamp>,
+    synced: bool,
+    synced_checked: Option<Instant>,
+    rejects_since_log: u64,
+    last_reject_log: Option<Instant>,
+}
+
+impl<'a> ReadSession<'a> {
+    fn new(reader: &'a Reader) -> Self {
+        Self {
+            reader,
+            framer: LineFramer::default(),
+            synced: false,
+            synced_checked: None,
+            rejects_since_log: 0,
+            last_reject_log: None,
+        }
+    }
+
+    fn pump(&mut self, port: &mut Port, cancel: &CancellationToken) -> Pump {
+        let mut buf = vec![0u8; 8192];
+        let mut frames = Vec::new();
+        loop {
+            if cancel.is_cancelled() {
+                return Pump::Cancelled;
+            }
+            match port.receive(&mut buf) {
+                Ok(Received::Idle) => {}
+                Ok(Received::Data(n)) => {
+                    let stamp = Stamp::now();
+                    self.framer.push(&buf[..n], stamp, &mut frames);
+                    for frame in frames.drain(..) {
+                        if !self.handle(frame) {
+                            return Pump::StoreGone;
+                        }
+                    }
+                }
+                Err(e) => return Pump::Lost(e),
+            }
+        }
+    }
+
+    /// Returns false when the store has gone away.
+    fn handle(&mut self, frame: Framed<Stamp>) -> bool {
+        let stats = &self.reader.stats;
+        let (bytes, stamp) = match frame {
+            Framed::Record { bytes, stamp } => (bytes, stamp),
+            Framed::Rejected { reason, bytes, .. } => {
+                self.reject(reason, &bytes);
+                return true;
+            }
+        };
+        let today = chrono::DateTime::from_timestamp_micros(stamp.utc_us).unwrap_or_else(Utc::now).date_naive();
+        match self.reader.parser.parse(&bytes, today) {
+            Parsed::Skip => true,
+            Parsed::Reject(reason) => {
+                self.reject(reason, &bytes);
+                true
+            }
+            Parsed::Read(p) => {
+                let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
+                let timestamp_us = match (self.reader.cfg.timestamps, reader_time_us) {
+                    (TimestampSource::Reader, Some(t)) => t,
+                    _ => stamp.utc_us,
+                };
+                let read = Read {
+                    host: stamp,
+                    clock_synced: self.clock_synced(),
+                    chip: p.chip,
+                    antenna: p.antenna,
+                    rssi: p.rssi,
+                    reader_time_us,
+                    bib: p.bib,
+                    raw: bytes,
+                    timestamp_us,
+                };
+                stats.reads_total.fetch_add(1, Ordering::Relaxed);
+                stats.last_read_at.store(stamp.utc_us, Ordering::Relaxed);
+                self.reader.out.send(read).is_ok()
+            }
+        }
+    }
+
+    fn clock_synced(&mut self) -> bool {
+        if self.synced_checked.is_none_or(|at| at.elapsed() >= CLOCK_RECHECK) {
+            self.synced = self.reader.clock.synchronized();
+            self.synced_checked = Some(Instant::now());
+        }
+        self.synced
+    }
+
+    fn reject(&mut self, reason: Reject, bytes: &[u8]) {
+        self.reader.stats.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.rejects_since_log += 1;
+        if self.last_reject_log.is_none_or(|at| at.elapsed() >= REJECT_LOG_INTERVAL) {
+            let sample: String = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).escape_debug().collect();
+            warn!(reason = reason.as_str(), count = self.rejects_since_log, sample = %sample, "rejected reader records");
+            self.rejects_since_log = 0;
+            self.last_reject_log = Some(Instant::now());
+        }
+    }
+}
+
+/// Sleep up to `delay`, waking early on cancellation. Returns true when cancelled.
+fn wait_cancelled(cancel: &CancellationToken, delay: Duration) -> bool {
+    let deadline = Instant::now() + delay;
+    while Instant::now() < deadline {
+        if cancel.is_cancelled() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+    }
+    cancel.is_cancelled()
+}

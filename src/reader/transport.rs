@@ -1,0 +1,85 @@
+//! Transports: a serial port, or a TCP connection to a networked reader (`tcp://host:port`).
+
+use std::io::{self, Read};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::config::{FlowControl, Parity, ReaderConfig};
+
+/// How long one `read` blocks: short, so the thread notices cancellation promptly.
+pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub enum Port {
+    Serial(Box<dyn serialport::SerialPort>),
+    Tcp(TcpStream),
+}
+
+/// One `poll` of the port.
+pub enum Received {
+    Data(usize),
+    /// Nothing arrived within `READ_TIMEOUT`.
+    Idle,
+}
+
+impl Port {
+    pub fn open(cfg: &ReaderConfig) -> io::Result<Port> {
+        let path = cfg.port.as_deref().unwrap_or_default();
+        if let Some(addr) = path.strip_prefix("tcp://") {
+            let target = addr
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} does not resolve")))?;
+            let stream = TcpStream::connect_timeout(&target, TCP_CONNECT_TIMEOUT)?;
+            stream.set_read_timeout(Some(READ_TIMEOUT))?;
+            stream.set_nodelay(true)?;
+            return Ok(Port::Tcp(stream));
+        }
+        let port = serialport::new(path, cfg.baud_rate)
+            .data_bits(match cfg.data_bits {
+                5 => serialport::DataBits::Five,
+                6 => serialport::DataBits::Six,
+                7 => serialport::DataBits::Seven,
+                _ => serialport::DataBits::Eight,
+            })
+            .parity(match cfg.parity {
+                Parity::None => serialport::Parity::None,
+                Parity::Odd => serialport::Parity::Odd,
+                Parity::Even => serialport::Parity::Even,
+            })
+            .stop_bits(if cfg.stop_bits == 2 { serialport::StopBits::Two } else { serialport::StopBits::One })
+            .flow_control(match cfg.flow_control {
+                FlowControl::None => serialport::FlowControl::None,
+                FlowControl::Software => serialport::FlowControl::Software,
+                FlowControl::Hardware => serialport::FlowControl::Hardware,
+            })
+            .timeout(READ_TIMEOUT)
+            .open()
+            .map_err(io::Error::from)?;
+        Ok(Port::Serial(port))
+    }
+
+    /// Read what is there. An error, or the end of a TCP stream, means the link is gone.
+    pub fn receive(&mut self, buf: &mut [u8]) -> io::Result<Received> {
+        let result = match self {
+            Port::Serial(p) => p.read(buf),
+            Port::Tcp(s) => match s.read(buf) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the reader closed the connection")),
+                other => other,
+            },
+        };
+        match result {
+            Ok(0) => Ok(Received::Idle),
+            Ok(n) => Ok(Received::Data(n)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(Received::Idle)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The daemon's state in one structure: `status --json`, the human summary, sd_notify `STATUS=`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::ClockWatch;
+use crate::reader::{ReaderStats, ReaderStatus};
+use crate::store::StoreStats;
+use crate::store::query::{Db, QueueCounts, SessionRow};
+use crate::uplink::{UplinkState, UplinkStatus};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    /// What is wrong, in words, most important first; empty when all is well.
+    pub problems: Vec<String>,
+    pub reader: ReaderStatus,
+    pub session: Option<SessionRow>,
+    pub queue: QueueCounts,
+    pub uplink: UplinkStatus,
+    pub clock: ClockStatus,
+    pub storage: StorageStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClockStatus {
+    pub synchronized: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageStatus {
+    pub path: String,
+    pub error: Option<String>,
+    pub buffered_reads: u64,
+    pub dropped_reads: u64,
+}
+
+/// Everything status is made from; cheap to clone into a blocking task.
+#[derive(Clone)]
+pub struct StatusSource {
+    pub port: String,
+    pub db_path: PathBuf,
+    pub reader: Arc<ReaderStats>,
+    pub store: Arc<StoreStats>,
+    pub uplink: Arc<Mutex<UplinkStatus>>,
+    pub clock: ClockWatch,
+}
+
+impl StatusSource {
+    /// Blocking (SQLite): call from a blocking thread.
+    pub fn snapshot(&self) -> anyhow::Result<Status> {
+        let db = Db::open_readonly(&self.db_path)?;
+        let session = db.open_session()?.or(latest_closing(&db)?);
+        let queue = db.queue()?;
+        let held_sessions: Vec<SessionRow> =
+            db.sessions()?.into_iter().filter(|s| s.remote_state == "closed_remotely" && s.pending > 0).collect();
+        let uplink = self.uplink.lock().map(|u| u.clone()).unwrap_or_default();
+        let status = Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            problems: Vec::new(),
+            reader: self.reader.snapshot(&self.port),
+            session,
+            queue,
+            uplink,
+            clock: ClockStatus { synchronized: self.clock.synchronized() },
+            storage: StorageStatus {
+                path: self.db_path.display().to_string(),
+                error: self.store.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+                buffered_reads: self.store.buffered_reads.load(Ordering::Relaxed),
+                dropped_reads: self.store.dropped_reads.load(Ordering::Relaxed),
+            },
+        };
+        Ok(with_problems(status, &held_sessions))
+    }
+}
+
+fn latest_closing(db: &Db) -> rusqlite::Result<Option<SessionRow>> {
+    Ok(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
+}
+
+fn with_problems(mut s: Status, held: &[SessionRow]) -> Status {
+    let mut p = Vec::new();
+    if let Some(e) = &s.storage.error {
+        p.push(format!("DATABASE CANNOT BE WRITTEN ({e}); {} reads waiting in memory", s.storage.buffered_reads));
+    }
+    if s.uplink.state == UplinkState::AuthFailed {
+        p.push(format!(
+            "API REFUSES THIS BOX: {}",
+            s.uplink.last_error.as_deref().unwrap_or("check api.api_key and api.deviceid")
+        ));
+    }
+    for h in held {
+        p.push(format!(
+            "SESSION {} ({}) WAS CLOSED REMOTELY: {} passings are kept here, not sent; run `rufus-gateway session resend` or export them",
+            h.id, h.alias, h.pending
+        ));
+    }
+    if !s.reader.connected {
+        p.push(format!(
+            "READER NOT CONNECTED on {}: {}",
+            s.reader.port,
+            s.reader.last_error.as_deref().unwrap_or("waiting for the port")
+        ));
+    }
+    if matches!(s.uplink.state, UplinkState::Offline | UplinkState::BackingOff) {
+        p.push(format!(
+            "OFFLINE: {} passings waiting; they will be sent when the API answers ({})",
+            s.queue.pending - s.queue.held,
+            s.uplink.last_error.as_deref().unwrap_or("no answer")
+        ));
+    }
+    if s.session.as_ref().is_none_or(|x| x.state != "open") {
+        p.push("NO SESSION OPEN: reads are kept but not uploaded; run `rufus-gateway session start`".into());
+    }
+    if !s.clock.synchronized {
+        p.push("CLOCK NOT SYNCHRONISED: host timestamps may be wrong until NTP synchronises".into());
+    }
+    s.problems = p;
+    s
+}
+
+impl Status {
+    /// A few aligned lines a person can read at a glance, the problem first.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        if self.problems.is_empty() {
+            out.push_str("OK: reading, storing and uploading\n\n");
+        } else {
+            for p in &self.problems {
+                out.push_str(&format!("! {p}\n"));
+            }
+            out.push('\n');
+        }
+        let r = &self.reader;
+        out.push_str(&format!(
+            "reader    {} on {}, {} reads, {} rejected, last read {}\n",
+            if r.connected { "connected" } else { "NOT CONNECTED" },
+            r.port,
+            r.reads_total,
+            r.rejected_total,
+            r.last_read_at.as_deref().unwrap_or("never")
+        ));
+        match &self.session {
+            Some(s) => out.push_str(&format!(
+                "session   #{} {} — {}, remote {}{}\n",
+                s.id,
+                s.alias,
+                s.state,
+                s.remote_state,
+                s.remote_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+            )),
+            None => out.push_str("session   none open\n"),
+        }
+        let q = &self.queue;
+        out.push_str(&format!(
+            "queue     {} pending{}, {} delivered, {} undeliverable{}\n",
+            q.pending,
+            if q.held > 0 { format!(" ({} held by a remotely closed session)", q.held) } else { String::new() },
+            q.delivered,
+            q.undeliverable,
+            q.oldest_pending_at.as_ref().map(|t| format!(", oldest waiting {t}")).unwrap_or_default()
+        ));
+        let u = &self.uplink;
+        out.push_str(&format!(
+            "uplink    {}{}{}\n",
+            u.state.as_str(),
+            u.last_success_at.as_ref().map(|t| format!(", last success {t}")).unwrap_or_default(),
+            u.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+        ));
+        out.push_str(&format!(
+            "clock     {}\n",
+            if self.clock.synchronized { "synchronised" } else { "NOT synchronised" }
+        ));
+        out.push_str(&format!(
+            "storage   {}{}\n",
+            self.storage.path,
+            self.storage.error.as_ref().map(|e| format!(" — ERROR: {e}")).unwrap_or_default()
+        ));
+        out
+    }
+
+    /// One line for systemd's `STATUS=`.
+    pub fn one_line(&self) -> String {
+        let session = match &self.session {
+            Some(s) => format!("session #{} {} ({}/{})", s.id, s.alias, s.state, s.remote_state),
+            None => "no session".into(),
+        };
+        format!(
+            "{session}; {} pending; uplink {}; reader {}",
+            self.queue.pending,
+            self.uplink.state.as_str(),
+            if self.reader.connected { "connected" } else { "disconnected" }
+        )
+    }
+}

@@ -1,0 +1,545 @@
+//! The store actor: one thread owns the only writing SQLite connection. It commits reads in small
+//! groups, turns them into passings (de-duplication, bib mapping, `num_passing`), and applies the
+//! session changes asked for by the control socket and the uplink. Everything else reads through
+//! `query::Db` on connections of its own.
+
+pub mod query;
+pub mod schema;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{Receiver, Sender, select};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast, oneshot};
+use tracing::{error, info, warn};
+
+use crate::clock;
+use crate::config::{Config, Unmapped};
+use crate::dedup::{Dedup, Undo};
+use crate::reader::Read;
+
+/// Most reads committed in one transaction (the other bound is `storage.commit_interval`).
+const MAX_GROUP: usize = 1000;
+/// How often the idle loop wakes (cancellation is noticed through channel disconnection).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// After a failed commit, wait this long before trying again.
+const RETRY_COMMIT: Duration = Duration::from_millis(500);
+/// Reads kept in memory while the disk refuses writes; beyond this the oldest are dropped (and counted).
+const MAX_BUFFERED_READS: usize = 200_000;
+
+/// A passing as it was committed, for live consumers (demo, feed, dashboard).
+#[derive(Debug, Clone, Serialize)]
+pub struct PassingEvent {
+    pub session_id: i64,
+    pub num_passing: i64,
+    pub bib: String,
+    pub chip: String,
+    pub timestamp_us: i64,
+}
+
+/// A change the writer makes on request; each gets a reply once it is committed.
+#[derive(Debug)]
+pub enum Op {
+    StartSession { alias: String },
+    CloseSession,
+    RemoteOpened { session_id: i64, token: String },
+    Delivered { session_id: i64, passing_ids: Vec<i64> },
+    Undeliverable { session_id: i64, passing_id: i64, reason: String },
+    RemoteClosed { session_id: i64 },
+    ClosedRemotely { session_id: i64, reason: String },
+}
+
+pub struct Command {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<Option<i64>, String>>,
+}
+
+/// The async side's way to ask the writer for a change.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: Sender<Command>,
+}
+
+impl StoreHandle {
+    /// Returns the affected session id, when the operation has one.
+    pub async fn call(&self, op: Op) -> anyhow::Result<Option<i64>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command { op, reply }).map_err(|_| anyhow::anyhow!("the store has stopped"))?;
+        rx.await.map_err(|_| anyhow::anyhow!("the store has stopped"))?.map_err(anyhow::Error::msg)
+    }
+}
+
+/// Shared counters of the writer, for status and the watchdog.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Incremented on every loop turn: proof of life for the watchdog.
+    pub heartbeat: AtomicU64,
+    pub commits: AtomicU64,
+    pub buffered_reads: AtomicU64,
+    pub dropped_reads: AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    reads: Receiver<Read>,
+    commands: Receiver<Command>,
+    notify: Arc<Notify>,
+    events: broadcast::Sender<PassingEvent>,
+    stats: Arc<StoreStats>,
+    commit_interval: Duration,
+    unmapped: Unmapped,
+    bibs: HashMap<String, String>,
+    dedup: Dedup,
+    boot: i64,
+    open: Option<OpenSession>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenSession {
+    id: i64,
+    next_num: i64,
+}
+
+/// Open (creating or migrating) the database for writing, with the durability settings.
+pub fn open_writer(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut conn = Connection::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = 4194304;",
+    )?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        anyhow::bail!("integrity check failed: {check}");
+    }
+    schema::migrate(&mut conn).context("cannot migrate the database schema")?;
+    Ok(conn)
+}
+
+/// Open the database; a corrupt one is moved aside (with its WAL) and replaced by a fresh one,
+/// because a gateway that crash-loops reads nothing.
+pub fn open_or_replace(path: &Path) -> anyhow::Result<Connection> {
+    match open_writer(path) {
+        Ok(conn) => Ok(conn),
+        Err(e) if is_corruption(&e) => {
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+            let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+            for suffix in ["", "-wal", "-shm"] {
+                let from = PathBuf::from(format!("{}{suffix}", path.display()));
+                if from.exists() {
+                    let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+                    std::fs::rename(&from, &to).with_context(|| format!("cannot move {} aside", from.display()))?;
+                }
+            }
+            error!(error = %format!("{e:#}"), moved_to = %aside.display(), "DATABASE CORRUPT: moved aside, starting with a fresh database; export what you can from the moved file");
+            open_writer(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_corruption(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>() {
+            matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        } else {
+            c.to_string().starts_with("integrity check failed")
+        }
+    })
+}
+
+/// Load a `chip,bib` CSV (an optional header row is recognised by its names).
+pub fn load_bib_map(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_path(path)?;
+    let mut map = HashMap::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        let (Some(chip), Some(bib)) = (rec.get(0), rec.get(1)) else { continue };
+        if i == 0 && chip.eq_ignore_ascii_case("chip") {
+            continue;
+        }
+        if !chip.is_empty() && !bib.is_empty() {
+            map.insert(chip.to_string(), bib.to_string());
+        }
+    }
+    Ok(map)
+}
+
+pub struct StoreParts {
+    pub store: Store,
+    pub handle: StoreHandle,
+}
+
+impl Store {
+    /// Open the database and prepare the writer; the handle is how everyone else reaches it.
+    pub fn open(
+        cfg: &Config,
+        reads: Receiver<Read>,
+        notify: Arc<Notify>,
+        events: broadcast::Sender<PassingEvent>,
+        stats: Arc<StoreStats>,
+    ) -> anyhow::Result<StoreParts> {
+        let conn = open_or_replace(&cfg.storage.path)?;
+        let bibs = match &cfg.passings.bib_map {
+            Some(p) => load_bib_map(p).with_context(|| format!("passings.bib_map: cannot load {}", p.display()))?,
+            None => HashMap::new(),
+        };
+        let (tx, commands) = crossbeam_channel::unbounded();
+        let boot_id = clock::boot_id();
+        conn.execute(
+            "INSERT OR IGNORE INTO boots (boot_id, first_seen) VALUES (?1, ?2)",
+            params![boot_id, clock::now_us()],
+        )?;
+        let boot: i64 = conn.query_row("SELECT id FROM boots WHERE boot_id = ?1", [&boot_id], |r| r.get(0))?;
+        let mut store = Store {
+            conn,
+            path: cfg.storage.path.clone(),
+            reads,
+            commands,
+            notify,
+            events,
+            stats,
+            commit_interval: cfg.storage.commit_interval,
+            unmapped: if cfg.passings.bib_map.is_some() { cfg.passings.unmapped } else { Unmapped::Chip },
+            bibs,
+            dedup: Dedup::new(cfg.passings.dedup_window),
+            boot,
+            open: None,
+        };
+        store.load_open_session(cfg.passings.dedup_window)?;
+        if store.open.is_none() && cfg.session.auto_start {
+            let id = store.start_session(&cfg.session.alias)?;
+            info!(session_id = id, alias = %cfg.session.alias, "session opened automatically (session.auto_start)");
+        }
+        Ok(StoreParts { store, handle: StoreHandle { tx } })
+    }
+
+    /// Resume exactly where we were: the open session, its counter, and its recent windows.
+    fn load_open_session(&mut self, window: Duration) -> anyhow::Result<()> {
+        self.open = self
+            .conn
+            .query_row("SELECT id, next_num FROM sessions WHERE state = 'open' ORDER BY id DESC LIMIT 1", [], |r| {
+                Ok(OpenSession { id: r.get(0)?, next_num: r.get(1)? })
+            })
+            .optional()?;
+        if let Some(open) = self.open {
+            let mut stmt = self.conn.prepare(
+                "SELECT chip, timestamp FROM passings WHERE session_id = ?1
+                 AND timestamp >= (SELECT max(timestamp) FROM passings WHERE session_id = ?1) - ?2 ORDER BY num_passing",
+            )?;
+            let rows = stmt
+                .query_map(params![open.id, window.as_micros() as i64], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            for row in rows {
+                let (chip, at) = row?;
+                self.dedup.accept(&chip, at);
+            }
+            info!(session_id = open.id, next_num = open.next_num, "resuming open session");
+        }
+        Ok(())
+    }
+
+    /// Blocking: run on a dedicated thread. Returns once every producer (reader, uplink, control)
+    /// has dropped its sender and everything received is committed.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let _span = tracing::info_span!("store").entered();
+        let mut batch: Vec<Read> = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        let mut reads = self.reads.clone();
+        let mut commands = self.commands.clone();
+        let mut reads_open = true;
+        let mut commands_open = true;
+        while reads_open || commands_open || !batch.is_empty() {
+            self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
+            let timeout = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => IDLE_TICK,
+            };
+            if !reads_open && !commands_open {
+                // Draining: nothing more can arrive.
+                if !self.flush(&mut batch) {
+                    warn!(lost = batch.len(), "stopping with reads that could not be written");
+                    break;
+                }
+                continue;
+            }
+            select! {
+                recv(reads) -> msg => match msg {
+                    Ok(read) => {
+                        batch.push(read);
+                        deadline.get_or_insert_with(|| Instant::now() + self.commit_interval);
+                        if batch.len() >= MAX_GROUP && self.flush(&mut batch) {
+                            deadline = None;
+                        }
+                    }
+                    Err(_) => { reads_open = false; reads = crossbeam_channel::never(); }
+                },
+                recv(commands) -> msg => match msg {
+                    Ok(cmd) => {
+                        // Keep order: reads that arrived before the command are committed first.
+                        if self.flush(&mut batch) { deadline = None; }
+                        let result = self.apply(cmd.op).map_err(|e| format!("{e:#}"));
+                        let _ = cmd.reply.send(result);
+                        self.notify.notify_one();
+                    }
+                    Err(_) => { commands_open = false; commands = crossbeam_channel::never(); }
+                },
+                default(timeout) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        deadline = if self.flush(&mut batch) { None } else { Some(Instant::now() + RETRY_COMMIT) };
+                    }
+                    if batch.is_empty() { self.dedup.prune(); }
+                }
+            }
+        }
+        info!(path = %self.path.display(), "store closed");
+        Ok(())
+    }
+
+    /// Commit the batch. On failure the reads stay in memory (bounded) for the next attempt.
+    fn flush(&mut self, batch: &mut Vec<Read>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let mut undo = Vec::new();
+        let mut events = Vec::new();
+        match self.write_reads(batch, &mut undo, &mut events) {
+            Ok(next) => {
+                if let (Some(open), Some(next_num)) = (self.open.as_mut(), next) {
+                    open.next_num = next_num;
+                }
+                batch.clear();
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.buffered_reads.store(0, Ordering::Relaxed);
+                self.set_error(None);
+                if !events.is_empty() {
+                    self.notify.notify_one();
+                    for e in events {
+                        let _ = self.events.send(e);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.dedup.undo(undo);
+                let text = format!("{e:#}");
+                let first = self.stats.last_error.lock().map(|l| l.is_none()).unwrap_or(true);
+                if first {
+                    error!(error = %text, buffered = batch.len(), "cannot write to the database; keeping reads in memory and retrying");
+                }
+                self.set_error(Some(text));
+                if batch.len() > MAX_BUFFERED_READS {
+                    let excess = batch.len() - MAX_BUFFERED_READS;
+                    batch.drain(..excess);
+                    self.stats.dropped_reads.fetch_add(excess as u64, Ordering::Relaxed);
+                    error!(
+                        dropped = excess,
+                        "memory buffer full while the database refuses writes: oldest reads dropped"
+                    );
+                }
+                self.stats.buffered_reads.store(batch.len() as u64, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        if let Ok(mut e) = self.stats.last_error.lock() {
+            *e = error;
+        }
+    }
+
+    /// One transaction: every read, and the passings they make. Returns the session's next number.
+    fn write_reads(
+        &mut self,
+        batch: &[Read],
+        undo: &mut Vec<Undo>,
+        events: &mut Vec<PassingEvent>,
+    ) -> anyhow::Result<Option<i64>> {
+        let tx = self.conn.transaction()?;
+        let session = self.open;
+        let mut next_num = session.map(|s| s.next_num);
+        {
+            let mut insert_read = tx.prepare_cached(
+                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, raw, session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            let mut insert_passing = tx.prepare_cached(
+                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for read in batch {
+                insert_read.execute(params![
+                    read.host.utc_us,
+                    read.host.monotonic_us,
+                    self.boot,
+                    read.clock_synced,
+                    read.chip,
+                    read.antenna,
+                    read.rssi,
+                    read.reader_time_us,
+                    read.raw,
+                    session.map(|s| s.id),
+                ])?;
+                let read_id = tx.last_insert_rowid();
+                let (Some(s), Some(num)) = (session, next_num.as_mut()) else { continue };
+                let Some(bib) = bib_for(&self.bibs, self.unmapped, read) else { continue };
+                let (fresh, u) = self.dedup.accept(&read.chip, read.timestamp_us);
+                undo.extend(u);
+                if !fresh {
+                    continue;
+                }
+                insert_passing.execute(params![s.id, *num, read_id, read.chip, bib, read.timestamp_us])?;
+                events.push(PassingEvent {
+                    session_id: s.id,
+                    num_passing: *num,
+                    bib,
+                    chip: read.chip.clone(),
+                    timestamp_us: read.timestamp_us,
+                });
+                *num += 1;
+            }
+        }
+        if let (Some(s), Some(n)) = (session, next_num) {
+            tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![n, s.id])?;
+        }
+        tx.commit()?;
+        Ok(next_num)
+    }
+
+    fn apply(&mut self, op: Op) -> anyhow::Result<Option<i64>> {
+        match op {
+            Op::StartSession { alias } => self.start_session(&alias).map(Some),
+            Op::CloseSession => {
+                let Some(open) = self.open else { anyhow::bail!("no session is open") };
+                self.close_locally(open.id)?;
+                info!(
+                    session_id = open.id,
+                    "session closing: no more reads assigned; remote close after its queue drains"
+                );
+                Ok(Some(open.id))
+            }
+            Op::RemoteOpened { session_id, token } => {
+                self.conn.execute(
+                    "UPDATE sessions SET token = ?1, remote_state = 'open', remote_error = NULL WHERE id = ?2 AND remote_state = 'pending'",
+                    params![token, session_id],
+                )?;
+                Ok(Some(session_id))
+            }
+            Op::Delivered { session_id, passing_ids } => {
+                let tx = self.conn.transaction()?;
+                let mut changed = 0;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "UPDATE passings SET state = 'delivered', delivered_at = ?1 WHERE id = ?2 AND state = 'pending'",
+                    )?;
+                    let now = clock::now_us();
+                    for id in &passing_ids {
+                        changed += stmt.execute(params![now, id])?;
+                    }
+                }
+                tx.execute(
+                    "UPDATE sessions SET delivered = delivered + ?1 WHERE id = ?2",
+                    params![changed as i64, session_id],
+                )?;
+                tx.commit()?;
+                Ok(Some(session_id))
+            }
+            Op::Undeliverable { session_id, passing_id, reason } => {
+                let tx = self.conn.transaction()?;
+                let changed = tx.execute(
+                    "UPDATE passings SET state = 'undeliverable', error = ?1 WHERE id = ?2 AND state = 'pending'",
+                    params![reason, passing_id],
+                )?;
+                tx.execute(
+                    "UPDATE sessions SET undeliverable = undeliverable + ?1 WHERE id = ?2",
+                    params![changed as i64, session_id],
+                )?;
+                tx.commit()?;
+                Ok(Some(session_id))
+            }
+            Op::RemoteClosed { session_id } => {
+                self.conn.execute(
+                    "UPDATE sessions SET remote_state = 'closed', state = 'closed', closed_at = coalesce(closed_at, ?1) WHERE id = ?2",
+                    params![clock::now_us(), session_id],
+                )?;
+                Ok(Some(session_id))
+            }
+            Op::ClosedRemotely { session_id, reason } => {
+                self.conn.execute(
+                    "UPDATE sessions SET remote_state = 'closed_remotely', remote_error = ?1,
+                        state = CASE WHEN state = 'closing' THEN 'closed' ELSE state END WHERE id = ?2",
+                    params![reason, session_id],
+                )?;
+                Ok(Some(session_id))
+            }
+        }
+    }
+
+    /// Open a new session at once (offline or not); the open one, if any, starts closing.
+    fn start_session(&mut self, alias: &str) -> anyhow::Result<i64> {
+        let tx = self.conn.transaction()?;
+        let now = clock::now_us();
+        if let Some(open) = self.open {
+            close_in(&tx, open.id, now)?;
+        }
+        tx.execute(
+            "INSERT INTO sessions (alias, state, remote_state, created_at) VALUES (?1, 'open', 'pending', ?2)",
+            params![alias, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        if let Some(open) = self.open {
+            info!(session_id = open.id, "session closing: a new session was started");
+        }
+        self.open = Some(OpenSession { id, next_num: 1 });
+        self.dedup.clear();
+        info!(session_id = id, alias, "session started");
+        Ok(id)
+    }
+
+    fn close_locally(&mut self, id: i64) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        close_in(&tx, id, clock::now_us())?;
+        tx.commit()?;
+        self.open = None;
+        self.dedup.clear();
+        Ok(())
+    }
+}
+
+/// A session the API already closed has nothing left to do remotely: it is closed at once.
+fn close_in(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE sessions SET state = CASE WHEN remote_state IN ('closed', 'closed_remotely') THEN 'closed' ELSE 'closing' END,
+            closed_at = ?1 WHERE id = ?2 AND state = 'open'",
+        params![now, id],
+    )
+}
+
+/// The bib of a read: the bib map, then a bib the reader sent, then the chip (or none: `unmapped = "skip"`).
+fn bib_for(bibs: &HashMap<String, String>, unmapped: Unmapped, read: &Read) -> Option<String> {
+    if let Some(bib) = bibs.get(&read.chip) {
+        return Some(bib.clone());
+    }
+    if let Some(bib) = &read.bib {
+        return Some(bib.clone());
+    }
+    match unmapped {
+        Unmapped::Chip => Some(read.chip.clone()),
+        Unmapped::Skip => None,
+    }
+}

@@ -1,0 +1,180 @@
+//! The read side: queries on a connection of their own (WAL lets them run beside the writer).
+//! Used by the uplink (what to send next), status, `session list` and `export`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: i64,
+    pub alias: String,
+    pub state: String,
+    pub remote_state: String,
+    /// The session's credential: never serialised, never logged whole.
+    #[serde(skip)]
+    pub token: Option<String>,
+    pub remote_error: Option<String>,
+    pub created_at: String,
+    pub closed_at: Option<String>,
+    pub passings: i64,
+    pub pending: i64,
+    pub delivered: i64,
+    pub undeliverable: i64,
+}
+
+const SESSION_COLUMNS: &str = "id, alias, state, remote_state, token, remote_error, created_at, closed_at, next_num - 1, delivered, undeliverable";
+
+fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
+    let passings: i64 = r.get(8)?;
+    let delivered: i64 = r.get(9)?;
+    let undeliverable: i64 = r.get(10)?;
+    Ok(SessionRow {
+        id: r.get(0)?,
+        alias: r.get(1)?,
+        state: r.get(2)?,
+        remote_state: r.get(3)?,
+        token: r.get(4)?,
+        remote_error: r.get(5)?,
+        created_at: crate::clock::rfc3339(r.get(6)?),
+        closed_at: r.get::<_, Option<i64>>(7)?.map(crate::clock::rfc3339),
+        passings,
+        pending: passings - delivered - undeliverable,
+        delivered,
+        undeliverable,
+    })
+}
+
+/// Totals over every session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Waiting to be sent (includes `held`).
+    pub pending: i64,
+    pub delivered: i64,
+    pub undeliverable: i64,
+    /// Pending passings of sessions the API closed: kept, waiting for `session resend` or export.
+    pub held: i64,
+    /// Timestamp of the oldest passing still waiting.
+    pub oldest_pending_at: Option<String>,
+}
+
+/// A passing as the uplink sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub id: i64,
+    pub num_passing: i64,
+    pub bib: String,
+    pub chip: String,
+    pub timestamp_us: i64,
+}
+
+/// The uplink's next step, replaying the store in order (DESIGN.md, Architecture).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    Create { session_id: i64, alias: String },
+    Send { session_id: i64, token: String, passings: Vec<Outgoing> },
+    Close { session_id: i64, token: String },
+    Idle,
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    pub fn open_readonly(path: &Path) -> rusqlite::Result<Db> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(Db { conn })
+    }
+
+    pub fn sessions(&self) -> rusqlite::Result<Vec<SessionRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions ORDER BY id"))?;
+        stmt.query_map([], session_row)?.collect()
+    }
+
+    pub fn session(&self, id: i64) -> rusqlite::Result<Option<SessionRow>> {
+        self.conn
+            .query_row(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"), [id], session_row)
+            .optional()
+    }
+
+    /// The session reads are assigned to, if any.
+    pub fn open_session(&self) -> rusqlite::Result<Option<SessionRow>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE state = 'open' ORDER BY id DESC LIMIT 1"),
+                [],
+                session_row,
+            )
+            .optional()
+    }
+
+    pub fn queue(&self) -> rusqlite::Result<QueueCounts> {
+        let (passings, delivered, undeliverable, held): (i64, i64, i64, i64) = self.conn.query_row(
+            "SELECT coalesce(sum(next_num - 1), 0), coalesce(sum(delivered), 0), coalesce(sum(undeliverable), 0),
+                    coalesce(sum(CASE WHEN remote_state = 'closed_remotely' THEN next_num - 1 - delivered - undeliverable ELSE 0 END), 0)
+             FROM sessions",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let oldest: Option<i64> =
+            self.conn.query_row("SELECT min(timestamp) FROM passings WHERE state = 'pending'", [], |r| r.get(0))?;
+        Ok(QueueCounts {
+            pending: passings - delivered - undeliverable,
+            delivered,
+            undeliverable,
+            held,
+            oldest_pending_at: oldest.map(crate::clock::rfc3339),
+        })
+    }
+
+    /// What the uplink must do next: the oldest session not finished remotely decides.
+    pub fn next_work(&self, limit: usize) -> rusqlite::Result<Work> {
+        let head: Option<(i64, String, String, String, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT id, alias, state, remote_state, token FROM sessions
+                 WHERE remote_state IN ('pending', 'open') ORDER BY id LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        let Some((session_id, alias, state, remote_state, token)) = head else {
+            return Ok(Work::Idle);
+        };
+        let token = match (remote_state.as_str(), token) {
+            ("open", Some(token)) => token,
+            _ => return Ok(Work::Create { session_id, alias }),
+        };
+        let passings = self.pending(session_id, limit)?;
+        if !passings.is_empty() {
+            return Ok(Work::Send { session_id, token, passings });
+        }
+        if state == "open" { Ok(Work::Idle) } else { Ok(Work::Close { session_id, token }) }
+    }
+
+    fn pending(&self, session_id: i64, limit: usize) -> rusqlite::Result<Vec<Outgoing>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, num_passing, bib, chip, timestamp FROM passings
+             WHERE session_id = ?1 AND state = 'pending' ORDER BY num_passing LIMIT ?2",
+        )?;
+        stmt.query_map(params![session_id, limit as i64], |r| {
+            Ok(Outgoing {
+                id: r.get(0)?,
+                num_passing: r.get(1)?,
+                bib: r.get(2)?,
+                chip: r.get(3)?,
+                timestamp_us: r.get(4)?,
+            })
+        })?
+        .collect()
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

@@ -1,0 +1,80 @@
+//! Schema and migrations. `PRAGMA user_version` is the schema version; each migration runs once,
+//! in its own transaction, in order.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE boots (
+        id          INTEGER PRIMARY KEY,
+        boot_id     TEXT NOT NULL UNIQUE,
+        first_seen  INTEGER NOT NULL
+    );
+    CREATE TABLE sessions (
+        id            INTEGER PRIMARY KEY,
+        alias         TEXT NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('open', 'closing', 'closed')),
+        remote_state  TEXT NOT NULL CHECK (remote_state IN ('pending', 'open', 'closed', 'closed_remotely')),
+        token         TEXT,
+        remote_error  TEXT,
+        created_at    INTEGER NOT NULL,
+        closed_at     INTEGER,
+        -- Counters kept by the writer so status stays O(sessions), not O(passings).
+        next_num      INTEGER NOT NULL DEFAULT 1,
+        delivered     INTEGER NOT NULL DEFAULT 0,
+        undeliverable INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE reads (
+        id            INTEGER PRIMARY KEY,
+        received_at   INTEGER NOT NULL,      -- host UTC, µs
+        monotonic_us  INTEGER NOT NULL,
+        boot          INTEGER NOT NULL REFERENCES boots(id),
+        clock_synced  INTEGER NOT NULL,
+        chip          TEXT NOT NULL,
+        antenna       INTEGER,
+        rssi          INTEGER,
+        reader_time   INTEGER,               -- reader's time converted to UTC, µs
+        raw           BLOB NOT NULL,
+        session_id    INTEGER REFERENCES sessions(id)
+    );
+    CREATE INDEX reads_received ON reads(received_at);
+    CREATE TABLE passings (
+        id            INTEGER PRIMARY KEY,
+        session_id    INTEGER NOT NULL REFERENCES sessions(id),
+        num_passing   INTEGER NOT NULL,
+        read_id       INTEGER NOT NULL REFERENCES reads(id),
+        chip          TEXT NOT NULL,
+        bib           TEXT NOT NULL,
+        timestamp     INTEGER NOT NULL,      -- UTC µs, as uploaded
+        state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'undeliverable')),
+        error         TEXT,
+        delivered_at  INTEGER,
+        UNIQUE (session_id, num_passing)
+    );
+    CREATE INDEX passings_pending ON passings(session_id, num_passing) WHERE state = 'pending';
+    "#,
+];
+
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Bring the schema up to date. Refuses a database written by a newer version.
+pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > VERSION {
+        anyhow::bail!(
+            "database schema version {current} is newer than this program's {VERSION}; upgrade rufus-gateway"
+        );
+    }
+    if current == 0 {
+        // Must precede the first table; lets pruning give pages back to the SD card.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The uplink actor: replays the store to the RUFUS API in order, one request at a time.
+//!
+//! It holds nothing the store has not committed: each step reads the next piece of work from
+//! SQLite (create the oldest unfinished session → send its pending passings in `num_passing`
+//! order → close it), performs it, and asks the store to record the outcome. A crash anywhere
+//! repeats at most the request in flight, with the same `num_passing` values (idempotent).
+
+pub mod api;
+pub mod backoff;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::store::query::{Db, Work};
+use crate::store::{Op, StoreHandle};
+use api::{ApiError, RufusClient, short_token};
+use backoff::Backoff;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// A wrong key or device will not fix itself quickly: retry slowly, never hammer.
+const CONFIG_RETRY: Duration = Duration::from_secs(60);
+/// Even with nothing signalled, look at the store this often (belt and braces).
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkState {
+    Idle,
+    Online,
+    Offline,
+    BackingOff,
+    AuthFailed,
+}
+
+impl UplinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkState::Idle => "idle",
+            UplinkState::Online => "online",
+            UplinkState::Offline => "offline",
+            UplinkState::BackingOff => "backing_off",
+            UplinkState::AuthFailed => "auth_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkStatus {
+    pub state: UplinkState,
+    pub last_success_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// When the next attempt is due, while backing off.
+    pub retry_at: Option<String>,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    /// Passings the server reported as already received (resends after lost replies).
+    pub duplicates_reported: u64,
+}
+
+impl Default for UplinkStatus {
+    fn default() -> Self {
+        Self {
+            state: UplinkState::Idle,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+            retry_at: None,
+            requests_ok: 0,
+            requests_failed: 0,
+            duplicates_reported: 0,
+        }
+    }
+}
+
+pub struct Uplink {
+    client: RufusClient,
+    db_path: PathBuf,
+    deviceid: String,
+    batch_size: usize,
+    store: StoreHandle,
+    notify: Arc<Notify>,
+    status: Arc<Mutex<UplinkStatus>>,
+    /// Incremented on every loop turn: proof of life for the watchdog.
+    pub heartbeat: Arc<AtomicU64>,
+    backoff: Backoff,
+}
+
+/// What one step did, for the loop's bookkeeping.
+enum Step {
+    Done,
+    Idle,
+}
+
+impl Uplink {
+    pub fn new(
+        cfg: &Config,
+        store: StoreHandle,
+        notify: Arc<Notify>,
+        status: Arc<Mutex<UplinkStatus>>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: RufusClient::new(&cfg.api)?,
+            db_path: cfg.storage.path.clone(),
+            deviceid: cfg.deviceid().to_string(),
+            batch_size: cfg.api.batch_size,
+            store,
+            notify,
+            status,
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
+        })
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let path = self.db_path.clone();
+        let mut db = Some(tokio::task::spawn_blocking(move || Db::open_readonly(&path)).await??);
+        let mut limit = self.batch_size;
+        let mut failing = false;
+        while !cancel.is_cancelled() {
+            self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            let conn = db.take().expect("db is returned after each query");
+            let (conn, work) = tokio::task::spawn_blocking(move || {
+                let work = conn.next_work(limit);
+                (conn, work)
+            })
+            .await?;
+            db = Some(conn);
+            let work = match work {
+                Ok(w) => w,
+                Err(e) => {
+                    error!(error = %e, "cannot read the queue from the database");
+                    self.wait(Duration::from_secs(1), &cancel).await;
+                    continue;
+                }
+            };
+            let sent = match &work {
+                Work::Send { passings, .. } => passings.len(),
+                _ => 0,
+            };
+            match self.step(work).await {
+                Ok(Step::Idle) => {
+                    self.update(|s| {
+                        if s.state != UplinkState::AuthFailed {
+                            s.state = if s.requests_ok > 0 { UplinkState::Online } else { UplinkState::Idle };
+                        }
+                    });
+                    tokio::select! {
+                        _ = self.notify.notified() => {}
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                    }
+                }
+                Ok(Step::Done) => {
+                    if failing {
+                        info!(after_failures = self.backoff.failures(), "uplink back online");
+                    }
+                    failing = false;
+                    self.backoff.reset();
+                    limit = self.batch_size;
+                    let now = crate::clock::rfc3339(crate::clock::now_us());
+                    self.update(|s| {
+                        s.state = UplinkState::Online;
+                        s.last_success_at = Some(now);
+                        s.retry_at = None;
+                        s.requests_ok += 1;
+                    });
+                }
+                Err(Failure::Refused { session_id, passing_id, description }) => {
+                    self.update(|s| s.requests_failed += 1);
+                    if sent > 1 {
+                        // Halve until the refused passing is alone; the rest flows meanwhile.
+                        limit = sent.div_ceil(2);
+                        debug!(batch = sent, next = limit, "batch refused; splitting");
+                    } else if let Some(id) = passing_id {
+                        warn!(session_id, passing_id = id, reason = %description, "passing refused by the API; marked undeliverable");
+                        self.store.call(Op::Undeliverable { session_id, passing_id: id, reason: description }).await?;
+                        limit = self.batch_size;
+                    }
+                }
+                Err(Failure::Api(e)) => {
+                    self.update(|s| s.requests_failed += 1);
+                    let (state, delay) = match &e {
+                        ApiError::Config { .. } => (UplinkState::AuthFailed, CONFIG_RETRY.max(self.backoff.ceiling())),
+                        ApiError::Transient { offline, retry_after, .. } => {
+                            let jitter = self.backoff.next_delay(fastrand::f64());
+                            let delay = retry_after.map_or(jitter, |r| r.max(jitter));
+                            (if *offline { UplinkState::Offline } else { UplinkState::BackingOff }, delay)
+                        }
+                        _ => (UplinkState::BackingOff, self.backoff.next_delay(fastrand::f64())),
+                    };
+                    let text = e.to_string();
+                    if !failing || state == UplinkState::AuthFailed {
+                        warn!(error = %text, kind = e.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed; retrying");
+                    } else {
+                        debug!(error = %text, kind = e.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed again");
+                    }
+                    failing = true;
+                    let now = crate::clock::now_us();
+                    self.update(|s| {
+                        s.state = state;
+                        s.last_error = Some(text);
+                        s.last_error_at = Some(crate::clock::rfc3339(now));
+                        s.retry_at = Some(crate::clock::rfc3339(now + delay.as_micros() as i64));
+                    });
+                    self.wait(delay, &cancel).await;
+                }
+                Err(Failure::Store(e)) => return Err(e),
+            }
+        }
+        info!("uplink stopped");
+        Ok(())
+    }
+
+    async fn step(&mut self, work: Work) -> Result<Step, Failure> {
+        match work {
+            Work::Idle => Ok(Step::Idle),
+            Work::Create { session_id, alias } => {
+                let token = self.client.create_session(&self.deviceid, &alias).await?;
+                info!(session_id, alias = %alias, token = %short_token(&token), "remote session created");
+                self.store.call(Op::RemoteOpened { session_id, token }).await?;
+                Ok(Step::Done)
+            }
+            Work::Send { session_id, token, passings } => {
+                let first = passings.first().map(|p| p.num_passing).unwrap_or(0);
+                let last = passings.last().map(|p| p.num_passing).unwrap_or(0);
+                match self.client.post_passings(&token, &passings).await {
+                    Ok(reply) => {
+                        let duplicates = reply.duplicates.unwrap_or(0);
+                        debug!(session_id, first, last, inserted = reply.inserted, duplicates, "passings delivered");
+                        if duplicates > 0 {
+                            info!(
+                                session_id,
+                                first,
+                                last,
+                                duplicates,
+                                "server already had some passings (a resend after a lost reply)"
+                            );
+                            self.update(|s| s.duplicates_reported += duplicates);
+                        }
+                        let ids = passings.iter().map(|p| p.id).collect();
+                        self.store.call(Op::Delivered { session_id, passing_ids: ids }).await?;
+                        Ok(Step::Done)
+                    }
+                    Err(ApiError::Refused { description, .. }) => Err(Failure::Refused {
+                        session_id,
+                        passing_id: (passings.len() == 1).then(|| passings[0].id),
+                        description,
+                    }),
+                    Err(ApiError::SessionGone { description, .. }) => {
+                        error!(
+                            session_id, from_num = first, reason = %description,
+                            "REMOTE SESSION CLOSED: the API no longer accepts this session's passings; they are kept. Export them, or run `rufus-gateway session resend` to send them in a new session"
+                        );
+                        self.store.call(Op::ClosedRemotely { session_id, reason: description }).await?;
+                        Ok(Step::Done)
+                    }
+                    Err(e) => Err(Failure::Api(e)),
+                }
+            }
+            Work::Close { session_id, token } => {
+                match self.client.close_session(&token).await {
+                    Ok(()) => info!(session_id, "remote session closed"),
+                    // Already closed remotely: the goal is reached.
+                    Err(ApiError::SessionGone { .. }) => info!(session_id, "remote session was already closed"),
+                    Err(e) => return Err(Failure::Api(e)),
+                }
+                self.store.call(Op::RemoteClosed { session_id }).await?;
+                Ok(Step::Done)
+            }
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut UplinkStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn wait(&self, delay: Duration, cancel: &CancellationToken) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+}
+
+enum Failure {
+    Api(ApiError),
+    Refused { session_id: i64, passing_id: Option<i64>, description: String },
+    Store(anyhow::Error),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Api(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Store(e)
+    }
+}
