@@ -40,6 +40,8 @@ pub enum Fault {
     CommitThenDrop,
     /// Never answer (the client's timeout fires).
     Hang,
+    /// Wait this long, then answer normally (a slow request, still in flight).
+    Delay(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +279,10 @@ async fn prologue(
         Some(Fault::CommitThenDrop) => {
             log(0);
         }
+        Some(Fault::Delay(d)) => {
+            log(200);
+            tokio::time::sleep(d).await;
+        }
         None => {}
     }
     let key_ok = headers.get("api_key").and_then(|v| v.to_str().ok()) == Some(lock(shared).api_key.as_str());
@@ -288,7 +294,7 @@ async fn prologue(
             json!({ "description": "Forbidden: invalid api key" }),
         ));
     }
-    if !matches!(fault, Some(Fault::CommitThenDrop)) {
+    if !matches!(fault, Some(Fault::CommitThenDrop | Fault::Delay(_))) {
         log(200);
     }
     Ok(matches!(fault, Some(Fault::CommitThenDrop)))

@@ -1,0 +1,212 @@
+//! Helpers shared by the integration tests: the real binary, a pseudo-terminal as its serial port,
+//! the in-process fake RUFUS API, and condition waits with deadlines (never bare sleeps).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
+use rufus_gateway::pty::Pty;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rufus-gateway");
+
+/// Generous: CI machines are slow and shared; a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub async fn fake() -> (FakeApi, String) {
+    FakeApi::start().await.expect("fake API starts")
+}
+
+/// One gateway under test: its directory, config and (when running) process.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub db: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+/// The config used by most tests: host-trusted clock, quick retries, stderr logging.
+pub fn config_text(base_url: &str, deviceid: &str, port: &str, dir: &std::path::Path, extra: &str) -> String {
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    let mut put = |section: &str, line: String| match sections.iter_mut().find(|(s, _)| s == section) {
+        Some((_, lines)) => lines.push(line),
+        None => sections.push((section.to_string(), vec![line])),
+    };
+    put("api", format!("base_url = \"{base_url}\""));
+    put("api", format!("api_key = \"{FAKE_KEY}\""));
+    put("api", format!("deviceid = \"{deviceid}\""));
+    put("api", "timeout = \"2s\"".into());
+    put("api", "retry_max_delay = \"1s\"".into());
+    put("reader", format!("port = \"{port}\""));
+    put("clock", "source = \"trust\"".into());
+    put("storage", format!("path = \"{}\"", dir.join("gateway.db").display()));
+    put("control", format!("socket = \"{}\"", dir.join("control.sock").display()));
+    put("log", "level = \"debug\"".into());
+    put("log", "target = \"stderr\"".into());
+    // `extra` lines look like "section.key = value" and override the defaults above.
+    for line in extra.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (path, value) = line.split_once('=').expect("section.key = value");
+        let (section, key) = path.trim().split_once('.').expect("section.key");
+        let entry = format!("{} = {}", key.trim(), value.trim());
+        match sections.iter_mut().find(|(s, _)| s == section) {
+            Some((_, lines)) => {
+                lines.retain(|l| !l.starts_with(&format!("{} ", key.trim())));
+                lines.push(entry);
+            }
+            None => sections.push((section.to_string(), vec![entry])),
+        }
+    }
+    sections.iter().map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n"))).collect::<Vec<_>>().join("\n")
+}
+
+impl Gateway {
+    pub fn new(fake: &FakeApi, deviceid: &str, port: &str, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_text(&fake.base_url(), deviceid, port, dir.path(), extra)).unwrap();
+        Gateway {
+            socket: dir.path().join("control.sock"),
+            db: dir.path().join("gateway.db"),
+            log: dir.path().join("gateway.log"),
+            config,
+            dir,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Start `rufus-gateway run` and wait until its control socket answers.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(BIN)
+            .args(["-c", self.config.to_str().unwrap(), "run"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway");
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if self.try_status().is_some() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited during start-up ({status}); log:\n{}", self.logs());
+            }
+            assert!(Instant::now() < deadline, "gateway did not become ready; log:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGKILL: no chance to clean up (the crash test).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop after SIGTERM; log:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        rufus_gateway::control::request(&self.socket, &rufus_gateway::control::Request::Status).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status().unwrap_or_else(|| panic!("status failed; log:\n{}", self.logs()))
+    }
+
+    /// Poll `status --json` until `cond` holds.
+    pub async fn wait_status(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.try_status()
+                && cond(&s)
+            {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for: {what}\nlast status: {:#}\nlog:\n{}", self.try_status().unwrap_or(Value::Null), self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Run the CLI with this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN).arg("-c").arg(&self.config).args(args).output().expect("run cli")
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn db(&self) -> rufus_gateway::store::query::Db {
+        rufus_gateway::store::query::Db::open_readonly(&self.db).expect("open db")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Wait for a condition on the fake API, failing with the gateway's log.
+pub async fn wait_fake(
+    fake: &FakeApi,
+    gw: &Gateway,
+    what: &str,
+    cond: impl Fn(&rufus_gateway::fake_api::FakeState) -> bool,
+) {
+    if let Err(e) = fake.wait_for(DEADLINE, what, cond).await {
+        panic!("{e}\nrequests: {:?}\nlog:\n{}", fake.state().requests, gw.logs());
+    }
+}
+
+/// A reader on a pseudo-terminal, writing lines (a thread of its own so a full pty never blocks the runtime).
+pub fn pty() -> Pty {
+    Pty::open().expect("openpty")
+}
+
+pub fn write_lines(pty: &mut Pty, lines: &[String]) {
+    for l in lines {
+        pty.write(format!("{l}\r\n").as_bytes()).unwrap();
+    }
+}
+
+/// Distinct 8-hex-digit chips.
+pub fn chips(range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{:08X}", 0xC0DE_0000u32 + i)).collect()
+}
