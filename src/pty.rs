@@ -28,6 +28,11 @@ impl Pty {
         Ok(Pty { master: File::from(master), path })
     }
 
+    /// Another writer on the same master (e.g. from a clone of its file).
+    pub fn from_file(master: File, path: PathBuf) -> Pty {
+        Pty { master, path }
+    }
+
     /// Write bytes as a reader would (blocking when nobody reads the slave).
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.master.write_all(bytes)?;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rufus_gateway::fake_api::{FAKE_KEY, Fault, FakeApi, Route};
+use rufus_gateway::fake_api::{FAKE_KEY, FakeApi, Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 
@@ -101,10 +101,11 @@ async fn a_refused_passing_is_isolated_and_the_rest_flows() {
     let chips = chips(0..40);
     fake.state().refused_chips.insert(chips[12].clone());
     write_lines(&mut pty, &chips);
-    let status = gw.wait_status("39 delivered, 1 undeliverable", |s| {
-        s["queue"]["delivered"] == 39 && s["queue"]["undeliverable"] == 1
-    })
-    .await;
+    let status = gw
+        .wait_status("39 delivered, 1 undeliverable", |s| {
+            s["queue"]["delivered"] == 39 && s["queue"]["undeliverable"] == 1
+        })
+        .await;
     assert_eq!(status["queue"]["pending"], 0);
     let expected: Vec<i64> = (1..=40).filter(|n| *n != 13).collect();
     assert_eq!(nums(&fake), expected);

@@ -104,11 +104,17 @@ async fn an_api_that_never_answers_is_offline_and_nothing_is_lost() {
     let (fake, device) = fake().await;
     fake.state().hang_all = true;
     let mut pty = pty();
-    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &format!("{STRICT_CHIP}\napi.timeout = \"500ms\""));
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &pty.path.display().to_string(),
+        &format!("{STRICT_CHIP}\napi.timeout = \"500ms\""),
+    );
     gw.start().await;
     gw.cli_ok(&["session", "start", "--alias", "HANG"]);
     write_lines(&mut pty, &chips(0..40));
-    gw.wait_status("40 pending, uplink offline", |s| s["queue"]["pending"] == 40 && s["uplink"]["state"] == "offline").await;
+    gw.wait_status("40 pending, uplink offline", |s| s["queue"]["pending"] == 40 && s["uplink"]["state"] == "offline")
+        .await;
     fake.state().hang_all = false;
     let back = Instant::now();
     wait_fake(&fake, &gw, "40 passings delivered", |s| s.total_passings() == 40).await;

@@ -122,7 +122,8 @@ impl Gateway {
     /// SIGTERM and wait for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -151,7 +152,11 @@ impl Gateway {
                 return s;
             }
             if Instant::now() >= deadline {
-                panic!("timed out waiting for: {what}\nlast status: {:#}\nlog:\n{}", self.try_status().unwrap_or(Value::Null), self.logs());
+                panic!(
+                    "timed out waiting for: {what}\nlast status: {:#}\nlog:\n{}",
+                    self.try_status().unwrap_or(Value::Null),
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
