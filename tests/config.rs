@@ -34,22 +34,14 @@ fn invalid_configs_exit_78_and_name_the_key() {
         ("bad duration", format!("{VALID}[passings]\ndedup_window = \"3 fortnights\"\n"), "passings.dedup_window"),
         (
             "plain http off loopback",
-            format!("{VALID}").replace("[api]", "[api]\nbase_url = \"http://api.runonrufus.com/v0\""),
+            VALID.replace("[api]", "[api]\nbase_url = \"http://api.runonrufus.com/v0\""),
             "api.base_url",
         ),
-        ("bad enum", format!("{VALID}").replace("[reader]", "[reader]\nparity = \"sometimes\""), "parity"),
-        (
-            "bad zone",
-            format!("{VALID}").replace("[reader]", "[reader]\ntimezone = \"Mars/Olympus\""),
-            "reader.timezone",
-        ),
-        (
-            "pattern without chip",
-            format!("{VALID}").replace("[reader]", "[reader]\npattern = '^(?P<tag>\\d+)$'"),
-            "reader.pattern",
-        ),
+        ("bad enum", VALID.replace("[reader]", "[reader]\nparity = \"sometimes\""), "parity"),
+        ("bad zone", VALID.replace("[reader]", "[reader]\ntimezone = \"Mars/Olympus\""), "reader.timezone"),
+        ("pattern without chip", VALID.replace("[reader]", "[reader]\npattern = '^(?P<tag>\\d+)$'"), "reader.pattern"),
         ("http off loopback without token", format!("{VALID}[http]\nlisten = \"0.0.0.0:8080\"\n"), "http.token"),
-        ("batch too big", format!("{VALID}").replace("[api]", "[api]\nbatch_size = 100000"), "api.batch_size"),
+        ("batch too big", VALID.replace("[api]", "[api]\nbatch_size = 100000"), "api.batch_size"),
     ];
     for (what, text, key) in cases {
         let (code, _, stderr) = check(dir.path(), text, &[]);
