@@ -6,7 +6,7 @@
 //! while in the middle, and you watch the queue grow and drain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,7 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     cfg.session.auto_start = true;
     cfg.storage.path = dir.join("gateway.db");
     cfg.control.socket = dir.join("control.sock");
-    cfg.log.level = "error".into();
+    cfg.log.level = std::env::var("RUFUS_GATEWAY_DEMO_LOG").unwrap_or_else(|_| "error".into());
     cfg.log.target = LogTarget::Stderr;
     cfg.validate(Purpose::Daemon).map_err(anyhow::Error::msg)?;
     let _ = crate::logging::init(&cfg.log);
@@ -64,17 +64,17 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     let wait = tokio::spawn(running.wait());
 
     let reads_sent = Arc::new(AtomicU64::new(0));
-    let sim_done = Arc::new(AtomicBool::new(false));
     let sim = {
-        let (sent, done) = (reads_sent.clone(), sim_done.clone());
+        let sent = reads_sent.clone();
         let race = duration.mul_f64(0.7);
-        std::thread::spawn(move || simulate(pty, race, sent, done))
+        std::thread::spawn(move || simulate(pty, race, sent))
     };
 
     let started = Instant::now();
     let (outage_from, outage_to) = (duration.mul_f64(0.3), duration.mul_f64(0.6));
     let mut api_down = false;
     let mut delivered_seen = 0usize;
+    let mut waiting_seen = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     while started.elapsed() < duration {
         tokio::select! {
@@ -99,7 +99,10 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
                     delivered_seen = delivered;
                 } else if api_down {
                     let s = status.clone();
-                    if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || s.snapshot()).await {
+                    if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || s.snapshot()).await
+                        && st.queue.pending as usize != waiting_seen
+                    {
+                        waiting_seen = st.queue.pending as usize;
                         println!("  offline   {} passings waiting (uplink {})", st.queue.pending, st.uplink.state.as_str());
                     }
                 }
@@ -109,7 +112,17 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     if api_down {
         fake.resume().await?;
     }
-    let _ = tokio::task::spawn_blocking(move || sim.join()).await;
+    let _pty = tokio::task::spawn_blocking(move || sim.join()).await;
+    // Let the reader take in the last bytes before the session is closed.
+    let sent = reads_sent.load(Ordering::Relaxed);
+    let settle = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < settle {
+        let s = status.clone();
+        match tokio::task::spawn_blocking(move || s.snapshot()).await {
+            Ok(Ok(st)) if st.reader.reads_total + st.reader.rejected_total >= sent => break,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 
     // Close the session: the queue drains, then the remote session closes.
     let socket = cfg.control.socket.clone();
@@ -126,7 +139,7 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     let delivered = remote.total_passings();
     println!("\nsummary");
     println!("  reads sent by the reader     {}", reads_sent.load(Ordering::Relaxed));
-    println!("  reads stored                 {}", st.reader.reads_total);
+    println!("  reads stored                 {} ({} rejected)", st.reader.reads_total, st.reader.rejected_total);
     println!("  passings (after de-dup)      {}", st.queue.delivered + st.queue.pending + st.queue.undeliverable);
     println!("  delivered to RUFUS           {delivered} in {} remote session(s) \"{}\"", remote.sessions.len(), ALIAS);
     println!(
@@ -145,27 +158,34 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     Ok(())
 }
 
-/// Runners cross the mat at random moments; each crossing is a burst of repeated reads.
-fn simulate(mut pty: Pty, race: Duration, sent: Arc<AtomicU64>, done: Arc<AtomicBool>) {
+/// Runners cross the mat at random moments, several at once; each crossing is a burst of
+/// repeated reads over about a second, interleaved with the other runners' reads.
+/// Returns the pty: closing it would hang up the line under the gateway (as a yanked cable does).
+fn simulate(mut pty: Pty, race: Duration, sent: Arc<AtomicU64>) -> Pty {
+    let mut reads: Vec<(Duration, u32, bool)> = Vec::new();
+    for runner in 0..RUNNERS {
+        let crossing = race.mul_f64(fastrand::f64());
+        let burst = 8 + fastrand::u32(0..18);
+        for i in 0..burst {
+            reads.push((crossing + Duration::from_millis(fastrand::u64(0..1000)), 1000 + runner, i == 0));
+        }
+    }
+    reads.sort();
+    let mut announced = std::collections::HashSet::new();
     let start = Instant::now();
-    let mut crossings: Vec<(Duration, u32)> = (0..RUNNERS).map(|r| (race.mul_f64(fastrand::f64()), 1000 + r)).collect();
-    crossings.sort();
-    for (at, bib) in crossings {
+    for (at, bib, _) in reads {
         if let Some(wait) = at.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        let burst = 8 + fastrand::u32(0..18);
         let tag = format!("{bib:012}");
-        println!("  read      chip {tag} ×{burst}");
-        for _ in 0..burst {
-            let local = chrono::Utc::now().naive_utc();
-            let line = format!("{}\r\n", ipico::encode(1, &tag, local));
-            if pty.write(line.as_bytes()).is_err() {
-                break;
-            }
-            sent.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(20 + fastrand::u64(0..40)));
+        if announced.insert(bib) {
+            println!("  read      chip {tag} (and repeats while the runner is on the mat)");
         }
+        let line = format!("{}\r\n", ipico::encode(1, &tag, chrono::Utc::now().naive_utc()));
+        if pty.write(line.as_bytes()).is_err() {
+            break;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
     }
-    done.store(true, Ordering::Relaxed);
+    pty
 }

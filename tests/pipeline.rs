@@ -216,3 +216,61 @@ async fn export_and_list_work_with_and_without_the_daemon() {
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("systemctl start rufus-gateway"));
 }
+
+/// Two sessions started offline: the first drains and closes remotely before the second is
+/// created (creating a session closes the device's other one on the real API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_started_offline_are_replayed_in_strict_order() {
+    let (fake, device) = fake().await;
+    fake.stop_listening();
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "START"]);
+    write_lines(&mut pty, &chips(0..10));
+    gw.wait_status("10 pending", |s| s["queue"]["pending"] == 10).await;
+    gw.cli_ok(&["session", "start", "--alias", "FINISH"]);
+    write_lines(&mut pty, &chips(10..25));
+    let status = gw.wait_status("25 pending", |s| s["queue"]["pending"] == 25).await;
+    assert_eq!(status["session"]["alias"], "FINISH");
+    fake.resume().await.unwrap();
+    wait_fake(&fake, &gw, "both sessions delivered", |s| s.total_passings() == 25).await;
+    let state = fake.state();
+    assert_eq!(state.sessions.iter().map(|s| s.alias.as_str()).collect::<Vec<_>>(), ["START", "FINISH"]);
+    assert!(!state.sessions[0].active, "the first session was closed before the second was created");
+    assert_eq!(state.sessions[0].passings.keys().copied().collect::<Vec<_>>(), (1..=10).collect::<Vec<i64>>());
+    assert_eq!(state.sessions[1].passings.keys().copied().collect::<Vec<_>>(), (1..=15).collect::<Vec<i64>>());
+    assert_eq!(state.sessions[1].passings[&1].chip.as_deref(), Some(chips(10..11)[0].as_str()));
+    drop(state);
+    let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["state"], "closed");
+    assert_eq!(list[0]["remote_state"], "closed");
+    assert_eq!(list[1]["state"], "open");
+}
+
+/// The port is missing at start, then appears (a by-id link): the gateway connects by itself;
+/// garbage on the line is counted as rejected and never stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_port_is_waited_for_and_bad_lines_are_rejected() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("usb-reader-if00");
+    let mut gw = Gateway::new(&fake, &device, &link.display().to_string(), STRICT_CHIP);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "PLUG"]);
+    let status = gw.wait_status("reader reported missing", |s| s["reader"]["last_error"].is_string()).await;
+    assert_eq!(status["reader"]["connected"], false);
+    assert!(status["problems"].to_string().contains("READER NOT CONNECTED"), "{status:#}");
+
+    std::os::unix::fs::symlink(&pty.path, &link).unwrap();
+    gw.wait_status("reader connected", |s| s["reader"]["connected"] == true).await;
+    pty.write(&vec![b'A'; 5000]).unwrap();
+    pty.write(b"\n\xff\xfeABCD\nnot a chip\n").unwrap();
+    write_lines(&mut pty, &chips(0..3));
+    let status = gw.wait_status("3 delivered", |s| s["queue"]["delivered"] == 3).await;
+    assert_eq!(status["reader"]["rejected"]["too_long"], 1, "{status:#}");
+    assert_eq!(status["reader"]["rejected"]["invalid_utf8"], 1);
+    assert_eq!(status["reader"]["rejected"]["no_match"], 1);
+    assert_eq!(status["reader"]["reads_total"], 3);
+}
