@@ -420,14 +420,6 @@ impl Config {
         if !(1..=2).contains(&self.reader.stop_bits) {
             return Err(format!("reader.stop_bits: {} is not 1 or 2", self.reader.stop_bits));
         }
-        match self.reader.format {
-            Format::Regex | Format::Ipico => {}
-            other => {
-                return Err(format!(
-                    "reader.format: {other:?} is not supported by this version yet; use \"regex\" or \"ipico\""
-                ));
-            }
-        }
         if self.reader.format == Format::Regex {
             let re = regex::Regex::new(&self.reader.pattern)
                 .map_err(|e| format!("reader.pattern: not a valid regular expression: {e}"))?;
@@ -443,8 +435,10 @@ impl Config {
                 self.reader.timezone
             )
         })?;
-        if self.passings.dedup_keep == DedupKeep::Strongest {
-            return Err("passings.dedup_keep: \"strongest\" is not supported by this version yet; use \"first\"".into());
+        if self.passings.dedup_keep == DedupKeep::Strongest && self.passings.dedup_window.is_zero() {
+            return Err(
+                "passings.dedup_keep: \"strongest\" needs a window; set passings.dedup_window, e.g. \"3s\"".into()
+            );
         }
         if let Some(map) = &self.passings.bib_map
             && purpose == Purpose::Daemon

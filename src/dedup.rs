@@ -128,3 +128,174 @@ mod tests {
         assert!(!d.accept("new", 101 * S).0);
     }
 }
+
+/// A read that may become the passing of its window (`dedup_keep = "strongest"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub read_id: i64,
+    pub chip: String,
+    pub bib: String,
+    pub timestamp_us: i64,
+    pub rssi: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub start_us: i64,
+    /// Host time when the window opened: closes it when no later read advances the clock.
+    pub opened_host_us: i64,
+    pub best: Candidate,
+}
+
+/// `dedup_keep = "strongest"`: the first read of a chip opens a window; the passing is the read
+/// with the highest RSSI in it (the earliest among equals), emitted when the window ends: when a
+/// read's timestamp shows the window is over, or, failing that, when as much host time passed.
+#[derive(Debug, Clone, Default)]
+pub struct Strongest {
+    window_us: i64,
+    open: HashMap<String, Window>,
+    /// Windows already emitted (chip → start), so late out-of-order reads stay suppressed.
+    closed: HashMap<String, i64>,
+    newest_us: i64,
+}
+
+impl Strongest {
+    pub fn new(window: std::time::Duration) -> Self {
+        Self { window_us: window.as_micros() as i64, newest_us: i64::MIN, ..Default::default() }
+    }
+
+    /// Offer a read; returns a window this read ended (its chip's previous one), if any.
+    pub fn offer(&mut self, c: Candidate, host_us: i64) -> Option<Window> {
+        self.newest_us = self.newest_us.max(c.timestamp_us);
+        if let Some(w) = self.open.get_mut(&c.chip) {
+            if (c.timestamp_us - w.start_us).abs() < self.window_us {
+                if c.rssi.unwrap_or(i64::MIN) > w.best.rssi.unwrap_or(i64::MIN) {
+                    w.best = c;
+                }
+                return None;
+            }
+        } else if let Some(start) = self.closed.get(&c.chip)
+            && (c.timestamp_us - start).abs() < self.window_us
+        {
+            return None;
+        }
+        let ended = self.open.remove(&c.chip);
+        if let Some(w) = &ended {
+            self.closed.insert(c.chip.clone(), w.start_us);
+        }
+        self.open.insert(c.chip.clone(), Window { start_us: c.timestamp_us, opened_host_us: host_us, best: c });
+        ended
+    }
+
+    /// Windows that are over, by the timestamps' clock or by host time.
+    pub fn due(&mut self, host_now_us: i64) -> Vec<Window> {
+        let (window, newest) = (self.window_us, self.newest_us);
+        let over: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, w)| newest >= w.start_us + window || host_now_us >= w.opened_host_us + window)
+            .map(|(chip, _)| chip.clone())
+            .collect();
+        self.take(over)
+    }
+
+    /// Every open window, now (the session is ending).
+    pub fn drain(&mut self) -> Vec<Window> {
+        let all: Vec<String> = self.open.keys().cloned().collect();
+        let out = self.take(all);
+        self.closed.clear();
+        out
+    }
+
+    fn take(&mut self, chips: Vec<String>) -> Vec<Window> {
+        let mut out: Vec<Window> = chips
+            .into_iter()
+            .filter_map(|chip| {
+                let w = self.open.remove(&chip)?;
+                self.closed.insert(chip, w.start_us);
+                Some(w)
+            })
+            .collect();
+        out.sort_by_key(|w| (w.best.timestamp_us, w.best.read_id));
+        out
+    }
+
+    pub fn clear(&mut self) {
+        self.open.clear();
+        self.closed.clear();
+        self.newest_us = i64::MIN;
+    }
+
+    /// Host time at which the earliest open window ends, for the writer's timer.
+    pub fn next_due_host(&self) -> Option<i64> {
+        self.open.values().map(|w| w.opened_host_us + self.window_us).min()
+    }
+
+    pub fn open_window(&self, chip: &str) -> Option<&Window> {
+        self.open.get(chip)
+    }
+
+    /// Restore an open window (after a restart).
+    pub fn restore(&mut self, chip: String, w: Window) {
+        self.newest_us = self.newest_us.max(w.best.timestamp_us);
+        self.open.insert(chip, w);
+    }
+
+    /// Restore an emitted window (after a restart).
+    pub fn restore_closed(&mut self, chip: String, start_us: i64) {
+        self.closed.insert(chip, start_us);
+    }
+
+    pub fn prune(&mut self) {
+        if self.newest_us == i64::MIN {
+            return;
+        }
+        let horizon = self.newest_us - 2 * self.window_us;
+        self.closed.retain(|_, start| *start >= horizon);
+    }
+}
+
+#[cfg(test)]
+mod strongest_tests {
+    use super::*;
+    use std::time::Duration;
+
+    const S: i64 = 1_000_000;
+
+    fn c(id: i64, chip: &str, t: i64, rssi: i64) -> Candidate {
+        Candidate { read_id: id, chip: chip.into(), bib: chip.into(), timestamp_us: t, rssi: Some(rssi) }
+    }
+
+    #[test]
+    fn the_strongest_read_of_the_window_wins_when_it_ends() {
+        let mut s = Strongest::new(Duration::from_secs(3));
+        assert_eq!(s.offer(c(1, "a", 0, -70), 0), None);
+        assert_eq!(s.offer(c(2, "a", S, -50), 0), None);
+        assert_eq!(s.offer(c(3, "a", 2 * S, -60), 0), None);
+        assert_eq!(s.offer(c(4, "b", 2 * S, -65), 0), None);
+        assert!(s.due(0).is_empty(), "nothing is over yet");
+        // A read of another chip moves the clock past a's window.
+        assert_eq!(s.offer(c(5, "b", 3 * S, -40), 0), None);
+        let due = s.due(0);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].best.read_id, due[0].start_us), (2, 0));
+        // A late read inside a's emitted window stays suppressed.
+        assert_eq!(s.offer(c(6, "a", S / 2, -10), 0), None);
+        assert!(s.open_window("a").is_none());
+        // b's window closes by host time when nothing else arrives.
+        assert!(s.due(2 * S).is_empty());
+        let due = s.due(3 * S);
+        assert_eq!(due[0].best.read_id, 5);
+    }
+
+    #[test]
+    fn a_new_window_ends_the_previous_one_and_ties_keep_the_earliest() {
+        let mut s = Strongest::new(Duration::from_secs(3));
+        s.offer(c(1, "a", 0, -50), 0);
+        s.offer(c(2, "a", S, -50), 0);
+        let ended = s.offer(c(3, "a", 10 * S, -80), 0).expect("the old window ended");
+        assert_eq!(ended.best.read_id, 1);
+        assert_eq!(s.drain().iter().map(|w| w.best.read_id).collect::<Vec<_>>(), [3]);
+        assert_eq!(s.next_due_host(), None);
+    }
+}

@@ -83,6 +83,46 @@ impl<T: Copy> LineFramer<T> {
         self.first_stamp = None;
         self.overflowed = false;
     }
+
+    /// Nothing of a line has arrived yet.
+    pub fn at_line_start(&self) -> bool {
+        self.buf.is_empty() && !self.overflowed
+    }
+}
+
+/// The framer a format needs: lines for the text formats, length+CRC for Chafon, lines with
+/// binary status records for Ultra.
+pub enum Framer<T> {
+    Lines(LineFramer<T>),
+    Chafon(super::format::chafon::ChafonFramer<T>),
+    Ultra(super::format::ultra::UltraFramer<T>),
+}
+
+impl<T: Copy> Framer<T> {
+    pub fn for_format(format: crate::config::Format) -> Self {
+        use crate::config::Format;
+        match format {
+            Format::Chafon => Framer::Chafon(Default::default()),
+            Format::Ultra => Framer::Ultra(Default::default()),
+            Format::Regex | Format::Ipico | Format::ImpinjJson => Framer::Lines(Default::default()),
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8], stamp: T, out: &mut Vec<Framed<T>>) {
+        match self {
+            Framer::Lines(f) => f.push(chunk, stamp, out),
+            Framer::Chafon(f) => f.push(chunk, stamp, out),
+            Framer::Ultra(f) => f.push(chunk, stamp, out),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        match self {
+            Framer::Lines(f) => f.reset(),
+            Framer::Chafon(f) => f.reset(),
+            Framer::Ultra(f) => f.reset(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::clock::{ClockWatch, Stamp};
 use crate::config::{Config, ReaderConfig, TimestampSource};
 use format::{Parsed, Parser, Reject};
-use framing::{Framed, LineFramer};
+use framing::{Framed, Framer};
 use transport::{Port, Received};
 
 /// Reopen delays: quick at first (a replugged cable is back within 2 s), capped so a missing
@@ -40,6 +40,8 @@ pub struct Read {
     pub rssi: Option<i64>,
     pub reader_time_us: Option<i64>,
     pub bib: Option<String>,
+    /// See `ParsedRead::replay_key`.
+    pub replay_key: Option<String>,
     pub raw: Vec<u8>,
     /// The time the passing will carry: the reader's when configured and known, else the host's.
     pub timestamp_us: i64,
@@ -101,6 +103,16 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// What to send the reader, and how often, for formats that must be polled.
+    fn poll_command(&self) -> Option<(Vec<u8>, Duration)> {
+        match self.cfg.format {
+            crate::config::Format::Chafon if !self.cfg.poll_interval.is_zero() => {
+                Some((format::chafon::INVENTORY_COMMAND.to_vec(), self.cfg.poll_interval))
+            }
+            _ => None,
+        }
+    }
+
     pub fn new(cfg: &Config, out: crossbeam_channel::Sender<Read>, stats: Arc<ReaderStats>) -> anyhow::Result<Self> {
         Ok(Self {
             parser: Parser::from_config(&cfg.reader, cfg.passings.chip_encoding)?,
@@ -168,7 +180,7 @@ enum Pump {
 /// State that outlives one connection: the framer, the clock cache, reject logging.
 struct ReadSession<'a> {
     reader: &'a Reader,
-    framer: LineFramer<Stamp>,
+    framer: Framer<Stamp>,
     synced: bool,
     synced_checked: Option<Instant>,
     rejects_since_log: u64,
@@ -179,7 +191,7 @@ impl<'a> ReadSession<'a> {
     fn new(reader: &'a Reader) -> Self {
         Self {
             reader,
-            framer: LineFramer::default(),
+            framer: Framer::for_format(reader.cfg.format),
             synced: false,
             synced_checked: None,
             rejects_since_log: 0,
@@ -190,9 +202,19 @@ impl<'a> ReadSession<'a> {
     fn pump(&mut self, port: &mut Port, cancel: &CancellationToken) -> Pump {
         let mut buf = vec![0u8; 8192];
         let mut frames = Vec::new();
+        let poll = self.reader.poll_command();
+        let mut next_poll = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Pump::Cancelled;
+            }
+            if let Some((command, every)) = &poll
+                && Instant::now() >= next_poll
+            {
+                if let Err(e) = port.send(command) {
+                    return Pump::Lost(e);
+                }
+                next_poll = Instant::now() + *every;
             }
             match port.receive(&mut buf) {
                 Ok(Received::Idle) => {}
@@ -212,7 +234,6 @@ impl<'a> ReadSession<'a> {
 
     /// Returns false when the store has gone away.
     fn handle(&mut self, frame: Framed<Stamp>) -> bool {
-        let stats = &self.reader.stats;
         let (bytes, stamp) = match frame {
             Framed::Record { bytes, stamp } => (bytes, stamp),
             Framed::Rejected { reason, bytes, .. } => {
@@ -227,28 +248,34 @@ impl<'a> ReadSession<'a> {
                 self.reject(reason, &bytes);
                 true
             }
-            Parsed::Read(p) => {
-                let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
-                let timestamp_us = match (self.reader.cfg.timestamps, reader_time_us) {
-                    (TimestampSource::Reader, Some(t)) => t,
-                    _ => stamp.utc_us,
-                };
-                let read = Read {
-                    host: stamp,
-                    clock_synced: self.clock_synced(),
-                    chip: p.chip,
-                    antenna: p.antenna,
-                    rssi: p.rssi,
-                    reader_time_us,
-                    bib: p.bib,
-                    raw: bytes,
-                    timestamp_us,
-                };
-                stats.reads_total.fetch_add(1, Ordering::Relaxed);
-                stats.last_read_at.store(stamp.utc_us, Ordering::Relaxed);
-                self.reader.out.send(read).is_ok()
-            }
+            Parsed::Read(p) => self.emit(p, stamp, bytes),
+            Parsed::Reads(reads) => reads.into_iter().all(|p| self.emit(p, stamp, bytes.clone())),
         }
+    }
+
+    /// Hand one parsed read to the store. Returns false when the store has gone away.
+    fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
+        let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
+        let timestamp_us = match (self.reader.cfg.timestamps, reader_time_us) {
+            (TimestampSource::Reader, Some(t)) => t,
+            _ => stamp.utc_us,
+        };
+        let read = Read {
+            host: stamp,
+            clock_synced: self.clock_synced(),
+            chip: p.chip,
+            antenna: p.antenna,
+            rssi: p.rssi,
+            reader_time_us,
+            bib: p.bib,
+            replay_key: p.replay_key,
+            raw: bytes,
+            timestamp_us,
+        };
+        let stats = &self.reader.stats;
+        stats.reads_total.fetch_add(1, Ordering::Relaxed);
+        stats.last_read_at.store(stamp.utc_us, Ordering::Relaxed);
+        self.reader.out.send(read).is_ok()
     }
 
     fn clock_synced(&mut self) -> bool {

@@ -1,6 +1,6 @@
 //! Transports: a serial port, or a TCP connection to a networked reader (`tcp://host:port`).
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -80,6 +80,14 @@ impl Port {
                 Ok(Received::Idle)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Send a command to the reader (formats that must be polled).
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Port::Serial(p) => p.write_all(bytes),
+            Port::Tcp(s) => s.write_all(bytes),
         }
     }
 }

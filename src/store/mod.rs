@@ -20,8 +20,8 @@ use tokio::sync::{Notify, broadcast, oneshot};
 use tracing::{error, info, warn};
 
 use crate::clock;
-use crate::config::{Config, Unmapped};
-use crate::dedup::{Dedup, Undo};
+use crate::config::{Config, DedupKeep, Unmapped};
+use crate::dedup::{Candidate, Dedup, Strongest, Undo, Window};
 use crate::reader::Read;
 
 /// Most reads committed in one transaction (the other bound is `storage.commit_interval`).
@@ -97,9 +97,44 @@ pub struct Store {
     commit_interval: Duration,
     unmapped: Unmapped,
     bibs: HashMap<String, String>,
-    dedup: Dedup,
+    windows: Windows,
     boot: i64,
     open: Option<OpenSession>,
+}
+
+/// De-duplication state, per `passings.dedup_keep`.
+enum Windows {
+    First(Dedup),
+    Strongest(Strongest),
+}
+
+impl Windows {
+    fn new(keep: DedupKeep, window: Duration) -> Self {
+        match keep {
+            DedupKeep::First => Windows::First(Dedup::new(window)),
+            DedupKeep::Strongest => Windows::Strongest(Strongest::new(window)),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Windows::First(d) => d.clear(),
+            Windows::Strongest(s) => s.clear(),
+        }
+    }
+
+    fn prune(&mut self) {
+        match self {
+            Windows::First(d) => d.prune(),
+            Windows::Strongest(s) => s.prune(),
+        }
+    }
+}
+
+/// Undo information for a failed commit.
+enum Rollback {
+    First(Vec<Undo>),
+    Strongest(Box<Strongest>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,7 +252,7 @@ impl Store {
             commit_interval: cfg.storage.commit_interval,
             unmapped: if cfg.passings.bib_map.is_some() { cfg.passings.unmapped } else { Unmapped::Chip },
             bibs,
-            dedup: Dedup::new(cfg.passings.dedup_window),
+            windows: Windows::new(cfg.passings.dedup_keep, cfg.passings.dedup_window),
             boot,
             open: None,
         };
@@ -237,19 +272,38 @@ impl Store {
                 Ok(OpenSession { id: r.get(0)?, next_num: r.get(1)? })
             })
             .optional()?;
-        if let Some(open) = self.open {
-            let mut stmt = self.conn.prepare(
-                "SELECT chip, timestamp FROM passings WHERE session_id = ?1
-                 AND timestamp >= (SELECT max(timestamp) FROM passings WHERE session_id = ?1) - ?2 ORDER BY num_passing",
-            )?;
-            let rows = stmt
-                .query_map(params![open.id, window.as_micros() as i64], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
-            for row in rows {
-                let (chip, at) = row?;
-                self.dedup.accept(&chip, at);
+        let Some(open) = self.open else { return Ok(()) };
+        let mut stmt = self.conn.prepare(
+            "SELECT chip, window_start FROM passings WHERE session_id = ?1
+             AND window_start >= (SELECT max(window_start) FROM passings WHERE session_id = ?1) - ?2 ORDER BY num_passing",
+        )?;
+        let rows =
+            stmt.query_map(params![open.id, window.as_micros() as i64], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        for row in rows {
+            let (chip, start) = row?;
+            match &mut self.windows {
+                Windows::First(d) => {
+                    d.accept(&chip, start);
+                }
+                Windows::Strongest(s) => s.restore_closed(chip, start),
             }
-            info!(session_id = open.id, next_num = open.next_num, "resuming open session");
         }
+        if let Windows::Strongest(s) = &mut self.windows {
+            let mut stmt = self.conn.prepare(
+                "SELECT w.chip, w.start_us, w.opened_host, w.best_read, w.best_rssi, r.timestamp
+                 FROM windows w JOIN reads r ON r.id = w.best_read WHERE w.session_id = ?1",
+            )?;
+            let rows = stmt.query_map([open.id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            for row in rows {
+                let (chip, start_us, opened_host_us, read_id, rssi, timestamp_us) = row?;
+                let bib = self.bibs.get(&chip).cloned().unwrap_or_else(|| chip.clone());
+                let best = Candidate { read_id, chip: chip.clone(), bib, timestamp_us, rssi };
+                s.restore(chip, Window { start_us, opened_host_us, best });
+            }
+        }
+        info!(session_id = open.id, next_num = open.next_num, "resuming open session");
         Ok(())
     }
 
@@ -265,10 +319,16 @@ impl Store {
         let mut commands_open = true;
         while reads_open || commands_open || !batch.is_empty() {
             self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
-            let timeout = match deadline {
+            let mut timeout = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
+            if let Windows::Strongest(w) = &self.windows
+                && let Some(due) = w.next_due_host()
+            {
+                let wait = Duration::from_micros((due - clock::now_us()).max(0) as u64);
+                timeout = timeout.min(wait);
+            }
             if !reads_open && !commands_open {
                 // Draining: nothing more can arrive.
                 if !self.flush(&mut batch) {
@@ -302,7 +362,13 @@ impl Store {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         deadline = if self.flush(&mut batch) { None } else { Some(Instant::now() + RETRY_COMMIT) };
                     }
-                    if batch.is_empty() { self.dedup.prune(); }
+                    if batch.is_empty() {
+                        self.windows.prune();
+                        if matches!(self.windows, Windows::Strongest(_)) {
+                            // Windows that ended with no read after them: emit now.
+                            self.flush(&mut batch);
+                        }
+                    }
                 }
             }
         }
@@ -312,11 +378,18 @@ impl Store {
 
     /// Commit the batch. On failure the reads stay in memory (bounded) for the next attempt.
     fn flush(&mut self, batch: &mut Vec<Read>) -> bool {
-        if batch.is_empty() {
+        let strongest_due = match &mut self.windows {
+            Windows::Strongest(w) => w.next_due_host().is_some_and(|t| t <= clock::now_us()),
+            Windows::First(_) => false,
+        };
+        if batch.is_empty() && !strongest_due {
             return true;
         }
-        let mut undo = Vec::new();
         let mut events = Vec::new();
+        let mut undo = match &self.windows {
+            Windows::First(_) => Rollback::First(Vec::new()),
+            Windows::Strongest(w) => Rollback::Strongest(Box::new(w.clone())),
+        };
         match self.write_reads(batch, &mut undo, &mut events) {
             Ok(next) => {
                 if let (Some(open), Some(next_num)) = (self.open.as_mut(), next) {
@@ -326,16 +399,15 @@ impl Store {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.buffered_reads.store(0, Ordering::Relaxed);
                 self.set_error(None);
-                if !events.is_empty() {
-                    self.notify.notify_one();
-                    for e in events {
-                        let _ = self.events.send(e);
-                    }
-                }
+                self.publish(events);
                 true
             }
             Err(e) => {
-                self.dedup.undo(undo);
+                match (undo, &mut self.windows) {
+                    (Rollback::First(u), Windows::First(d)) => d.undo(u),
+                    (Rollback::Strongest(saved), Windows::Strongest(w)) => *w = *saved,
+                    _ => {}
+                }
                 let text = format!("{e:#}");
                 let first = self.stats.last_error.lock().map(|l| l.is_none()).unwrap_or(true);
                 if first {
@@ -367,21 +439,27 @@ impl Store {
     fn write_reads(
         &mut self,
         batch: &[Read],
-        undo: &mut Vec<Undo>,
+        undo: &mut Rollback,
         events: &mut Vec<PassingEvent>,
     ) -> anyhow::Result<Option<i64>> {
         let tx = self.conn.transaction()?;
         let session = self.open;
         let mut next_num = session.map(|s| s.next_num);
+        let mut touched: Vec<String> = Vec::new();
         {
+            let mut seen =
+                tx.prepare_cached("SELECT 1 FROM reads WHERE coalesce(session_id, 0) = ?1 AND replay_key = ?2")?;
             let mut insert_read = tx.prepare_cached(
-                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, raw, session_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, timestamp, raw, replay_key, session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?;
-            let mut insert_passing = tx.prepare_cached(
-                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut passings = PassingWriter::new(&tx)?;
             for read in batch {
+                // A replayed read (download, rewind) already stored for this session is a repeat.
+                let replayed = match &read.replay_key {
+                    Some(key) => seen.exists(params![session.map_or(0, |s| s.id), key])?,
+                    None => false,
+                };
                 insert_read.execute(params![
                     read.host.utc_us,
                     read.host.monotonic_us,
@@ -391,26 +469,54 @@ impl Store {
                     read.antenna,
                     read.rssi,
                     read.reader_time_us,
+                    read.timestamp_us,
                     read.raw,
+                    if replayed { None } else { read.replay_key.as_deref() },
                     session.map(|s| s.id),
                 ])?;
                 let read_id = tx.last_insert_rowid();
                 let (Some(s), Some(num)) = (session, next_num.as_mut()) else { continue };
-                let Some(bib) = bib_for(&self.bibs, self.unmapped, read) else { continue };
-                let (fresh, u) = self.dedup.accept(&read.chip, read.timestamp_us);
-                undo.extend(u);
-                if !fresh {
+                if replayed {
                     continue;
                 }
-                insert_passing.execute(params![s.id, *num, read_id, read.chip, bib, read.timestamp_us])?;
-                events.push(PassingEvent {
-                    session_id: s.id,
-                    num_passing: *num,
-                    bib,
-                    chip: read.chip.clone(),
-                    timestamp_us: read.timestamp_us,
-                });
-                *num += 1;
+                let Some(bib) = bib_for(&self.bibs, self.unmapped, read) else { continue };
+                match (&mut self.windows, &mut *undo) {
+                    (Windows::First(d), Rollback::First(undo)) => {
+                        let (fresh, u) = d.accept(&read.chip, read.timestamp_us);
+                        undo.extend(u);
+                        if fresh {
+                            let c = Candidate {
+                                read_id,
+                                chip: read.chip.clone(),
+                                bib,
+                                timestamp_us: read.timestamp_us,
+                                rssi: read.rssi,
+                            };
+                            events.push(passings.insert(s.id, num, &c, read.timestamp_us)?);
+                        }
+                    }
+                    (Windows::Strongest(w), _) => {
+                        let c = Candidate {
+                            read_id,
+                            chip: read.chip.clone(),
+                            bib,
+                            timestamp_us: read.timestamp_us,
+                            rssi: read.rssi,
+                        };
+                        if let Some(ended) = w.offer(c, read.host.utc_us) {
+                            events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                        }
+                        touched.push(read.chip.clone());
+                    }
+                    _ => unreachable!("rollback matches the mode"),
+                }
+            }
+            if let (Some(s), Some(num), Windows::Strongest(w)) = (session, next_num.as_mut(), &mut self.windows) {
+                for ended in w.due(clock::now_us()) {
+                    touched.push(ended.best.chip.clone());
+                    events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                }
+                persist_windows(&tx, s.id, w, &touched)?;
             }
         }
         if let (Some(s), Some(n)) = (session, next_num) {
@@ -491,8 +597,9 @@ impl Store {
 
     /// Open a new session at once (offline or not); the open one, if any, starts closing.
     fn start_session(&mut self, alias: &str) -> anyhow::Result<i64> {
-        let tx = self.conn.transaction()?;
         let now = clock::now_us();
+        let tx = self.conn.transaction()?;
+        let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
         if let Some(open) = self.open {
             close_in(&tx, open.id, now)?;
         }
@@ -502,23 +609,118 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         tx.commit()?;
+        self.publish(events);
         if let Some(open) = self.open {
             info!(session_id = open.id, "session closing: a new session was started");
         }
         self.open = Some(OpenSession { id, next_num: 1 });
-        self.dedup.clear();
+        self.windows.clear();
         info!(session_id = id, alias, "session started");
         Ok(id)
     }
 
     fn close_locally(&mut self, id: i64) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
+        let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
         close_in(&tx, id, clock::now_us())?;
         tx.commit()?;
+        self.publish(events);
         self.open = None;
-        self.dedup.clear();
+        self.windows.clear();
         Ok(())
     }
+
+    fn publish(&self, events: Vec<PassingEvent>) {
+        if !events.is_empty() {
+            self.notify.notify_one();
+            for e in events {
+                let _ = self.events.send(e);
+            }
+        }
+    }
+}
+
+/// Emit every open strongest window into the session that is ending (inside its transaction).
+fn drain_windows(
+    tx: &rusqlite::Transaction<'_>,
+    open: &mut Option<OpenSession>,
+    windows: &mut Windows,
+) -> anyhow::Result<Vec<PassingEvent>> {
+    let (Some(open), Windows::Strongest(w)) = (open.as_mut(), windows) else { return Ok(Vec::new()) };
+    let mut passings = PassingWriter::new(tx)?;
+    let mut events = Vec::new();
+    for ended in w.drain() {
+        events.push(passings.insert(open.id, &mut open.next_num, &ended.best, ended.start_us)?);
+    }
+    tx.execute("DELETE FROM windows WHERE session_id = ?1", [open.id])?;
+    tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![open.next_num, open.id])?;
+    Ok(events)
+}
+
+/// Inserts passings, numbering them.
+struct PassingWriter<'t> {
+    stmt: rusqlite::CachedStatement<'t>,
+}
+
+impl<'t> PassingWriter<'t> {
+    fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            stmt: tx.prepare_cached(
+                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+        })
+    }
+
+    fn insert(
+        &mut self,
+        session_id: i64,
+        num: &mut i64,
+        c: &Candidate,
+        window_start: i64,
+    ) -> rusqlite::Result<PassingEvent> {
+        self.stmt.execute(params![session_id, *num, c.read_id, c.chip, c.bib, c.timestamp_us, window_start])?;
+        let event = PassingEvent {
+            session_id,
+            num_passing: *num,
+            bib: c.bib.clone(),
+            chip: c.chip.clone(),
+            timestamp_us: c.timestamp_us,
+        };
+        *num += 1;
+        Ok(event)
+    }
+}
+
+/// Mirror the strongest windows of the touched chips into the `windows` table (crash safety).
+fn persist_windows(
+    tx: &rusqlite::Transaction<'_>,
+    session_id: i64,
+    w: &Strongest,
+    touched: &[String],
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_host, best_read, best_rssi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM windows WHERE chip = ?1")?;
+    let mut done = std::collections::HashSet::new();
+    for chip in touched {
+        if !done.insert(chip.as_str()) {
+            continue;
+        }
+        match w.open_window(chip) {
+            Some(win) => upsert.execute(params![
+                chip,
+                session_id,
+                win.start_us,
+                win.opened_host_us,
+                win.best.read_id,
+                win.best.rssi
+            ])?,
+            None => delete.execute([chip])?,
+        };
+    }
+    Ok(())
 }
 
 /// A session the API already closed has nothing left to do remotely: it is closed at once.

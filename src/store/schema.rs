@@ -35,10 +35,13 @@ const MIGRATIONS: &[&str] = &[
         antenna       INTEGER,
         rssi          INTEGER,
         reader_time   INTEGER,               -- reader's time converted to UTC, µs
+        timestamp     INTEGER NOT NULL,      -- the time a passing from this read carries, µs
         raw           BLOB NOT NULL,
+        replay_key    TEXT,                  -- identifies a read across replays (see reader::format)
         session_id    INTEGER REFERENCES sessions(id)
     );
     CREATE INDEX reads_received ON reads(received_at);
+    CREATE UNIQUE INDEX reads_replay ON reads(coalesce(session_id, 0), replay_key) WHERE replay_key IS NOT NULL;
     CREATE TABLE passings (
         id            INTEGER PRIMARY KEY,
         session_id    INTEGER NOT NULL REFERENCES sessions(id),
@@ -47,12 +50,22 @@ const MIGRATIONS: &[&str] = &[
         chip          TEXT NOT NULL,
         bib           TEXT NOT NULL,
         timestamp     INTEGER NOT NULL,      -- UTC µs, as uploaded
+        window_start  INTEGER NOT NULL,      -- start of its de-duplication window, µs
         state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'undeliverable')),
         error         TEXT,
         delivered_at  INTEGER,
         UNIQUE (session_id, num_passing)
     );
     CREATE INDEX passings_pending ON passings(session_id, num_passing) WHERE state = 'pending';
+    -- De-duplication windows still open with dedup_keep = "strongest" (kept across restarts).
+    CREATE TABLE windows (
+        chip          TEXT PRIMARY KEY,
+        session_id    INTEGER NOT NULL REFERENCES sessions(id),
+        start_us      INTEGER NOT NULL,
+        opened_host   INTEGER NOT NULL,      -- host UTC µs when the window opened
+        best_read     INTEGER NOT NULL REFERENCES reads(id),
+        best_rssi     INTEGER
+    );
     "#,
 ];
 

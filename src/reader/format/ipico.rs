@@ -38,6 +38,9 @@ impl IpicoParser {
             return Parsed::Reject(Reject::BadChecksum);
         }
         let tag = &text[4..16];
+        // A stored-read download or a seen-memory overflow re-sends a read with its original
+        // time (and other I/Q counters): reader, tag and time identify it.
+        let replay_key = Some(format!("ipico:{}:{}:{}", &text[2..4], tag.to_ascii_lowercase(), &text[20..34]));
         let Some(reader_time) = self.time(&text[20..26], &text[26..32], &text[32..34]) else {
             return Parsed::Reject(Reject::BadTime);
         };
@@ -47,6 +50,7 @@ impl IpicoParser {
             rssi: None,
             reader_time: Some(reader_time),
             bib: None,
+            replay_key,
         })
     }
 

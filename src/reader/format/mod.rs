@@ -3,8 +3,11 @@
 //! Pure functions of their input: no clock, no I/O. The reader actor stamps host time and hands
 //! the record here; new reader families add a module and a `Format` variant (readers.md, "Later").
 
+pub mod chafon;
+pub mod impinj;
 pub mod ipico;
 pub mod regex;
+pub mod ultra;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -21,11 +24,16 @@ pub struct ParsedRead {
     pub reader_time: Option<DateTime<Utc>>,
     /// A bib the record itself carries (regex `bib` group).
     pub bib: Option<String>,
+    /// Identifies this exact read across replays (stored-read downloads, rewinds): the same key
+    /// twice is the same read, whatever the de-duplication window.
+    pub replay_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     Read(ParsedRead),
+    /// Formats that report several tags in one record (Chafon answer mode).
+    Reads(Vec<ParsedRead>),
     /// Not a tag read (status line, banner, control reply, heartbeat): ignored, not counted.
     Skip,
     Reject(Reject),
@@ -75,6 +83,9 @@ impl Reject {
 pub enum Parser {
     Regex(regex::RegexParser),
     Ipico(ipico::IpicoParser),
+    Chafon(ChipEncoding),
+    Ultra(ultra::UltraParser),
+    ImpinjJson(ChipEncoding),
 }
 
 impl Parser {
@@ -89,7 +100,9 @@ impl Parser {
                 encoding,
             )?),
             Format::Ipico => Parser::Ipico(ipico::IpicoParser::new(tz)),
-            other => anyhow::bail!("reader.format {other:?} is not supported by this version"),
+            Format::Chafon => Parser::Chafon(encoding),
+            Format::Ultra => Parser::Ultra(ultra::UltraParser::new(tz)),
+            Format::ImpinjJson => Parser::ImpinjJson(encoding),
         })
     }
 
@@ -98,6 +111,14 @@ impl Parser {
         match self {
             Parser::Regex(p) => p.parse(record, today),
             Parser::Ipico(p) => p.parse(record),
+            Parser::Chafon(encoding) => match chafon::parse(record, *encoding) {
+                Ok(reads) if reads.is_empty() => Parsed::Skip,
+                Ok(mut reads) if reads.len() == 1 => Parsed::Read(reads.remove(0)),
+                Ok(reads) => Parsed::Reads(reads),
+                Err(reason) => Parsed::Reject(reason),
+            },
+            Parser::Ultra(p) => p.parse(record),
+            Parser::ImpinjJson(encoding) => impinj::parse(record, *encoding),
         }
     }
 }

@@ -60,7 +60,7 @@ impl RegexParser {
             },
         };
         let bib = caps.name("bib").map(|m| m.as_str().trim().to_string()).filter(|b| !b.is_empty());
-        Parsed::Read(ParsedRead { chip, antenna, rssi, reader_time, bib })
+        Parsed::Read(ParsedRead { chip, antenna, rssi, reader_time, bib, replay_key: None })
     }
 }
 

@@ -1,0 +1,174 @@
+//! `ultra`: RFID Race Timing Systems Ultra (readers.md §3). LF-terminated CSV; time counts from
+//! 1980-01-01 00:00 in the reader's local time; status lines and binary 0x03 records share the
+//! stream.
+
+use chrono::{NaiveDate, TimeDelta};
+use chrono_tz::Tz;
+
+use super::{Parsed, ParsedRead, Reject, local_to_utc};
+use crate::reader::framing::{Framed, LineFramer};
+
+const FIELDS: usize = 12;
+/// Extended status records start with this byte, then a length byte.
+const BINARY_RECORD: u8 = 0x03;
+
+/// Lines, except binary status records (`0x03 len bytes…`, which may contain LF) at line start.
+#[derive(Debug)]
+pub struct UltraFramer<T> {
+    lines: LineFramer<T>,
+    /// Bytes of a binary record still to skip; `Some(None)`: the length byte comes next.
+    skip: Option<Option<usize>>,
+}
+
+impl<T: Copy> Default for UltraFramer<T> {
+    fn default() -> Self {
+        Self { lines: LineFramer::default(), skip: None }
+    }
+}
+
+impl<T: Copy> UltraFramer<T> {
+    pub fn push(&mut self, chunk: &[u8], stamp: T, out: &mut Vec<Framed<T>>) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            match self.skip {
+                Some(None) => {
+                    self.skip = Some(Some(rest[0] as usize));
+                    rest = &rest[1..];
+                }
+                Some(Some(n)) => {
+                    let take = n.min(rest.len());
+                    rest = &rest[take..];
+                    self.skip = if n - take == 0 { None } else { Some(Some(n - take)) };
+                }
+                None if self.lines.at_line_start() && rest[0] == BINARY_RECORD => {
+                    self.skip = Some(None);
+                    rest = &rest[1..];
+                }
+                None => {
+                    // Feed up to and including the next line end; a 0x03 may follow it.
+                    let end = rest.iter().position(|b| *b == b'\n' || *b == b'\r').map_or(rest.len(), |i| i + 1);
+                    self.lines.push(&rest[..end], stamp, out);
+                    rest = &rest[end..];
+                }
+            }
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.lines.reset();
+        self.skip = None;
+    }
+}
+
+pub struct UltraParser {
+    tz: Tz,
+}
+
+impl UltraParser {
+    pub fn new(tz: Tz) -> Self {
+        Self { tz }
+    }
+
+    pub fn parse(&self, record: &[u8]) -> Parsed {
+        let Ok(line) = std::str::from_utf8(record) else { return Parsed::Reject(Reject::InvalidUtf8) };
+        let fields: Vec<&str> = line.trim().split(',').collect();
+        // Status lines (V=…, S=…, U…, u…, Connected,…) are not reads.
+        if fields.len() != FIELDS || !fields[0].bytes().all(|b| b.is_ascii_digit()) || fields[0].is_empty() {
+            return Parsed::Skip;
+        }
+        let int = |i: usize| fields[i].trim().parse::<i64>().ok();
+        let (Some(seconds), Some(millis), Some(antenna)) = (int(2), int(3), int(4)) else {
+            return Parsed::Reject(Reject::BadField);
+        };
+        if antenna == 0 {
+            // The start trigger, not a tag.
+            return Parsed::Skip;
+        }
+        let chip = fields[1].trim();
+        if chip.is_empty() || !(0..1000).contains(&millis) || seconds < 0 {
+            return Parsed::Reject(Reject::BadField);
+        }
+        let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).expect("valid date");
+        let Some(local) = epoch.checked_add_signed(TimeDelta::seconds(seconds) + TimeDelta::milliseconds(millis))
+        else {
+            return Parsed::Reject(Reject::BadTime);
+        };
+        let Some(reader_time) = local_to_utc(local, self.tz) else { return Parsed::Reject(Reject::BadTime) };
+        Parsed::Read(ParsedRead {
+            chip: chip.to_string(),
+            antenna: Some(antenna),
+            rssi: int(5),
+            reader_time: Some(reader_time),
+            bib: None,
+            // A rewind replays reads with their original time: the same chip at the same
+            // millisecond on the same reader is the same read.
+            replay_key: Some(format!("ultra:{}:{chip}:{seconds}.{millis:03}", fields[7].trim())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, Utc};
+
+    fn utc(s: &str) -> Option<DateTime<Utc>> {
+        Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+    }
+
+    #[test]
+    fn chip_reads_and_their_local_time() {
+        let p = UltraParser::new("UTC".parse().unwrap());
+        match p.parse(b"0,11055,1170518701,698,1,-71,0,2,1,0000000000000000,0,29319") {
+            Parsed::Read(r) => {
+                assert_eq!(r.chip, "11055");
+                assert_eq!((r.antenna, r.rssi), (Some(1), Some(-71)));
+                assert_eq!(r.reader_time, utc("2017-02-02T16:05:01.698Z"));
+                assert_eq!(r.replay_key.as_deref(), Some("ultra:2:11055:1170518701.698"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same read in a reader set to Madrid time (UTC+1 in February).
+        let p = UltraParser::new("Europe/Madrid".parse().unwrap());
+        match p.parse(b"0,11055,1170518701,698,1,-71,1,2,1,0000000000000000,0,29319") {
+            Parsed::Read(r) => assert_eq!(r.reader_time, utc("2017-02-02T15:05:01.698Z")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_lines_triggers_and_bad_fields() {
+        let p = UltraParser::new("UTC".parse().unwrap());
+        for skip in
+            ["V=Ultra 4.6", "S=1,2", "U2", "u", "Connected,2017-02-02", "0,11055,1170518701,698,0,-71,0,2,1,0,0,1"]
+        {
+            assert_eq!(p.parse(skip.as_bytes()), Parsed::Skip, "{skip}");
+        }
+        assert_eq!(p.parse(b"0,11055,soon,698,1,-71,0,2,1,0,0,1"), Parsed::Reject(Reject::BadField));
+        assert_eq!(p.parse(b"0,11055,1170518701,1698,1,-71,0,2,1,0,0,1"), Parsed::Reject(Reject::BadField));
+        assert_eq!(p.parse(b"0,,1170518701,698,1,-71,0,2,1,0,0,1"), Parsed::Reject(Reject::BadField));
+    }
+
+    #[test]
+    fn binary_status_records_are_skipped_by_length() {
+        let mut f = UltraFramer::default();
+        let mut out = Vec::new();
+        let stream: Vec<u8> = [
+            &b"0,1,1,0,1,-7,0,2,1,0,0,1\n"[..],
+            &[0x03, 0x04, b'a', b'\n', b'b', b'\n'],
+            b"0,2,1,0,1,-7,0,2,1,0,0,2\n",
+        ]
+        .concat();
+        for c in stream.chunks(3) {
+            f.push(c, 0u8, &mut out);
+        }
+        let lines: Vec<Vec<u8>> = out
+            .into_iter()
+            .map(|o| match o {
+                Framed::Record { bytes, .. } => bytes,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(lines, vec![b"0,1,1,0,1,-7,0,2,1,0,0,1".to_vec(), b"0,2,1,0,1,-7,0,2,1,0,0,2".to_vec()]);
+    }
+}
