@@ -6,7 +6,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{Notify, broadcast};
+use std::path::PathBuf;
+
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -14,7 +16,9 @@ use tracing::{error, info, warn};
 use crate::clock::ClockWatch;
 use crate::config::Config;
 use crate::control::ControlServer;
+use crate::logging::LogHandle;
 use crate::reader::{Reader, ReaderStats};
+use crate::reload::Reloader;
 use crate::status::StatusSource;
 use crate::store::{PassingEvent, Store, StoreParts, StoreStats};
 use crate::uplink::{Uplink, UplinkStatus};
@@ -35,8 +39,18 @@ pub struct Running {
     store: JoinHandle<anyhow::Result<()>>,
 }
 
+/// How the gateway was started: what a reload needs, and whether signals are ours to handle.
+#[derive(Default)]
+pub struct Options {
+    /// The config file, re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    pub log: Option<LogHandle>,
+    /// Handle SIGTERM/SIGINT/SIGHUP (the daemon does; the demo leaves Ctrl-C alone).
+    pub signals: bool,
+}
+
 /// Start every actor. Returns once the store is open, the reader started and the socket bound.
-pub fn start(cfg: &Config, cancel: CancellationToken) -> anyhow::Result<Running> {
+pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyhow::Result<Running> {
     let reader_stats = Arc::new(ReaderStats::default());
     let store_stats = Arc::new(StoreStats::default());
     let uplink_status = Arc::new(Mutex::new(UplinkStatus::default()));
@@ -61,7 +75,19 @@ pub fn start(cfg: &Config, cancel: CancellationToken) -> anyhow::Result<Running>
     };
     let control = ControlServer::bind(&cfg.control.socket, handle.clone(), status.clone(), cfg.session.alias.clone())
         .with_context(|| format!("control.socket: cannot bind {}", cfg.control.socket.display()))?;
-    let uplink = Uplink::new(cfg, handle, notify, uplink_status)?;
+    let (api_tx, api_rx) = watch::channel(cfg.api.clone());
+    let reloader = options.config_path.map(|path| Reloader {
+        path,
+        current: Mutex::new(cfg.clone()),
+        store: handle.clone(),
+        api: api_tx,
+        log: options.log,
+        wake_uplink: notify.clone(),
+    });
+    let uplink = Uplink::new(cfg, api_rx, handle, notify, uplink_status)?;
+    if cfg.http.listen.is_some() || cfg.feed.listen.is_some() {
+        warn!("http.listen and feed.listen are not served by this version yet (dashboard and live feed are coming)");
+    }
 
     let mut tasks = JoinSet::new();
     let c = cancel.clone();
@@ -71,6 +97,10 @@ pub fn start(cfg: &Config, cancel: CancellationToken) -> anyhow::Result<Running>
     let c = cancel.clone();
     let s = status.clone();
     tasks.spawn(async move { ("status", report_status(s, c).await) });
+    if options.signals {
+        let c = cancel.clone();
+        tasks.spawn(async move { ("signals", crate::supervisor::watch_signals(c, reloader).await) });
+    }
     Ok(Running { cancel, events, status, tasks, reader, store })
 }
 

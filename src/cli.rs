@@ -167,17 +167,15 @@ fn open_db(cfg: &Config) -> anyhow::Result<Db> {
 }
 
 fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
-    crate::logging::init(&cfg.log)?;
+    let log = crate::logging::init(&cfg.log)?;
     info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), port = cfg.reader.port.as_deref().unwrap_or(""), "rufus-gateway starting");
     runtime()?.block_on(async {
         let cancel = CancellationToken::new();
-        let running = crate::app::start(&cfg, cancel.clone())?;
+        let options = crate::app::Options { config_path: Some(path.to_path_buf()), log: Some(log), signals: true };
+        let running = crate::app::start(&cfg, options, cancel)?;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         info!("ready");
-        let signals = tokio::spawn(crate::supervisor::watch_signals(cancel.clone()));
-        let result = running.wait().await;
-        signals.abort();
-        result
+        running.wait().await
     })
 }
 

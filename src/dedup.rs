@@ -64,6 +64,10 @@ impl Dedup {
         self.newest_us = i64::MIN;
     }
 
+    pub fn set_window(&mut self, window: std::time::Duration) {
+        self.window_us = window.as_micros() as i64;
+    }
+
     pub fn len(&self) -> usize {
         self.opened.len()
     }
@@ -224,6 +228,10 @@ impl Strongest {
         self.open.clear();
         self.closed.clear();
         self.newest_us = i64::MIN;
+    }
+
+    pub fn set_window(&mut self, window: std::time::Duration) {
+        self.window_us = window.as_micros() as i64;
     }
 
     /// Host time at which the earliest open window ends, for the writer's timer.

@@ -58,7 +58,7 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
     println!("stand-in RUFUS API on {}, database {}\n", fake.base_url(), cfg.storage.path.display());
 
     let cancel = CancellationToken::new();
-    let running = crate::app::start(&cfg, cancel.clone())?;
+    let running = crate::app::start(&cfg, crate::app::Options::default(), cancel.clone())?;
     let mut events = running.events.subscribe();
     let status = running.status.clone();
     let wait = tokio::spawn(running.wait());

@@ -31,6 +31,7 @@ pub mod fake_api;
 pub mod logging;
 pub mod pty;
 pub mod reader;
+pub mod reload;
 pub mod status;
 pub mod store;
 pub mod supervisor;

@@ -1,14 +1,26 @@
-//! Logging: journald (structured fields kept) when running under systemd, else stderr.
+//! Logging: journald (structured fields kept) when running under systemd, else stderr. The level
+//! can be changed while running (SIGHUP).
 
 use std::os::fd::AsRawFd;
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{LogConfig, LogTarget};
 
-pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&cfg.level)?;
+/// Changes the log level of the running process.
+#[derive(Clone)]
+pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
+
+impl LogHandle {
+    pub fn set_level(&self, level: &str) -> anyhow::Result<()> {
+        self.0.reload(EnvFilter::try_new(level)?)?;
+        Ok(())
+    }
+}
+
+pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
+    let (filter, handle) = reload::Layer::new(EnvFilter::try_new(&cfg.level)?);
     let journald = match cfg.target {
         LogTarget::Journald => true,
         LogTarget::Stderr => false,
@@ -21,7 +33,7 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
         tracing_subscriber::registry().with(filter).with(fmt).try_init()?;
     }
-    Ok(())
+    Ok(LogHandle(handle))
 }
 
 /// systemd sets `JOURNAL_STREAM=dev:inode` when stderr is connected to the journal.

@@ -6,6 +6,35 @@ use std::time::Duration;
 
 use crate::config::{FlowControl, Parity, ReaderConfig};
 
+/// A networked reader that goes silent because its link died (cable, Wi-Fi, power) is noticed by
+/// TCP keepalive: first probe after this much silence…
+const KEEPALIVE_IDLE_SECS: libc::c_int = 10;
+/// …then one probe every 5 s, and the link is declared dead after 3 unanswered (≈ 25 s in all).
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
+const KEEPALIVE_PROBES: libc::c_int = 3;
+
+fn enable_keepalive(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: a valid socket fd, and a pointer to a c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECS)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+}
+
 /// How long one `read` blocks: short, so the thread notices cancellation promptly.
 pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -33,6 +62,7 @@ impl Port {
             let stream = TcpStream::connect_timeout(&target, TCP_CONNECT_TIMEOUT)?;
             stream.set_read_timeout(Some(READ_TIMEOUT))?;
             stream.set_nodelay(true)?;
+            enable_keepalive(&stream)?;
             return Ok(Port::Tcp(stream));
         }
         let port = serialport::new(path, cfg.baud_rate)

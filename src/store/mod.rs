@@ -46,13 +46,36 @@ pub struct PassingEvent {
 /// A change the writer makes on request; each gets a reply once it is committed.
 #[derive(Debug)]
 pub enum Op {
-    StartSession { alias: String },
+    StartSession {
+        alias: String,
+    },
     CloseSession,
-    RemoteOpened { session_id: i64, token: String },
-    Delivered { session_id: i64, passing_ids: Vec<i64> },
-    Undeliverable { session_id: i64, passing_id: i64, reason: String },
-    RemoteClosed { session_id: i64 },
-    ClosedRemotely { session_id: i64, reason: String },
+    RemoteOpened {
+        session_id: i64,
+        token: String,
+    },
+    Delivered {
+        session_id: i64,
+        passing_ids: Vec<i64>,
+    },
+    Undeliverable {
+        session_id: i64,
+        passing_id: i64,
+        reason: String,
+    },
+    RemoteClosed {
+        session_id: i64,
+    },
+    ClosedRemotely {
+        session_id: i64,
+        reason: String,
+    },
+    /// Settings that change while running (SIGHUP).
+    Reconfigure {
+        bibs: HashMap<String, String>,
+        unmapped: Unmapped,
+        dedup_window: Duration,
+    },
 }
 
 pub struct Command {
@@ -127,6 +150,13 @@ impl Windows {
         match self {
             Windows::First(d) => d.prune(),
             Windows::Strongest(s) => s.prune(),
+        }
+    }
+
+    fn set_window(&mut self, window: Duration) {
+        match self {
+            Windows::First(d) => d.set_window(window),
+            Windows::Strongest(s) => s.set_window(window),
         }
     }
 }
@@ -583,6 +613,13 @@ impl Store {
                     params![clock::now_us(), session_id],
                 )?;
                 Ok(Some(session_id))
+            }
+            Op::Reconfigure { bibs, unmapped, dedup_window } => {
+                info!(bib_map_entries = bibs.len(), "bib map and de-duplication settings reloaded");
+                self.unmapped = unmapped;
+                self.bibs = bibs;
+                self.windows.set_window(dedup_window);
+                Ok(None)
             }
             Op::ClosedRemotely { session_id, reason } => {
                 self.conn.execute(

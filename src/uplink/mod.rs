@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{ApiConfig, Config};
 use crate::store::query::{Db, Work};
 use crate::store::{Op, StoreHandle};
 use api::{ApiError, RufusClient, short_token};
@@ -83,6 +83,8 @@ impl Default for UplinkStatus {
 
 pub struct Uplink {
     client: RufusClient,
+    /// New `[api]` settings after a reload.
+    api: watch::Receiver<ApiConfig>,
     db_path: PathBuf,
     deviceid: String,
     batch_size: usize,
@@ -103,12 +105,14 @@ enum Step {
 impl Uplink {
     pub fn new(
         cfg: &Config,
+        api: watch::Receiver<ApiConfig>,
         store: StoreHandle,
         notify: Arc<Notify>,
         status: Arc<Mutex<UplinkStatus>>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             client: RufusClient::new(&cfg.api)?,
+            api,
             db_path: cfg.storage.path.clone(),
             deviceid: cfg.deviceid().to_string(),
             batch_size: cfg.api.batch_size,
@@ -127,6 +131,16 @@ impl Uplink {
         let mut failing = false;
         while !cancel.is_cancelled() {
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            if self.api.has_changed().unwrap_or(false) {
+                let api = self.api.borrow_and_update().clone();
+                self.apply(&api)?;
+                limit = self.batch_size;
+                self.update(|s| {
+                    if s.state == UplinkState::AuthFailed {
+                        s.state = UplinkState::Idle;
+                    }
+                });
+            }
             let conn = db.take().expect("db is returned after each query");
             let (conn, work) = tokio::task::spawn_blocking(move || {
                 let work = conn.next_work(limit);
@@ -279,16 +293,29 @@ impl Uplink {
         }
     }
 
+    /// New `[api]` settings: a new client (key, URL, timeout), batch size, backoff cap.
+    fn apply(&mut self, api: &ApiConfig) -> anyhow::Result<()> {
+        self.client = RufusClient::new(api)?;
+        self.deviceid = api.deviceid.clone().unwrap_or_default();
+        self.batch_size = api.batch_size;
+        self.backoff = Backoff::new(BACKOFF_BASE, api.retry_max_delay);
+        info!(batch_size = api.batch_size, "uplink settings reloaded; retrying now");
+        Ok(())
+    }
+
     fn update(&self, f: impl FnOnce(&mut UplinkStatus)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
     }
 
-    async fn wait(&self, delay: Duration, cancel: &CancellationToken) {
+    /// Wait out a backoff; a reload (perhaps the fix) or cancellation ends it early.
+    async fn wait(&mut self, delay: Duration, cancel: &CancellationToken) {
+        let mut api = self.api.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => {}
+            _ = api.changed() => {}
         }
     }
 }
