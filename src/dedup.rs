@@ -146,14 +146,16 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub start_us: i64,
-    /// Host time when the window opened: closes it when no later read advances the clock.
-    pub opened_host_us: i64,
+    /// Host monotonic time when the window opened; it is emitted `window` later. Membership is
+    /// judged by the reads' own timestamps, emission by the host's monotonic clock, so that
+    /// out-of-order and replayed reads are judged fairly and a wall-clock jump changes nothing.
+    pub opened_mono_us: i64,
     pub best: Candidate,
 }
 
 /// `dedup_keep = "strongest"`: the first read of a chip opens a window; the passing is the read
-/// with the highest RSSI in it (the earliest among equals), emitted when the window ends: when a
-/// read's timestamp shows the window is over, or, failing that, when as much host time passed.
+/// with the highest RSSI in it (the earliest among equals), emitted once the window's length has
+/// passed on the host's monotonic clock (or earlier, when a read of the chip opens a new window).
 #[derive(Debug, Clone, Default)]
 pub struct Strongest {
     window_us: i64,
@@ -169,7 +171,7 @@ impl Strongest {
     }
 
     /// Offer a read; returns a window this read ended (its chip's previous one), if any.
-    pub fn offer(&mut self, c: Candidate, host_us: i64) -> Option<Window> {
+    pub fn offer(&mut self, c: Candidate, mono_us: i64) -> Option<Window> {
         self.newest_us = self.newest_us.max(c.timestamp_us);
         if let Some(w) = self.open.get_mut(&c.chip) {
             if (c.timestamp_us - w.start_us).abs() < self.window_us {
@@ -187,17 +189,17 @@ impl Strongest {
         if let Some(w) = &ended {
             self.closed.insert(c.chip.clone(), w.start_us);
         }
-        self.open.insert(c.chip.clone(), Window { start_us: c.timestamp_us, opened_host_us: host_us, best: c });
+        self.open.insert(c.chip.clone(), Window { start_us: c.timestamp_us, opened_mono_us: mono_us, best: c });
         ended
     }
 
-    /// Windows that are over, by the timestamps' clock or by host time.
-    pub fn due(&mut self, host_now_us: i64) -> Vec<Window> {
-        let (window, newest) = (self.window_us, self.newest_us);
+    /// Windows whose time is up.
+    pub fn due(&mut self, mono_now_us: i64) -> Vec<Window> {
+        let window = self.window_us;
         let over: Vec<String> = self
             .open
             .iter()
-            .filter(|(_, w)| newest >= w.start_us + window || host_now_us >= w.opened_host_us + window)
+            .filter(|(_, w)| mono_now_us >= w.opened_mono_us + window)
             .map(|(chip, _)| chip.clone())
             .collect();
         self.take(over)
@@ -234,9 +236,9 @@ impl Strongest {
         self.window_us = window.as_micros() as i64;
     }
 
-    /// Host time at which the earliest open window ends, for the writer's timer.
-    pub fn next_due_host(&self) -> Option<i64> {
-        self.open.values().map(|w| w.opened_host_us + self.window_us).min()
+    /// Monotonic time at which the earliest open window ends, for the writer's timer.
+    pub fn next_due(&self) -> Option<i64> {
+        self.open.values().map(|w| w.opened_mono_us + self.window_us).min()
     }
 
     pub fn open_window(&self, chip: &str) -> Option<&Window> {
@@ -281,19 +283,20 @@ mod strongest_tests {
         assert_eq!(s.offer(c(2, "a", S, -50), 0), None);
         assert_eq!(s.offer(c(3, "a", 2 * S, -60), 0), None);
         assert_eq!(s.offer(c(4, "b", 2 * S, -65), 0), None);
-        assert!(s.due(0).is_empty(), "nothing is over yet");
-        // A read of another chip moves the clock past a's window.
-        assert_eq!(s.offer(c(5, "b", 3 * S, -40), 0), None);
-        let due = s.due(0);
-        assert_eq!(due.len(), 1);
-        assert_eq!((due[0].best.read_id, due[0].start_us), (2, 0));
-        // A late read inside a's emitted window stays suppressed.
-        assert_eq!(s.offer(c(6, "a", S / 2, -10), 0), None);
-        assert!(s.open_window("a").is_none());
-        // b's window closes by host time when nothing else arrives.
-        assert!(s.due(2 * S).is_empty());
+        assert!(s.due(S).is_empty(), "nothing is over yet");
+        // A read of b far ahead in time ends b's window (not a's) and opens a new one.
+        let ended = s.offer(c(5, "b", 9 * S, -40), 2 * S).expect("b's first window ended");
+        assert_eq!(ended.best.read_id, 4);
+        // Out of order: a still takes reads inside its window.
+        assert_eq!(s.offer(c(6, "a", 2 * S + S / 2, -45), 2 * S), None);
         let due = s.due(3 * S);
-        assert_eq!(due[0].best.read_id, 5);
+        assert_eq!(due.iter().map(|w| (w.best.read_id, w.start_us)).collect::<Vec<_>>(), [(6, 0)]);
+        // A late read inside a's emitted window stays suppressed.
+        assert_eq!(s.offer(c(7, "a", S / 2, -10), 3 * S), None);
+        assert!(s.open_window("a").is_none());
+        // b's second window (opened by read 5, at monotonic 2 s) is due at 5 s.
+        assert!(s.due(4 * S).is_empty());
+        assert_eq!(s.due(5 * S)[0].best.read_id, 5);
     }
 
     #[test]
@@ -304,6 +307,6 @@ mod strongest_tests {
         let ended = s.offer(c(3, "a", 10 * S, -80), 0).expect("the old window ended");
         assert_eq!(ended.best.read_id, 1);
         assert_eq!(s.drain().iter().map(|w| w.best.read_id).collect::<Vec<_>>(), [3]);
-        assert_eq!(s.next_due_host(), None);
+        assert_eq!(s.next_due(), None);
     }
 }

@@ -320,17 +320,18 @@ impl Store {
         }
         if let Windows::Strongest(s) = &mut self.windows {
             let mut stmt = self.conn.prepare(
-                "SELECT w.chip, w.start_us, w.opened_host, w.best_read, w.best_rssi, r.timestamp
+                "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp
                  FROM windows w JOIN reads r ON r.id = w.best_read WHERE w.session_id = ?1",
             )?;
-            let rows = stmt.query_map([open.id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })?;
+            let rows = stmt
+                .query_map([open.id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            // Monotonic time restarts with the machine: a restored window runs its full length again.
+            let opened_mono_us = clock::monotonic_us();
             for row in rows {
-                let (chip, start_us, opened_host_us, read_id, rssi, timestamp_us) = row?;
+                let (chip, start_us, read_id, rssi, timestamp_us) = row?;
                 let bib = self.bibs.get(&chip).cloned().unwrap_or_else(|| chip.clone());
                 let best = Candidate { read_id, chip: chip.clone(), bib, timestamp_us, rssi };
-                s.restore(chip, Window { start_us, opened_host_us, best });
+                s.restore(chip, Window { start_us, opened_mono_us, best });
             }
         }
         info!(session_id = open.id, next_num = open.next_num, "resuming open session");
@@ -354,9 +355,9 @@ impl Store {
                 None => IDLE_TICK,
             };
             if let Windows::Strongest(w) = &self.windows
-                && let Some(due) = w.next_due_host()
+                && let Some(due) = w.next_due()
             {
-                let wait = Duration::from_micros((due - clock::now_us()).max(0) as u64);
+                let wait = Duration::from_micros((due - clock::monotonic_us()).max(0) as u64);
                 timeout = timeout.min(wait);
             }
             if !reads_open && !commands_open {
@@ -409,7 +410,7 @@ impl Store {
     /// Commit the batch. On failure the reads stay in memory (bounded) for the next attempt.
     fn flush(&mut self, batch: &mut Vec<Read>) -> bool {
         let strongest_due = match &mut self.windows {
-            Windows::Strongest(w) => w.next_due_host().is_some_and(|t| t <= clock::now_us()),
+            Windows::Strongest(w) => w.next_due().is_some_and(|t| t <= clock::monotonic_us()),
             Windows::First(_) => false,
         };
         if batch.is_empty() && !strongest_due {
@@ -533,7 +534,7 @@ impl Store {
                             timestamp_us: read.timestamp_us,
                             rssi: read.rssi,
                         };
-                        if let Some(ended) = w.offer(c, read.host.utc_us) {
+                        if let Some(ended) = w.offer(c, read.host.monotonic_us) {
                             events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
                         }
                         touched.push(read.chip.clone());
@@ -542,7 +543,7 @@ impl Store {
                 }
             }
             if let (Some(s), Some(num), Windows::Strongest(w)) = (session, next_num.as_mut(), &mut self.windows) {
-                for ended in w.due(clock::now_us()) {
+                for ended in w.due(clock::monotonic_us()) {
                     touched.push(ended.best.chip.clone());
                     events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
                 }
@@ -737,7 +738,7 @@ fn persist_windows(
     touched: &[String],
 ) -> rusqlite::Result<()> {
     let mut upsert = tx.prepare_cached(
-        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_host, best_read, best_rssi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_mono, best_read, best_rssi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     let mut delete = tx.prepare_cached("DELETE FROM windows WHERE chip = ?1")?;
     let mut done = std::collections::HashSet::new();
@@ -750,7 +751,7 @@ fn persist_windows(
                 chip,
                 session_id,
                 win.start_us,
-                win.opened_host_us,
+                win.opened_mono_us,
                 win.best.read_id,
                 win.best.rssi
             ])?,

@@ -62,7 +62,7 @@ const MIGRATIONS: &[&str] = &[
         chip          TEXT PRIMARY KEY,
         session_id    INTEGER NOT NULL REFERENCES sessions(id),
         start_us      INTEGER NOT NULL,
-        opened_host   INTEGER NOT NULL,      -- host UTC µs when the window opened
+        opened_mono   INTEGER NOT NULL,      -- host monotonic µs when the window opened
         best_read     INTEGER NOT NULL REFERENCES reads(id),
         best_rssi     INTEGER
     );
