@@ -49,7 +49,7 @@ fn encode(format: Format, r: &TagRead, i: usize) -> Vec<u8> {
         Format::Regex => readers::csv(r, tz),
         Format::Ipico => readers::ipico(r, tz),
         Format::Chafon => {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 readers::chafon_realtime(r)
             } else {
                 readers::chafon_answer(&[r.clone(), TagRead { chip: format!("{}00", r.chip), ..r.clone() }])
@@ -317,7 +317,7 @@ async fn random_bytes_do_not_stop_the_gateway() {
     let mut rng = fastrand::Rng::with_seed(7);
     let noise: Vec<u8> = (0..65_536).map(|_| rng.u8(..)).collect();
     pty.write(&noise).unwrap();
-    pty.write(&[b'\n']).unwrap();
+    pty.write(b"\n").unwrap();
     pty.write(&vec![b'Q'; 10_000]).unwrap();
     pty.write(b"\n\xc3\x28\xa0\xa1\n").unwrap();
     write_lines(&mut pty, &chips(5..10));
