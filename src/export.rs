@@ -65,10 +65,18 @@ pub fn reads(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Result<u
             r.get::<_, Option<i64>>(4)?.map(rfc3339).unwrap_or_default(),
             opt(r.get(5)?),
             r.get::<_, bool>(6)?.to_string(),
-            String::from_utf8_lossy(&raw).into_owned(),
+            raw_text(&raw),
         ])?;
         n += 1;
     }
     csv.flush()?;
     Ok(n)
+}
+
+/// Text records as they are; binary frames (Chafon) as `hex:` and their bytes.
+fn raw_text(raw: &[u8]) -> String {
+    match std::str::from_utf8(raw) {
+        Ok(text) if !text.chars().any(|c| c.is_control()) => text.to_string(),
+        _ => format!("hex:{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+    }
 }

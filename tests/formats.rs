@@ -351,3 +351,59 @@ fn real_ipico_download_dedups_as_documented() {
         assert!(passings.values().all(|n| per_tag.contains(n)), "window {window}s: {passings:?}");
     }
 }
+
+/// Chafon answer mode: with `reader.poll_interval` the gateway sends the inventory command, and
+/// the reader's answers become passings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chafon_answer_mode_is_polled() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = "reader.format = \"chafon\"\nreader.poll_interval = \"100ms\"";
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "POLL"]);
+    let mut master = pty.try_clone().unwrap();
+    let commands = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 3 * rufus_gateway::reader::format::chafon::INVENTORY_COMMAND.len() {
+            let n = master.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let got = tokio::time::timeout(DEADLINE, commands).await.expect("the gateway polls").unwrap();
+    assert_eq!(&got[..10], &rufus_gateway::reader::format::chafon::INVENTORY_COMMAND);
+    let reads = crowd(3, 1, 10, Utc::now(), |t| format!("E20000000000000000000{t:03}"));
+    pty.write(&readers::chafon_answer(&reads)).unwrap();
+    wait_fake(&fake, &gw, "3 passings from one answer frame", |s| s.total_passings() == 3).await;
+}
+
+/// A networked reader (`tcp://`): connected, read, disconnected by the reader, reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_reader_reconnects_after_the_reader_drops_the_link() {
+    let (fake, device) = fake().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = format!("tcp://{}", listener.local_addr().unwrap());
+    let mut gw = Gateway::new(&fake, &device, &port, "reader.format = \"ultra\"\nreader.timestamps = \"reader\"");
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "TCP"]);
+    let tz: Tz = "UTC".parse().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        let base = Utc::now();
+        for round in 0..2u64 {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.write_all(b"Connected,127.0.0.1\n").unwrap();
+            for t in 0..5u64 {
+                let r = TagRead { chip: format!("{}", 100 + round * 10 + t), at: base, antenna: 1, rssi: -60 };
+                conn.write_all(&readers::ultra(&r, tz, round * 10 + t)).unwrap();
+            }
+            // Dropping the connection is the reader going away.
+        }
+    });
+    wait_fake(&fake, &gw, "10 passings over two connections", |s| s.total_passings() == 10).await;
+    server.join().unwrap();
+    gw.wait_status("disconnected after the second drop", |s| s["reader"]["connected"] == false).await;
+}

@@ -111,6 +111,26 @@ pub struct PostReply {
     pub duplicates: Option<u64>,
 }
 
+/// The body of `POST /passings`: only the listed fields (the API forbids others).
+pub fn batch_body(token: &str, passings: &[Outgoing]) -> Vec<u8> {
+    let list: Vec<PassingBody<'_>> = passings
+        .iter()
+        .map(|p| PassingBody {
+            bib: &p.bib,
+            num_passing: p.num_passing,
+            timestamp: crate::clock::api_timestamp(p.timestamp_us),
+            chip: &p.chip,
+        })
+        .collect();
+    serde_json::to_vec(&BatchBody { token_session: token, passings_list: list }).expect("plain data serialises")
+}
+
+#[derive(Serialize)]
+struct BatchBody<'a> {
+    token_session: &'a str,
+    passings_list: Vec<PassingBody<'a>>,
+}
+
 #[derive(Serialize)]
 struct PassingBody<'a> {
     bib: &'a str,
@@ -156,18 +176,10 @@ impl RufusClient {
     }
 
     pub async fn post_passings(&self, token: &str, passings: &[Outgoing]) -> Result<PostReply, ApiError> {
-        let list: Vec<PassingBody<'_>> = passings
-            .iter()
-            .map(|p| PassingBody {
-                bib: &p.bib,
-                num_passing: p.num_passing,
-                timestamp: crate::clock::api_timestamp(p.timestamp_us),
-                chip: &p.chip,
-            })
-            .collect();
-        let body = serde_json::json!({ "token_session": token, "passings_list": list });
-        let reply =
-            self.send(Call::PostPassings, self.http.post(format!("{}/passings", self.base)).json(&body)).await?;
+        let body = batch_body(token, passings);
+        let request =
+            self.http.post(format!("{}/passings", self.base)).header("content-type", "application/json").body(body);
+        let reply = self.send(Call::PostPassings, request).await?;
         let count = |name| field(&reply, name).and_then(Value::as_u64);
         Ok(PostReply { inserted: count("inserted_count"), duplicates: count("duplicate_count") })
     }
