@@ -112,6 +112,7 @@ fn dedup(c: &mut Criterion) {
                     bib: chip.clone(),
                     timestamp_us: i as i64 * 10_000,
                     rssi: Some((i % 90) as i64),
+                    unsynced: false,
                 };
                 black_box(s.offer(c, i as i64 * 10_000));
             }
@@ -130,6 +131,7 @@ fn batch_encoding(c: &mut Criterion) {
             bib: format!("{}", 100 + i),
             chip: format!("{:024X}", i),
             timestamp_us: 1_780_000_000_000_000 + i * 1000,
+            held: None,
         })
         .collect();
     group.throughput(Throughput::Elements(batch.len() as u64));

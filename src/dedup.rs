@@ -141,6 +141,8 @@ pub struct Candidate {
     pub bib: String,
     pub timestamp_us: i64,
     pub rssi: Option<i64>,
+    /// A host timestamp taken before the clock synchronised: held for correction.
+    pub unsynced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +275,14 @@ mod strongest_tests {
     const S: i64 = 1_000_000;
 
     fn c(id: i64, chip: &str, t: i64, rssi: i64) -> Candidate {
-        Candidate { read_id: id, chip: chip.into(), bib: chip.into(), timestamp_us: t, rssi: Some(rssi) }
+        Candidate {
+            read_id: id,
+            chip: chip.into(),
+            bib: chip.into(),
+            timestamp_us: t,
+            rssi: Some(rssi),
+            unsynced: false,
+        }
     }
 
     #[test]

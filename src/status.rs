@@ -115,7 +115,12 @@ fn with_problems(mut s: Status, held: &[SessionRow]) -> Status {
     if s.session.as_ref().is_none_or(|x| x.state != "open") {
         p.push("NO SESSION OPEN: reads are kept but not uploaded; run `rufus-gateway session start`".into());
     }
-    if !s.clock.synchronized {
+    if s.queue.waiting_for_clock > 0 {
+        p.push(format!(
+            "{} PASSINGS WAIT FOR THE CLOCK: read before NTP synchronised; they are corrected and sent once it does (at most clock.max_hold)",
+            s.queue.waiting_for_clock
+        ));
+    } else if !s.clock.synchronized {
         p.push("CLOCK NOT SYNCHRONISED: host timestamps may be wrong until NTP synchronises".into());
     }
     s.problems = p;

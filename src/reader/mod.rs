@@ -21,10 +21,9 @@ use format::{Parsed, Parser, Reject};
 use framing::{Framed, Framer};
 use transport::{Port, Received};
 
-/// Reopen delays: quick at first (a replugged cable is back within 2 s), capped so a missing
-/// reader costs one `open` every two seconds.
-const REOPEN_DELAYS: [Duration; 4] =
-    [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1), Duration::from_secs(2)];
+/// Reopen delays: quick at first, capped at one `open` a second, so a replugged cable is read
+/// again within about a second of its return.
+const REOPEN_DELAYS: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1)];
 /// At most one rejected-record warning per this interval (a wrong baud rate rejects everything).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the reader re-checks whether the system clock is synchronised.
@@ -45,6 +44,8 @@ pub struct Read {
     pub raw: Vec<u8>,
     /// The time the passing will carry: the reader's when configured and known, else the host's.
     pub timestamp_us: i64,
+    /// `timestamp_us` came from the host clock (so it is only as good as that clock).
+    pub host_stamped: bool,
 }
 
 /// Counters the reader shares with status and metrics.
@@ -227,7 +228,20 @@ impl<'a> ReadSession<'a> {
                         }
                     }
                 }
-                Err(e) => return Pump::Lost(e),
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        let rest = port.salvage(&mut buf);
+                        if !rest.is_empty() {
+                            self.framer.push(&rest, Stamp::now(), &mut frames);
+                            for frame in frames.drain(..) {
+                                if !self.handle(frame) {
+                                    return Pump::StoreGone;
+                                }
+                            }
+                        }
+                    }
+                    return Pump::Lost(e);
+                }
             }
         }
     }
@@ -256,9 +270,9 @@ impl<'a> ReadSession<'a> {
     /// Hand one parsed read to the store. Returns false when the store has gone away.
     fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
         let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
-        let timestamp_us = match (self.reader.cfg.timestamps, reader_time_us) {
-            (TimestampSource::Reader, Some(t)) => t,
-            _ => stamp.utc_us,
+        let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us) {
+            (TimestampSource::Reader, Some(t)) => (t, false),
+            _ => (stamp.utc_us, true),
         };
         let read = Read {
             host: stamp,
@@ -271,6 +285,7 @@ impl<'a> ReadSession<'a> {
             replay_key: p.replay_key,
             raw: bytes,
             timestamp_us,
+            host_stamped,
         };
         let stats = &self.reader.stats;
         stats.reads_total.fetch_add(1, Ordering::Relaxed);

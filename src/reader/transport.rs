@@ -40,7 +40,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub enum Port {
-    Serial(Box<dyn serialport::SerialPort>),
+    Serial(serialport::TTYPort),
     Tcp(TcpStream),
 }
 
@@ -84,7 +84,7 @@ impl Port {
                 FlowControl::Hardware => serialport::FlowControl::Hardware,
             })
             .timeout(READ_TIMEOUT)
-            .open()
+            .open_native()
             .map_err(io::Error::from)?;
         Ok(Port::Serial(port))
     }
@@ -111,6 +111,23 @@ impl Port {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// After a hang-up, whatever the kernel still holds for us (serialport reports the hang-up
+    /// before the data that arrived with it).
+    pub fn salvage(&mut self, buf: &mut [u8]) -> Vec<u8> {
+        const MAX_SALVAGE: usize = 64 * 1024;
+        let mut out = Vec::new();
+        if let Port::Serial(p) = self {
+            use std::os::fd::AsRawFd;
+            while out.len() < MAX_SALVAGE {
+                match nix::unistd::read(p.as_raw_fd(), buf) {
+                    Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+        }
+        out
     }
 
     /// Send a command to the reader (formats that must be polled).

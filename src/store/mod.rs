@@ -26,8 +26,13 @@ use crate::reader::Read;
 
 /// Most reads committed in one transaction (the other bound is `storage.commit_interval`).
 const MAX_GROUP: usize = 1000;
-/// How often the idle loop wakes (cancellation is noticed through channel disconnection).
-const IDLE_TICK: Duration = Duration::from_secs(1);
+/// How often the writer does its periodic work (clock, windows); cancellation is noticed through
+/// channel disconnection, not this.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Rows deleted per pruning transaction: short transactions keep reads flowing.
+const PRUNE_STEP: i64 = 500;
+/// Pruning runs this often (or more often, for very short test retentions).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// After a failed commit, wait this long before trying again.
 const RETRY_COMMIT: Duration = Duration::from_millis(500);
 /// Reads kept in memory while the disk refuses writes; beyond this the oldest are dropped (and counted).
@@ -70,6 +75,10 @@ pub enum Op {
         session_id: i64,
         reason: String,
     },
+    /// Held passings whose clock will not be corrected in time: send them as they are.
+    ReleaseUnsynced {
+        passing_ids: Vec<i64>,
+    },
     /// Settings that change while running (SIGHUP).
     Reconfigure {
         bibs: HashMap<String, String>,
@@ -83,6 +92,11 @@ pub struct Command {
     pub reply: oneshot::Sender<Result<Option<i64>, String>>,
 }
 
+/// The writer thread has exited (shutdown, or a fatal error): nothing more can be recorded.
+#[derive(Debug, thiserror::Error)]
+#[error("the store has stopped")]
+pub struct StoreStopped;
+
 /// The async side's way to ask the writer for a change.
 #[derive(Clone)]
 pub struct StoreHandle {
@@ -93,8 +107,8 @@ impl StoreHandle {
     /// Returns the affected session id, when the operation has one.
     pub async fn call(&self, op: Op) -> anyhow::Result<Option<i64>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command { op, reply }).map_err(|_| anyhow::anyhow!("the store has stopped"))?;
-        rx.await.map_err(|_| anyhow::anyhow!("the store has stopped"))?.map_err(anyhow::Error::msg)
+        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)?;
+        rx.await.map_err(|_| StoreStopped)?.map_err(anyhow::Error::msg)
     }
 }
 
@@ -122,6 +136,12 @@ pub struct Store {
     bibs: HashMap<String, String>,
     windows: Windows,
     boot: i64,
+    clock: crate::clock::ClockWatch,
+    /// The clock's state at the last check.
+    clock_synced: bool,
+    retention: Duration,
+    prune_every: Duration,
+    last_prune: Instant,
     open: Option<OpenSession>,
 }
 
@@ -284,6 +304,12 @@ impl Store {
             bibs,
             windows: Windows::new(cfg.passings.dedup_keep, cfg.passings.dedup_window),
             boot,
+            clock: crate::clock::ClockWatch::new(&cfg.clock),
+            clock_synced: false,
+            retention: cfg.storage.retention,
+            prune_every: PRUNE_EVERY.min(cfg.storage.retention / 4),
+            // Prune soon after start (a box that was off for weeks).
+            last_prune: Instant::now() - PRUNE_EVERY,
             open: None,
         };
         store.load_open_session(cfg.passings.dedup_window)?;
@@ -320,17 +346,18 @@ impl Store {
         }
         if let Windows::Strongest(s) = &mut self.windows {
             let mut stmt = self.conn.prepare(
-                "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp
+                "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp, r.clock_synced = 0 AND r.timestamp = r.received_at
                  FROM windows w JOIN reads r ON r.id = w.best_read WHERE w.session_id = ?1",
             )?;
-            let rows = stmt
-                .query_map([open.id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            let rows = stmt.query_map([open.id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
             // Monotonic time restarts with the machine: a restored window runs its full length again.
             let opened_mono_us = clock::monotonic_us();
             for row in rows {
-                let (chip, start_us, read_id, rssi, timestamp_us) = row?;
+                let (chip, start_us, read_id, rssi, timestamp_us, unsynced) = row?;
                 let bib = self.bibs.get(&chip).cloned().unwrap_or_else(|| chip.clone());
-                let best = Candidate { read_id, chip: chip.clone(), bib, timestamp_us, rssi };
+                let best = Candidate { read_id, chip: chip.clone(), bib, timestamp_us, rssi, unsynced };
                 s.restore(chip, Window { start_us, opened_mono_us, best });
             }
         }
@@ -343,39 +370,50 @@ impl Store {
     pub fn run(mut self) -> anyhow::Result<()> {
         let _span = tracing::info_span!("store").entered();
         let mut batch: Vec<Read> = Vec::new();
+        // When the group must be committed (None: nothing waiting).
         let mut deadline: Option<Instant> = None;
+        let mut failing = false;
+        let mut housekeeping = Instant::now();
         let mut reads = self.reads.clone();
         let mut commands = self.commands.clone();
-        let mut reads_open = true;
-        let mut commands_open = true;
-        while reads_open || commands_open || !batch.is_empty() {
+        let (mut reads_open, mut commands_open) = (true, true);
+        loop {
             self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
-            let mut timeout = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => IDLE_TICK,
-            };
-            if let Windows::Strongest(w) = &self.windows
-                && let Some(due) = w.next_due()
-            {
-                let wait = Duration::from_micros((due - clock::monotonic_us()).max(0) as u64);
-                timeout = timeout.min(wait);
+            let draining = !reads_open && !commands_open;
+            if draining && batch.is_empty() {
+                break;
             }
-            if !reads_open && !commands_open {
-                // Draining: nothing more can arrive.
-                if !self.flush(&mut batch) {
+            let now = Instant::now();
+            let full = batch.len() >= MAX_GROUP && !failing;
+            if draining || full || deadline.is_some_and(|d| now >= d) {
+                failing = !self.flush(&mut batch);
+                deadline = failing.then(|| now + RETRY_COMMIT);
+                if failing && draining {
                     warn!(lost = batch.len(), "stopping with reads that could not be written");
                     break;
                 }
-                continue;
+            }
+            if now >= housekeeping {
+                if self.housekeeping() {
+                    deadline.get_or_insert(now);
+                }
+                housekeeping = now + HOUSEKEEPING;
+            }
+            let mut wake = housekeeping;
+            if let Some(d) = deadline {
+                wake = wake.min(d);
+            }
+            if let Windows::Strongest(w) = &self.windows
+                && let Some(due) = w.next_due()
+            {
+                wake = wake.min(now + Duration::from_micros((due - clock::monotonic_us()).max(0) as u64));
+                housekeeping = housekeeping.min(wake);
             }
             select! {
                 recv(reads) -> msg => match msg {
                     Ok(read) => {
                         batch.push(read);
                         deadline.get_or_insert_with(|| Instant::now() + self.commit_interval);
-                        if batch.len() >= MAX_GROUP && self.flush(&mut batch) {
-                            deadline = None;
-                        }
                     }
                     Err(_) => { reads_open = false; reads = crossbeam_channel::never(); }
                 },
@@ -389,21 +427,99 @@ impl Store {
                     }
                     Err(_) => { commands_open = false; commands = crossbeam_channel::never(); }
                 },
-                default(timeout) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        deadline = if self.flush(&mut batch) { None } else { Some(Instant::now() + RETRY_COMMIT) };
-                    }
-                    if batch.is_empty() {
-                        self.windows.prune();
-                        if matches!(self.windows, Windows::Strongest(_)) {
-                            // Windows that ended with no read after them: emit now.
-                            self.flush(&mut batch);
-                        }
-                    }
-                }
+                default(wake.saturating_duration_since(Instant::now())) => {}
             }
         }
         info!(path = %self.path.display(), "store closed");
+        Ok(())
+    }
+
+    /// Periodic work; returns true when strongest windows are due (commit them now).
+    fn housekeeping(&mut self) -> bool {
+        self.windows.prune();
+        if let Err(e) = self.correct_clock() {
+            warn!(error = %format!("{e:#}"), "cannot correct held timestamps");
+        }
+        if self.last_prune.elapsed() >= self.prune_every {
+            self.last_prune = Instant::now();
+            if let Err(e) = self.prune() {
+                warn!(error = %format!("{e:#}"), "cannot prune old rows");
+            }
+        }
+        matches!(&self.windows, Windows::Strongest(w) if w.next_due().is_some_and(|t| t <= clock::monotonic_us()))
+    }
+
+    /// Once the clock is synchronised, host timestamps taken earlier in this boot are corrected
+    /// with the monotonic clock: the true time of a read is its monotonic time plus the offset
+    /// between the two clocks now.
+    fn correct_clock(&mut self) -> anyhow::Result<()> {
+        let synced = self.clock.synchronized();
+        let became = synced && !self.clock_synced;
+        self.clock_synced = synced;
+        if !synced {
+            return Ok(());
+        }
+        let offset = clock::now_us() - clock::monotonic_us();
+        let tx = self.conn.transaction()?;
+        let held: Option<(i64, i64)> = tx.query_row(
+            "SELECT count(*), avg((SELECT r.monotonic_us FROM reads r WHERE r.id = p.read_id) + ?1 - p.timestamp)
+             FROM passings p WHERE p.clock_synced = 0 AND p.state = 'pending'
+             AND p.read_id IN (SELECT id FROM reads WHERE boot = ?2)",
+            params![offset, self.boot],
+            |r| Ok(r.get::<_, i64>(0).ok().zip(r.get::<_, Option<f64>>(1)?.map(|v| v as i64))),
+        )?;
+        let Some((count, shift_us)) = held.filter(|(n, _)| *n > 0) else {
+            if became {
+                info!("system clock synchronised");
+            }
+            return Ok(());
+        };
+        tx.execute(
+            "UPDATE passings SET timestamp = (SELECT r.monotonic_us FROM reads r WHERE r.id = read_id) + ?1, clock_synced = 1
+             WHERE clock_synced = 0 AND state = 'pending' AND read_id IN (SELECT id FROM reads WHERE boot = ?2)",
+            params![offset, self.boot],
+        )?;
+        tx.commit()?;
+        warn!(
+            corrected = count,
+            shift_ms = shift_us / 1000,
+            "system clock synchronised: corrected the host timestamps of passings read before"
+        );
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Delete delivered passings older than `storage.retention`, and reads no longer needed, a
+    /// little at a time; never anything undelivered. Then give the pages back to the file system.
+    fn prune(&mut self) -> anyhow::Result<()> {
+        let cutoff = clock::now_us() - self.retention.as_micros() as i64;
+        let mut total = (0, 0);
+        loop {
+            let tx = self.conn.transaction()?;
+            let passings = tx.execute(
+                "DELETE FROM passings WHERE id IN (SELECT id FROM passings WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
+                params![cutoff, PRUNE_STEP],
+            )?;
+            // Reads of sessions finished remotely (or of no session), not used by a passing left.
+            let reads = tx.execute(
+                "DELETE FROM reads WHERE id IN (
+                    SELECT r.id FROM reads r LEFT JOIN sessions s ON s.id = r.session_id
+                    WHERE r.received_at < ?1 AND (r.session_id IS NULL OR s.remote_state = 'closed')
+                    AND NOT EXISTS (SELECT 1 FROM passings p WHERE p.read_id = r.id)
+                    AND NOT EXISTS (SELECT 1 FROM windows w WHERE w.best_read = r.id)
+                    LIMIT ?2)",
+                params![cutoff, PRUNE_STEP],
+            )?;
+            tx.commit()?;
+            total = (total.0 + passings, total.1 + reads);
+            if passings < PRUNE_STEP as usize && reads < PRUNE_STEP as usize {
+                break;
+            }
+        }
+        if total != (0, 0) {
+            self.conn.execute_batch("PRAGMA incremental_vacuum(1000); PRAGMA wal_checkpoint(TRUNCATE);")?;
+            info!(passings = total.0, reads = total.1, "pruned rows older than storage.retention");
+        }
         Ok(())
     }
 
@@ -516,24 +632,12 @@ impl Store {
                         let (fresh, u) = d.accept(&read.chip, read.timestamp_us);
                         undo.extend(u);
                         if fresh {
-                            let c = Candidate {
-                                read_id,
-                                chip: read.chip.clone(),
-                                bib,
-                                timestamp_us: read.timestamp_us,
-                                rssi: read.rssi,
-                            };
+                            let c = candidate(read_id, read, bib);
                             events.push(passings.insert(s.id, num, &c, read.timestamp_us)?);
                         }
                     }
                     (Windows::Strongest(w), _) => {
-                        let c = Candidate {
-                            read_id,
-                            chip: read.chip.clone(),
-                            bib,
-                            timestamp_us: read.timestamp_us,
-                            rssi: read.rssi,
-                        };
+                        let c = candidate(read_id, read, bib);
                         if let Some(ended) = w.offer(c, read.host.monotonic_us) {
                             events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
                         }
@@ -614,6 +718,18 @@ impl Store {
                     params![clock::now_us(), session_id],
                 )?;
                 Ok(Some(session_id))
+            }
+            Op::ReleaseUnsynced { passing_ids } => {
+                let tx = self.conn.transaction()?;
+                {
+                    let mut stmt =
+                        tx.prepare_cached("UPDATE passings SET clock_synced = 2 WHERE id = ?1 AND clock_synced = 0")?;
+                    for id in &passing_ids {
+                        stmt.execute([id])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(None)
             }
             Op::Reconfigure { bibs, unmapped, dedup_window } => {
                 info!(bib_map_entries = bibs.len(), "bib map and de-duplication settings reloaded");
@@ -704,8 +820,8 @@ impl<'t> PassingWriter<'t> {
     fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             stmt: tx.prepare_cached(
-                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start, clock_synced)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?,
         })
     }
@@ -717,7 +833,16 @@ impl<'t> PassingWriter<'t> {
         c: &Candidate,
         window_start: i64,
     ) -> rusqlite::Result<PassingEvent> {
-        self.stmt.execute(params![session_id, *num, c.read_id, c.chip, c.bib, c.timestamp_us, window_start])?;
+        self.stmt.execute(params![
+            session_id,
+            *num,
+            c.read_id,
+            c.chip,
+            c.bib,
+            c.timestamp_us,
+            window_start,
+            if c.unsynced { 0 } else { 1 }
+        ])?;
         let event = PassingEvent {
             session_id,
             num_passing: *num,
@@ -768,6 +893,17 @@ fn close_in(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> rusqlite::Resu
             closed_at = ?1 WHERE id = ?2 AND state = 'open'",
         params![now, id],
     )
+}
+
+fn candidate(read_id: i64, read: &Read, bib: String) -> Candidate {
+    Candidate {
+        read_id,
+        chip: read.chip.clone(),
+        bib,
+        timestamp_us: read.timestamp_us,
+        rssi: read.rssi,
+        unsynced: read.host_stamped && !read.clock_synced,
+    }
 }
 
 /// The bib of a read: the bib map, then a bib the reader sent, then the chip (or none: `unmapped = "skip"`).

@@ -56,6 +56,8 @@ pub struct QueueCounts {
     pub undeliverable: i64,
     /// Pending passings of sessions the API closed: kept, waiting for `session resend` or export.
     pub held: i64,
+    /// Pending passings stamped before the clock synchronised, waiting for correction.
+    pub waiting_for_clock: i64,
     /// Timestamp of the oldest passing still waiting.
     pub oldest_pending_at: Option<String>,
 }
@@ -68,6 +70,8 @@ pub struct Outgoing {
     pub bib: String,
     pub chip: String,
     pub timestamp_us: i64,
+    /// Held for clock correction: the boot and monotonic time of its read.
+    pub held: Option<(String, i64)>,
 }
 
 /// The uplink's next step, replaying the store in order (DESIGN.md, Architecture).
@@ -121,13 +125,17 @@ impl Db {
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
-        let oldest: Option<i64> =
-            self.conn.query_row("SELECT min(timestamp) FROM passings WHERE state = 'pending'", [], |r| r.get(0))?;
+        let (oldest, waiting_for_clock): (Option<i64>, i64) = self.conn.query_row(
+            "SELECT min(timestamp), coalesce(sum(clock_synced = 0), 0) FROM passings WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         Ok(QueueCounts {
             pending: passings - delivered - undeliverable,
             delivered,
             undeliverable,
             held,
+            waiting_for_clock,
             oldest_pending_at: oldest.map(crate::clock::rfc3339),
         })
     }
@@ -159,16 +167,19 @@ impl Db {
 
     fn pending(&self, session_id: i64, limit: usize) -> rusqlite::Result<Vec<Outgoing>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, num_passing, bib, chip, timestamp FROM passings
-             WHERE session_id = ?1 AND state = 'pending' ORDER BY num_passing LIMIT ?2",
+            "SELECT p.id, p.num_passing, p.bib, p.chip, p.timestamp, p.clock_synced, b.boot_id, r.monotonic_us
+             FROM passings p JOIN reads r ON r.id = p.read_id JOIN boots b ON b.id = r.boot
+             WHERE p.session_id = ?1 AND p.state = 'pending' ORDER BY p.num_passing LIMIT ?2",
         )?;
         stmt.query_map(params![session_id, limit as i64], |r| {
+            let held = r.get::<_, i64>(5)? == 0;
             Ok(Outgoing {
                 id: r.get(0)?,
                 num_passing: r.get(1)?,
                 bib: r.get(2)?,
                 chip: r.get(3)?,
                 timestamp_us: r.get(4)?,
+                held: if held { Some((r.get(6)?, r.get(7)?)) } else { None },
             })
         })?
         .collect()

@@ -51,6 +51,10 @@ const MIGRATIONS: &[&str] = &[
         bib           TEXT NOT NULL,
         timestamp     INTEGER NOT NULL,      -- UTC µs, as uploaded
         window_start  INTEGER NOT NULL,      -- start of its de-duplication window, µs
+        -- 1: the timestamp can be trusted (reader time, a synchronised host clock, or corrected);
+        -- 0: host time read before the clock synchronised, held for correction (clock.max_hold);
+        -- 2: sent as it was after max_hold, uncorrected.
+        clock_synced  INTEGER NOT NULL DEFAULT 1,
         state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'undeliverable')),
         error         TEXT,
         delivered_at  INTEGER,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ApiConfig, Config};
-use crate::store::query::{Db, Work};
+use crate::store::query::{Db, Outgoing, Work};
 use crate::store::{Op, StoreHandle};
 use api::{ApiError, RufusClient, short_token};
 use backoff::Backoff;
@@ -27,6 +27,8 @@ use backoff::Backoff;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// A wrong key or device will not fix itself quickly: retry slowly, never hammer.
 const CONFIG_RETRY: Duration = Duration::from_secs(60);
+/// After the database refused to record an outcome.
+const STORE_RETRY: Duration = Duration::from_secs(2);
 /// Even with nothing signalled, look at the store this often (belt and braces).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -88,6 +90,8 @@ pub struct Uplink {
     db_path: PathBuf,
     deviceid: String,
     batch_size: usize,
+    max_hold: Duration,
+    boot_id: String,
     store: StoreHandle,
     notify: Arc<Notify>,
     status: Arc<Mutex<UplinkStatus>>,
@@ -116,6 +120,8 @@ impl Uplink {
             db_path: cfg.storage.path.clone(),
             deviceid: cfg.deviceid().to_string(),
             batch_size: cfg.api.batch_size,
+            max_hold: cfg.clock.max_hold,
+            boot_id: crate::clock::boot_id(),
             store,
             notify,
             status,
@@ -155,6 +161,13 @@ impl Uplink {
                     self.wait(Duration::from_secs(1), &cancel).await;
                     continue;
                 }
+            };
+            let work = match work {
+                Work::Send { session_id, token, passings } => match self.hold_for_clock(passings, &cancel).await? {
+                    Some(passings) => Work::Send { session_id, token, passings },
+                    None => continue,
+                },
+                other => other,
             };
             let sent = match &work {
                 Work::Send { passings, .. } => passings.len(),
@@ -196,8 +209,14 @@ impl Uplink {
                         debug!(batch = sent, next = limit, "batch refused; splitting");
                     } else if let Some(id) = passing_id {
                         warn!(session_id, passing_id = id, reason = %description, "passing refused by the API; marked undeliverable");
-                        self.store.call(Op::Undeliverable { session_id, passing_id: id, reason: description }).await?;
-                        limit = self.batch_size;
+                        match self
+                            .store
+                            .call(Op::Undeliverable { session_id, passing_id: id, reason: description })
+                            .await
+                        {
+                            Ok(_) => limit = self.batch_size,
+                            Err(e) => self.store_failed(e, &cancel).await?,
+                        }
                     }
                 }
                 Err(Failure::Api(e)) => {
@@ -227,7 +246,7 @@ impl Uplink {
                     });
                     self.wait(delay, &cancel).await;
                 }
-                Err(Failure::Store(e)) => return Err(e),
+                Err(Failure::Store(e)) => self.store_failed(e, &cancel).await?,
             }
         }
         info!("uplink stopped");
@@ -291,6 +310,61 @@ impl Uplink {
                 Ok(Step::Done)
             }
         }
+    }
+
+    /// Passings stamped by the host before its clock synchronised wait (in order, so everything
+    /// behind them waits too) until the store corrects them, at most `clock.max_hold`; then they
+    /// go as they are, with a warning. Returns what may be sent now, or None to look again.
+    async fn hold_for_clock(
+        &mut self,
+        mut passings: Vec<Outgoing>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<Outgoing>>> {
+        match passings.iter().position(|p| p.held.is_some()) {
+            None => return Ok(Some(passings)),
+            Some(i) if i > 0 => {
+                passings.truncate(i);
+                return Ok(Some(passings));
+            }
+            Some(_) => {}
+        }
+        let now = crate::clock::monotonic_us();
+        let max_hold = self.max_hold.as_micros() as i64;
+        // Another boot's monotonic time cannot be related to this one: it will never be corrected.
+        let expired =
+            |p: &Outgoing| p.held.as_ref().is_some_and(|(boot, mono)| *boot != self.boot_id || now - mono >= max_hold);
+        let release: Vec<i64> = passings.iter().take_while(|p| expired(p)).map(|p| p.id).collect();
+        if !release.is_empty() {
+            warn!(
+                count = release.len(),
+                max_hold_s = self.max_hold.as_secs(),
+                "clock not synchronised in time (clock.max_hold): sending passings with uncorrected host timestamps"
+            );
+            if let Err(e) = self.store.call(Op::ReleaseUnsynced { passing_ids: release }).await {
+                self.store_failed(e, cancel).await?;
+            }
+            return Ok(None);
+        }
+        let (_, mono) = passings[0].held.clone().unwrap_or_default();
+        let wait = Duration::from_micros((mono + max_hold - now).max(0) as u64);
+        debug!(wait_s = wait.as_secs(), "holding passings until the clock synchronises");
+        tokio::select! {
+            _ = self.notify.notified() => {}
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        Ok(None)
+    }
+
+    /// The outcome could not be recorded (disk full, read-only storage): the request will simply be
+    /// repeated later (same numbers, so harmless). Only a stopped store ends the uplink.
+    async fn store_failed(&mut self, e: anyhow::Error, cancel: &CancellationToken) -> anyhow::Result<()> {
+        if e.is::<crate::store::StoreStopped>() {
+            return Err(e);
+        }
+        warn!(error = %format!("{e:#}"), "cannot record the upload in the database; will repeat it");
+        self.wait(STORE_RETRY, cancel).await;
+        Ok(())
     }
 
     /// New `[api]` settings: a new client (key, URL, timeout), batch size, backoff cap.
