@@ -20,6 +20,10 @@ impl Pty {
         let pair = nix::pty::openpty(None, None).context("openpty")?;
         // SAFETY: openpty just returned these descriptors; each is owned exactly once here.
         let (master, slave) = unsafe { (OwnedFd::from_raw_fd(pair.master), OwnedFd::from_raw_fd(pair.slave)) };
+        // Not inherited by processes we start: a gateway holding our master would never see a hang-up.
+        for fd in [&master, &slave] {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        }
         let mut attrs = nix::sys::termios::tcgetattr(slave.as_raw_fd())?;
         nix::sys::termios::cfmakeraw(&mut attrs);
         nix::sys::termios::tcsetattr(slave.as_raw_fd(), nix::sys::termios::SetArg::TCSANOW, &attrs)?;

@@ -120,6 +120,8 @@ impl Port {
         let mut out = Vec::new();
         if let Port::Serial(p) = self {
             use std::os::fd::AsRawFd;
+            // Never block here: the device is going away.
+            let _ = nix::fcntl::fcntl(p.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
             while out.len() < MAX_SALVAGE {
                 match nix::unistd::read(p.as_raw_fd(), buf) {
                     Ok(n) if n > 0 => out.extend_from_slice(&buf[..n]),

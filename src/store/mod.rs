@@ -222,8 +222,14 @@ pub fn open_or_replace(path: &Path) -> anyhow::Result<Connection> {
     match open_writer(path) {
         Ok(conn) => Ok(conn),
         Err(e) if is_corruption(&e) => {
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+            let mut aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+            for n in 2.. {
+                if !aside.exists() {
+                    break;
+                }
+                aside = PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display()));
+            }
             for suffix in ["", "-wal", "-shm"] {
                 let from = PathBuf::from(format!("{}{suffix}", path.display()));
                 if from.exists() {

@@ -1,0 +1,308 @@
+//! Fault injection against the real binary: unplugged readers, full and read-only storage,
+//! corrupt databases, an unsynchronised clock, floods and retention. Each test states what was
+//! lost to its fault (nothing, unless it says why).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
+
+fn delivered(fake: &rufus_gateway::fake_api::FakeApi) -> usize {
+    fake.state().total_passings()
+}
+
+/// The reader's cable is pulled and plugged back: the by-id link vanishes and returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplug_and_replug_the_reader() {
+    let (fake, device) = fake().await;
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("usb-Reader_0001-if00-port0");
+    let first = pty();
+    std::os::unix::fs::symlink(&first.path, &link).unwrap();
+    let mut gw = Gateway::new(&fake, &device, &link.display().to_string(), STRICT_CHIP);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "UNPLUG"]);
+    let mut first = first;
+    write_lines(&mut first, &chips(0..20));
+    wait_fake(&fake, &gw, "20 delivered before the unplug", |s| s.total_passings() == 20).await;
+
+    // Unplug: the device and its link disappear.
+    let unplugged = Instant::now();
+    drop(first);
+    std::fs::remove_file(&link).unwrap();
+    let status = gw.wait_status("reader shown disconnected", |s| s["reader"]["connected"] == false).await;
+    println!("disconnection shown {:.2} s after the unplug", unplugged.elapsed().as_secs_f64());
+    assert!(status["problems"].to_string().contains("READER NOT CONNECTED"));
+
+    // Replug: a new device node behind the same link.
+    let mut second = pty();
+    std::os::unix::fs::symlink(&second.path, &link).unwrap();
+    let replugged = Instant::now();
+    gw.wait_status("reader reconnected", |s| s["reader"]["connected"] == true).await;
+    let reopen = replugged.elapsed();
+    println!("reopened {:.2} s after the replug", reopen.as_secs_f64());
+    assert!(
+        reopen < Duration::from_secs(5),
+        "reopened after {reopen:?} (budget 2 s; 5 s allowed for a loaded machine)"
+    );
+    write_lines(&mut second, &chips(20..40));
+    wait_fake(&fake, &gw, "40 delivered after the replug", |s| s.total_passings() == 40).await;
+    assert_eq!(gw.status()["reader"]["reads_total"], 40, "lost to the unplug: 0 reads");
+    assert!(gw.logs().contains("reader disconnected"));
+}
+
+/// A tmpfs of our own, unmounted on drop. None where mounting is not allowed (not root).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(SmallDisk { dir })
+        } else {
+            println!("skipped: cannot mount a tmpfs here (needs root)");
+            None
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fill what is left with a file; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// The SD card fills up, then space returns. The gateway keeps reading and answering, holds reads
+/// in memory, and catches up by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_recovers_by_itself() {
+    let Some(disk) = SmallDisk::mount("4m") else { return };
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let db = disk.path().join("gateway.db");
+    let extra = format!("{STRICT_CHIP}\nstorage.path = \"{}\"", db.display());
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "DISKFULL"]);
+    write_lines(&mut pty, &chips(0..20));
+    wait_fake(&fake, &gw, "20 delivered", |s| s.total_passings() == 20).await;
+
+    // Disk full.
+    let filler = disk.fill();
+    write_lines(&mut pty, &chips(20..320));
+    let status = gw.wait_status("the full disk reported", |s| s["storage"]["error"].is_string()).await;
+    println!("while full: {}", status["storage"]);
+    assert!(status["problems"][0].as_str().unwrap().contains("DATABASE CANNOT BE WRITTEN"), "{status:#}");
+    gw.wait_status("reads held in memory", |s| s["reader"]["reads_total"] == 320).await;
+    assert!(gw.logs().contains("cannot write to the database"));
+    std::fs::remove_file(filler).unwrap();
+    let status = gw.wait_status("recovered and all delivered", |s| s["queue"]["delivered"] == 320).await;
+    assert!(status["storage"]["error"].is_null());
+    assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the full disk: 0 reads (the memory buffer held them)");
+
+    assert_eq!(delivered(&fake), 320);
+    let nums: Vec<i64> = fake.state().sessions[0].passings.keys().copied().collect();
+    assert_eq!(nums, (1..=320).collect::<Vec<_>>(), "gap-free, in order");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// A database that is not a database, and one with damaged pages: moved aside, fresh start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_database_is_moved_aside() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+
+    // 1. Garbage where the database should be.
+    std::fs::write(&gw.db, vec![0x5a; 64 * 1024]).unwrap();
+    gw.start().await;
+    let aside = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains("corrupt"))
+            .collect()
+    };
+    assert_eq!(aside(gw.dir.path()).len(), 1, "moved aside: {:?}", aside(gw.dir.path()));
+    assert!(gw.logs().contains("DATABASE CORRUPT"));
+    gw.cli_ok(&["session", "start", "--alias", "FRESH"]);
+    write_lines(&mut pty, &chips(0..30));
+    wait_fake(&fake, &gw, "30 delivered on the fresh database", |s| s.total_passings() == 30).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // 2. Damaged pages inside a real database (a power cut on a bad SD card).
+    let len = std::fs::metadata(&gw.db).unwrap().len();
+    assert!(len > 16 * 1024, "database has pages to damage ({len} bytes)");
+    let mut bytes = std::fs::read(&gw.db).unwrap();
+    for b in &mut bytes[4096..len as usize - 1024] {
+        *b = 0xA5;
+    }
+    std::fs::write(&gw.db, bytes).unwrap();
+    gw.start().await;
+    assert_eq!(aside(gw.dir.path()).len(), 2, "{:?}", aside(gw.dir.path()));
+    gw.cli_ok(&["session", "start", "--alias", "AGAIN"]);
+    write_lines(&mut pty, &chips(30..35));
+    wait_fake(&fake, &gw, "5 more delivered", |s| s.total_passings() == 35).await;
+}
+
+/// Host time before NTP: passings wait, are corrected when the clock synchronises, then sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passings_wait_for_the_clock_and_are_corrected() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let flags = tempfile::tempdir().unwrap();
+    let flag = flags.path().join("synchronized");
+    let extra = format!("{STRICT_CHIP}\nclock.source = \"timesyncd\"\nclock.timesyncd_flag = \"{}\"", flag.display());
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "CLOCK"]);
+    let mut written = Vec::new();
+    for chip in chips(0..10) {
+        written.push(chrono::Utc::now());
+        pty.write(format!("{chip}\n").as_bytes()).unwrap();
+    }
+    let status = gw.wait_status("10 waiting for the clock", |s| s["queue"]["waiting_for_clock"] == 10).await;
+    assert_eq!(status["clock"]["synchronized"], false);
+    assert!(status["problems"].to_string().contains("WAIT FOR THE CLOCK"), "{status:#}");
+    assert_eq!(delivered(&fake), 0, "nothing sent with an unsynchronised timestamp");
+    let export = gw.cli_ok(&["export", "--reads"]);
+    assert!(export.lines().skip(1).all(|l| l.contains(",false,")), "reads record the unsynchronised flag:\n{export}");
+
+    std::fs::write(&flag, b"").unwrap();
+    wait_fake(&fake, &gw, "10 delivered once synchronised", |s| s.total_passings() == 10).await;
+    assert!(gw.logs().contains("corrected the host timestamps"));
+    // The clock here was right all along, so the correction must leave the times where they were.
+    let state = fake.state();
+    for (num, p) in &state.sessions[0].passings {
+        let t: chrono::DateTime<chrono::Utc> = p.timestamp.parse().unwrap();
+        let lag = (t - written[(*num - 1) as usize]).num_milliseconds();
+        assert!((-2..=250).contains(&lag), "passing {num}: corrected time is {lag} ms from the write");
+    }
+}
+
+/// Without synchronisation the hold ends after `clock.max_hold`: sent as they are, with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_passings_go_after_max_hold() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let flags = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{STRICT_CHIP}\nclock.source = \"timesyncd\"\nclock.timesyncd_flag = \"{}\"\nclock.max_hold = \"1s\"",
+        flags.path().join("never").display()
+    );
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "HOLD"]);
+    write_lines(&mut pty, &chips(0..5));
+    wait_fake(&fake, &gw, "5 delivered after max_hold", |s| s.total_passings() == 5).await;
+    assert!(gw.logs().contains("clock not synchronised in time"));
+    let status = gw.status();
+    assert_eq!(status["queue"]["waiting_for_clock"], 0);
+}
+
+/// A mass start: 20,000 lines as fast as the pseudo-terminal takes them, all delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_absorbed_with_bounded_memory() {
+    let (fake, device) = fake().await;
+    let pty = pty();
+    let mut gw =
+        Gateway::new(&fake, &device, &pty.path.display().to_string(), &format!("{STRICT_CHIP}\nlog.level = \"info\""));
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "FLOOD"]);
+    let pid = gw.pid();
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut pty = pty;
+        let block: String = chips(0..20_000).iter().map(|c| format!("{c}\n")).collect();
+        pty.write(block.as_bytes()).unwrap();
+        pty
+    });
+    wait_fake(&fake, &gw, "20,000 delivered", |s| s.total_passings() == 20_000).await;
+    let elapsed = started.elapsed();
+    let _pty = writer.join().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| -> u64 {
+        status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    };
+    let (peak, now) = (kb("VmHWM:"), kb("VmRSS:"));
+    println!(
+        "flood: 20,000 lines delivered in {:.2} s (debug build); peak RSS {:.1} MB, RSS after {:.1} MB",
+        elapsed.as_secs_f64(),
+        peak as f64 / 1024.0,
+        now as f64 / 1024.0
+    );
+    let nums: Vec<i64> = fake.state().sessions[0].passings.keys().copied().collect();
+    assert_eq!(nums, (1..=20_000).collect::<Vec<_>>());
+    assert!(peak < 64 * 1024, "peak RSS {peak} kB: memory must stay bounded");
+}
+
+/// Retention: delivered rows of a finished session are pruned; undelivered ones never are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_delivered_rows_only() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &pty.path.display().to_string(),
+        &format!("{STRICT_CHIP}\nstorage.retention = \"2s\""),
+    );
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "OLD"]);
+    write_lines(&mut pty, &chips(0..10));
+    wait_fake(&fake, &gw, "10 delivered", |s| s.total_passings() == 10).await;
+    gw.cli_ok(&["session", "close"]);
+    wait_fake(&fake, &gw, "closed remotely", |s| !s.sessions[0].active).await;
+    fake.stop_listening();
+    gw.cli_ok(&["session", "start", "--alias", "NEW"]);
+    write_lines(&mut pty, &chips(10..15));
+    gw.wait_status("5 pending", |s| s["queue"]["pending"] == 5).await;
+
+    let counts = |gw: &Gateway| -> (i64, i64) {
+        let db = gw.db();
+        let c = db.connection();
+        (
+            c.query_row("SELECT count(*) FROM passings", [], |r| r.get(0)).unwrap(),
+            c.query_row("SELECT count(*) FROM reads", [], |r| r.get(0)).unwrap(),
+        )
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while counts(&gw) != (5, 5) {
+        assert!(Instant::now() < deadline, "not pruned: {:?}\n{}", counts(&gw), gw.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["delivered"], 10, "session counters survive pruning");
+    assert_eq!(list[1]["pending"], 5);
+    fake.resume().await.unwrap();
+    wait_fake(&fake, &gw, "the 5 pending delivered", |s| s.total_passings() == 15).await;
+}
