@@ -32,8 +32,9 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
         let (written, done) = (written.clone(), done.clone());
         std::thread::spawn(move || {
             for chip in chips(0..LINES) {
-                written.lock().unwrap().insert(chip.clone(), Instant::now());
+                // The time the line was handed to the kernel (a write blocks while the pty is full).
                 pty.write(format!("{chip}\n").as_bytes()).unwrap();
+                written.lock().unwrap().insert(chip.clone(), Instant::now());
                 std::thread::sleep(Duration::from_millis(2));
             }
             done.store(true, Ordering::Relaxed);
