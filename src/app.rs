@@ -59,6 +59,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let (reads_tx, reads_rx) = crossbeam_channel::bounded(READ_QUEUE);
 
     let StoreParts { store, handle } = Store::open(cfg, reads_rx, notify.clone(), events.clone(), store_stats.clone())?;
+    let store_stats_live = store_stats.live.clone();
     let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
 
     let reader = Reader::new(cfg, reads_tx, reader_stats.clone())?;
@@ -85,6 +86,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         wake_uplink: notify.clone(),
     });
     let uplink = Uplink::new(cfg, api_rx, handle, notify, uplink_status)?;
+    let uplink_live = uplink.live.clone();
     if cfg.http.listen.is_some() || cfg.feed.listen.is_some() {
         warn!("http.listen and feed.listen are not served by this version yet (dashboard and live feed are coming)");
     }
@@ -97,6 +99,13 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let c = cancel.clone();
     let s = status.clone();
     tasks.spawn(async move { ("status", report_status(s, c).await) });
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let c = cancel.clone();
+        let store_live = store_stats_live;
+        tasks.spawn(
+            async move { ("watchdog", crate::supervisor::watchdog(interval, store_live, uplink_live, c).await) },
+        );
+    }
     if options.signals {
         let c = cancel.clone();
         tasks.spawn(async move { ("signals", crate::supervisor::watch_signals(c, reloader).await) });

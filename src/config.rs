@@ -357,10 +357,27 @@ impl Config {
             .add_source(config::Environment::with_prefix("RUFUS_GATEWAY").prefix_separator("__").separator("__"))
             .build()
             .map_err(|e| err(e.to_string()))?;
+        let unset = |key: &str| raw.get_string(key).is_err();
+        let (path_unset, socket_unset) = (unset("storage.path"), unset("control.socket"));
         let mut cfg: Config = raw.try_deserialize().map_err(|e| err(explain_serde(&e.to_string())))?;
+        cfg.instance_defaults(path, path_unset, socket_unset);
         cfg.resolve_api_key().map_err(err)?;
         cfg.validate(purpose).map_err(err)?;
         Ok(cfg)
+    }
+
+    /// Several readers on one box (`rufus-gateway@NAME`, config `/etc/rufus-gateway/NAME.toml`):
+    /// unless the file says otherwise, each instance gets its own database and socket,
+    /// `/var/lib/rufus-gateway/NAME/gateway.db` and `/run/rufus-gateway/NAME/control.sock`, so the
+    /// CLI finds the instance from its config file alone.
+    fn instance_defaults(&mut self, path: &Path, path_unset: bool, socket_unset: bool) {
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()).filter(|s| *s != "config") else { return };
+        if path_unset {
+            self.storage.path = Path::new("/var/lib/rufus-gateway").join(name).join("gateway.db");
+        }
+        if socket_unset {
+            self.control.socket = Path::new("/run/rufus-gateway").join(name).join("control.sock");
+        }
     }
 
     fn resolve_api_key(&mut self) -> Result<(), String> {

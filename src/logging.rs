@@ -27,7 +27,20 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
         LogTarget::Auto => stderr_is_journal(),
     };
     if journald {
-        let layer = tracing_journald::layer()?.with_syslog_identifier("rufus-gateway".into());
+        // No field prefix: `journalctl -u rufus-gateway SESSION_ID=4` works as an operator expects.
+        use tracing_journald::{Priority, PriorityMappings};
+        // Syslog's meaning of the levels (tracing-journald would log info as "notice").
+        let priorities = PriorityMappings {
+            error: Priority::Error,
+            warn: Priority::Warning,
+            info: Priority::Informational,
+            debug: Priority::Debug,
+            trace: Priority::Debug,
+        };
+        let layer = tracing_journald::layer()?
+            .with_syslog_identifier("rufus-gateway".into())
+            .with_field_prefix(None)
+            .with_priority_mappings(priorities);
         tracing_subscriber::registry().with(filter).with(layer).try_init()?;
     } else {
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);

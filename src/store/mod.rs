@@ -29,6 +29,8 @@ const MAX_GROUP: usize = 1000;
 /// How often the writer does its periodic work (clock, windows); cancellation is noticed through
 /// channel disconnection, not this.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How long a commit (or a pruning step) may take before the writer counts as stuck.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(5);
 /// Rows deleted per pruning transaction: short transactions keep reads flowing.
 const PRUNE_STEP: i64 = 500;
 /// Pruning runs this often (or more often, for very short test retentions).
@@ -115,8 +117,8 @@ impl StoreHandle {
 /// Shared counters of the writer, for status and the watchdog.
 #[derive(Debug, Default)]
 pub struct StoreStats {
-    /// Incremented on every loop turn: proof of life for the watchdog.
-    pub heartbeat: AtomicU64,
+    /// Proof of life for the watchdog.
+    pub live: Arc<crate::supervisor::Liveness>,
     pub commits: AtomicU64,
     pub buffered_reads: AtomicU64,
     pub dropped_reads: AtomicU64,
@@ -384,7 +386,8 @@ impl Store {
         let mut commands = self.commands.clone();
         let (mut reads_open, mut commands_open) = (true, true);
         loop {
-            self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
+            // The loop wakes at least every HOUSEKEEPING; a commit may take a while on an SD card.
+            self.stats.live.beat(HOUSEKEEPING + COMMIT_PATIENCE);
             let draining = !reads_open && !commands_open;
             if draining && batch.is_empty() {
                 break;

@@ -9,7 +9,6 @@ pub mod api;
 pub mod backoff;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +26,8 @@ use backoff::Backoff;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// A wrong key or device will not fix itself quickly: retry slowly, never hammer.
 const CONFIG_RETRY: Duration = Duration::from_secs(60);
+/// Added to every promised wait before the watchdog counts the uplink as stuck.
+const LIVENESS_SLACK: Duration = Duration::from_secs(10);
 /// After the database refused to record an outcome.
 const STORE_RETRY: Duration = Duration::from_secs(2);
 /// Even with nothing signalled, look at the store this often (belt and braces).
@@ -95,8 +96,9 @@ pub struct Uplink {
     store: StoreHandle,
     notify: Arc<Notify>,
     status: Arc<Mutex<UplinkStatus>>,
-    /// Incremented on every loop turn: proof of life for the watchdog.
-    pub heartbeat: Arc<AtomicU64>,
+    /// Proof of life for the watchdog.
+    pub live: Arc<crate::supervisor::Liveness>,
+    timeout: Duration,
     backoff: Backoff,
 }
 
@@ -125,7 +127,8 @@ impl Uplink {
             store,
             notify,
             status,
-            heartbeat: Arc::new(AtomicU64::new(0)),
+            live: Arc::default(),
+            timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
         })
     }
@@ -136,7 +139,8 @@ impl Uplink {
         let mut limit = self.batch_size;
         let mut failing = false;
         while !cancel.is_cancelled() {
-            self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            // A request takes at most the timeout (plus a store write); waits promise their own time.
+            self.live.beat(self.timeout + LIVENESS_SLACK);
             if self.api.has_changed().unwrap_or(false) {
                 let api = self.api.borrow_and_update().clone();
                 self.apply(&api)?;
@@ -180,6 +184,7 @@ impl Uplink {
                             s.state = if s.requests_ok > 0 { UplinkState::Online } else { UplinkState::Idle };
                         }
                     });
+                    self.live.beat(IDLE_RECHECK + LIVENESS_SLACK);
                     tokio::select! {
                         _ = self.notify.notified() => {}
                         _ = cancel.cancelled() => {}
@@ -348,6 +353,7 @@ impl Uplink {
         let (_, mono) = passings[0].held.clone().unwrap_or_default();
         let wait = Duration::from_micros((mono + max_hold - now).max(0) as u64);
         debug!(wait_s = wait.as_secs(), "holding passings until the clock synchronises");
+        self.live.beat(wait + LIVENESS_SLACK);
         tokio::select! {
             _ = self.notify.notified() => {}
             _ = cancel.cancelled() => {}
@@ -370,6 +376,7 @@ impl Uplink {
     /// New `[api]` settings: a new client (key, URL, timeout), batch size, backoff cap.
     fn apply(&mut self, api: &ApiConfig) -> anyhow::Result<()> {
         self.client = RufusClient::new(api)?;
+        self.timeout = api.timeout;
         self.deviceid = api.deviceid.clone().unwrap_or_default();
         self.batch_size = api.batch_size;
         self.backoff = Backoff::new(BACKOFF_BASE, api.retry_max_delay);
@@ -385,6 +392,7 @@ impl Uplink {
 
     /// Wait out a backoff; a reload (perhaps the fix) or cancellation ends it early.
     async fn wait(&mut self, delay: Duration, cancel: &CancellationToken) {
+        self.live.beat(delay + LIVENESS_SLACK);
         let mut api = self.api.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

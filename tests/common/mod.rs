@@ -31,6 +31,8 @@ pub struct Gateway {
     pub log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Extra environment for the daemon (NOTIFY_SOCKET, WATCHDOG_USEC, …).
+    pub env: Vec<(String, String)>,
 }
 
 /// The config used by most tests: host-trusted clock, quick retries, stderr logging.
@@ -80,6 +82,7 @@ impl Gateway {
             dir,
             child: None,
             starts: 0,
+            env: Vec::new(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Gateway {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(BIN)
             .args(["-c", self.config.to_str().unwrap(), "run"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -119,6 +123,10 @@ impl Gateway {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
     }
 
     /// SIGTERM and wait for the exit status.

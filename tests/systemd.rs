@@ -1,0 +1,212 @@
+//! systemd integration against the real binary: the sd_notify protocol (READY, STATUS, WATCHDOG,
+//! RELOADING/READY, STOPPING), the watchdog withheld when an actor is stuck, and structured
+//! fields in a real journald.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
+
+/// A notify socket the test owns, collecting every datagram with the time it arrived.
+struct NotifySocket {
+    messages: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> (NotifySocket, String) {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let messages: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        });
+        (NotifySocket { messages }, path.display().to_string())
+    }
+
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.all().iter().filter(|(_, m)| m.contains(what)).count()
+    }
+
+    async fn wait_for(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.count(what) < n {
+            assert!(
+                Instant::now() < deadline,
+                "no {n}× {what}; got {:?}",
+                self.all().iter().map(|m| &m.1).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notify_protocol() {
+    let (fake, device) = fake().await;
+    let pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    let (notify, path) = NotifySocket::bind(gw.dir.path());
+    gw.env = vec![("NOTIFY_SOCKET".into(), path), ("WATCHDOG_USEC".into(), "1000000".into())];
+    gw.start().await;
+    notify.wait_for("READY=1", 1).await;
+    notify.wait_for("STATUS=", 1).await;
+    let status = notify.all().into_iter().find(|(_, m)| m.starts_with("STATUS=")).unwrap().1;
+    assert!(status.contains("pending") && status.contains("uplink"), "{status}");
+    // Pings at half the interval: a few within a couple of seconds.
+    notify.wait_for("WATCHDOG=1", 3).await;
+
+    // Reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
+    let config = std::fs::read_to_string(&gw.config).unwrap().replace("level = \"debug\"", "level = \"info\"");
+    std::fs::write(&gw.config, config).unwrap();
+    gw.signal(Signal::SIGHUP);
+    notify.wait_for("RELOADING=1", 1).await;
+    notify.wait_for("READY=1", 2).await;
+    let messages = notify.all();
+    let reloading = messages.iter().find(|(_, m)| m.contains("RELOADING=1")).unwrap();
+    assert!(reloading.1.contains("MONOTONIC_USEC="), "{}", reloading.1);
+    let ready_again = messages.iter().filter(|(_, m)| m.contains("READY=1")).nth(1).unwrap();
+    assert!(ready_again.0 >= reloading.0);
+    let logs = gw.logs();
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+
+    // An invalid file is refused and the old config kept.
+    std::fs::write(&gw.config, "[api]\nbatch_size = \"lots\"\n").unwrap();
+    gw.signal(Signal::SIGHUP);
+    notify.wait_for("READY=1", 3).await;
+    let deadline = Instant::now() + DEADLINE;
+    while !gw.logs().contains("configuration NOT reloaded") {
+        assert!(Instant::now() < deadline, "{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gw.try_status().is_some(), "still running");
+
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert!(notify.count("STOPPING=1") >= 1);
+}
+
+/// Stop the store thread alone (ptrace stops one thread; the others run on): the watchdog pings
+/// stop while it is stuck, and resume once it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_store_withholds_the_watchdog() {
+    let (fake, device) = fake().await;
+    let pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    let (notify, path) = NotifySocket::bind(gw.dir.path());
+    gw.env = vec![("NOTIFY_SOCKET".into(), path), ("WATCHDOG_USEC".into(), "1000000".into())];
+    gw.start().await;
+    notify.wait_for("WATCHDOG=1", 2).await;
+
+    let pid = gw.pid();
+    let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "store"))
+        .map(|e| e.file_name().to_str().unwrap().parse::<i32>().unwrap())
+        .expect("the store thread");
+    // SAFETY: plain ptrace calls on a thread of our own child process.
+    let attached = unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) } == 0;
+    if !attached {
+        println!("skipped: ptrace not permitted here ({})", std::io::Error::last_os_error());
+        return;
+    }
+    let mut wstatus = 0;
+    unsafe { libc::waitpid(tid, &mut wstatus, libc::__WALL) };
+    let stopped = Instant::now();
+    // The store promised to be back within 6 s (1 s tick + 5 s commit patience), plus 0.5 s grace.
+    let deadline = stopped + Duration::from_secs(20);
+    let mut last_ping = stopped;
+    loop {
+        if let Some((at, _)) = notify.all().into_iter().rev().find(|(_, m)| m.contains("WATCHDOG=1")) {
+            last_ping = at;
+        }
+        if last_ping.elapsed() > Duration::from_secs(3) && stopped.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pings never stopped while the store was stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("last ping {:.1} s after the store stopped", (last_ping - stopped).as_secs_f64());
+    assert!(gw.logs().contains("withholding the watchdog ping"), "{}", gw.logs());
+    let pings = notify.count("WATCHDOG=1");
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+    notify.wait_for("WATCHDOG=1", pings + 2).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// Structured fields reach a real journald and can be filtered on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journald_gets_structured_fields() {
+    let journald = Path::new("/lib/systemd/systemd-journald");
+    let socket = Path::new("/run/systemd/journal/socket");
+    let mut started = None;
+    if !socket.exists() {
+        if !journald.exists() || std::fs::create_dir_all("/run/systemd/journal").is_err() {
+            println!("skipped: no journald and none can be started here");
+            return;
+        }
+        started = std::process::Command::new(journald)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !socket.exists() {
+            println!("skipped: journald did not start");
+            return;
+        }
+    }
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!("{STRICT_CHIP}\nlog.target = \"journald\"\nlog.level = \"info\"");
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    let pid = gw.pid();
+    gw.cli_ok(&["session", "start", "--alias", "JOURNAL"]);
+    write_lines(&mut pty, &chips(0..3));
+    wait_fake(&fake, &gw, "3 delivered", |s| s.total_passings() == 3).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    let query = |filters: &[String]| -> Vec<serde_json::Value> {
+        let out =
+            std::process::Command::new("journalctl").args(["-o", "json", "--no-pager"]).args(filters).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let entries = loop {
+        let entries = query(&["SYSLOG_IDENTIFIER=rufus-gateway".into(), format!("_PID={pid}"), "SESSION_ID=1".into()]);
+        if entries.iter().any(|e| e["MESSAGE"] == "remote session created") || Instant::now() > deadline {
+            break entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Some(mut j) = started {
+        let _ = j.kill();
+        let _ = j.wait();
+    }
+    let created =
+        entries.iter().find(|e| e["MESSAGE"] == "remote session created").unwrap_or_else(|| panic!("{entries:#?}"));
+    assert_eq!(created["SESSION_ID"], "1");
+    assert_eq!(created["ALIAS"], "JOURNAL");
+    assert_eq!(created["PRIORITY"], "6", "info");
+    let token = created["TOKEN"].as_str().unwrap();
+    assert!(token.ends_with('…') && token.len() < 20, "the token is masked: {token}");
+    println!("journald entry: {}", serde_json::to_string(created).unwrap());
+}
