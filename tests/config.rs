@@ -100,3 +100,18 @@ fn usage_errors_exit_2_and_an_absent_daemon_exits_69() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("not running"), "{args:?}");
     }
 }
+
+#[test]
+fn an_instance_config_gets_its_own_database_and_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("finish.toml");
+    std::fs::write(&path, VALID).unwrap();
+    let out = Command::new(BIN).arg("-c").arg(&path).arg("check-config").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("/var/lib/rufus-gateway/finish/gateway.db"), "{stdout}");
+    assert!(stdout.contains("/run/rufus-gateway/finish/control.sock"), "{stdout}");
+    // Explicit keys win.
+    std::fs::write(&path, format!("{VALID}[storage]\npath = \"/srv/x.db\"\n")).unwrap();
+    let out = Command::new(BIN).arg("-c").arg(&path).arg("check-config").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/srv/x.db"));
+}
