@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -72,6 +71,11 @@ pub enum SessionAction {
     },
     /// Close the open session (its queue drains, then it is closed remotely).
     Close,
+    /// Open a new session and move into it what remotely closed sessions could not deliver.
+    Resend {
+        #[arg(long)]
+        alias: Option<String>,
+    },
     /// Every session with its counts.
     List {
         #[arg(long)]
@@ -191,6 +195,16 @@ fn session(action: SessionAction, cfg: &Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        SessionAction::Resend { alias } => {
+            let v = control::request(&cfg.control.socket, &Request::SessionResend { alias })?;
+            println!(
+                "session #{} \"{}\" open with {} passings moved into it (numbered from 1); they are sent once the queue ahead drains",
+                v["id"],
+                v["alias"].as_str().unwrap_or(""),
+                v["passings"]
+            );
+            Ok(())
+        }
         SessionAction::Close => {
             let v = control::request(&cfg.control.socket, &Request::SessionClose)?;
             println!(
@@ -222,13 +236,14 @@ fn session(action: SessionAction, cfg: &Config) -> anyhow::Result<()> {
 
 fn bind(cfg: &Config, model: &str, serial: &str, alias: Option<&str>) -> anyhow::Result<()> {
     let client = crate::uplink::api::RufusClient::new(&cfg.api)?;
-    let reply: Value = runtime()?.block_on(client.bind_device(model, serial, alias))?;
-    let id = crate::uplink::api::field(&reply, "deviceid").and_then(Value::as_str).unwrap_or_default();
-    if id.is_empty() {
-        anyhow::bail!("the API answered without a deviceid: {reply}");
+    let (id, already) = runtime()?.block_on(client.bind_device(model, serial, alias))?;
+    if already {
+        println!("serial number {serial} was already bound: deviceid {id}");
+    } else {
+        println!("bound: deviceid {id}");
     }
     println!(
-        "bound: deviceid {id}\n\nput this line in the [api] section of {}:\ndeviceid = \"{id}\"",
+        "\nput this line in the [api] section of {}, then `sudo systemctl restart rufus-gateway`:\ndeviceid = \"{id}\"",
         DEFAULT_CONFIG_PATH
     );
     Ok(())

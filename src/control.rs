@@ -34,6 +34,7 @@ pub enum Request {
     Status,
     SessionStart { alias: Option<String> },
     SessionClose,
+    SessionResend { alias: Option<String> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -116,6 +117,11 @@ async fn handle(line: &str, store: &StoreHandle, status: &StatusSource, default_
                 let alias = alias.filter(|a| !a.trim().is_empty()).unwrap_or_else(|| default_alias.to_string());
                 let id = store.call(Op::StartSession { alias: alias.clone() }).await?.unwrap_or_default();
                 info!(session_id = id, alias = %alias, "session started from the control socket");
+                session_value(status, id).await
+            }
+            Request::SessionResend { alias } => {
+                let alias = alias.filter(|a| !a.trim().is_empty()).unwrap_or_else(|| default_alias.to_string());
+                let id = store.call(Op::Resend { alias }).await?.unwrap_or_default();
                 session_value(status, id).await
             }
             Request::SessionClose => {

@@ -19,9 +19,10 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
         "state",
         "error",
         "delivered_at",
+        "resent_from",
     ])?;
     let mut stmt = db.connection().prepare(
-        "SELECT p.session_id, s.alias, p.num_passing, p.bib, p.chip, p.timestamp, p.state, p.error, p.delivered_at
+        "SELECT p.session_id, s.alias, p.num_passing, p.bib, p.chip, p.timestamp, p.state, p.error, p.delivered_at, p.resent_from
          FROM passings p JOIN sessions s ON s.id = p.session_id
          WHERE ?1 IS NULL OR p.session_id = ?1 ORDER BY p.session_id, p.num_passing",
     )?;
@@ -38,6 +39,7 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
             r.get(6)?,
             r.get::<_, Option<String>>(7)?.unwrap_or_default(),
             r.get::<_, Option<i64>>(8)?.map(rfc3339).unwrap_or_default(),
+            r.get::<_, Option<String>>(9)?.unwrap_or_default(),
         ])?;
         n += 1;
     }

@@ -58,10 +58,12 @@ impl StatusSource {
         let held_sessions: Vec<SessionRow> =
             db.sessions()?.into_iter().filter(|s| s.remote_state == "closed_remotely" && s.pending > 0).collect();
         let uplink = self.uplink.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut reader = self.reader.snapshot(&self.port);
+        reader.reads_last_minute = db.reads_since(crate::clock::now_us() - 60_000_000)?;
         let status = Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             problems: Vec::new(),
-            reader: self.reader.snapshot(&self.port),
+            reader,
             session,
             queue,
             uplink,
@@ -141,9 +143,10 @@ impl Status {
         }
         let r = &self.reader;
         out.push_str(&format!(
-            "reader    {} on {}, {} reads, {} rejected, last read {}\n",
+            "reader    {} on {}, {} reads/min, {} reads since start, {} rejected, last read {}\n",
             if r.connected { "connected" } else { "NOT CONNECTED" },
             r.port,
+            r.reads_last_minute,
             r.reads_total,
             r.rejected_total,
             r.last_read_at.as_deref().unwrap_or("never")

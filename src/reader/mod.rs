@@ -68,6 +68,9 @@ pub struct ReaderStatus {
     pub rejected: std::collections::BTreeMap<String, u64>,
     pub last_read_at: Option<String>,
     pub last_error: Option<String>,
+    /// Reads stored in the last 60 s (from the database).
+    #[serde(default)]
+    pub reads_last_minute: i64,
 }
 
 impl ReaderStats {
@@ -85,6 +88,7 @@ impl ReaderStats {
             rejected,
             last_read_at: (last != 0).then(|| crate::clock::rfc3339(last)),
             last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+            reads_last_minute: 0,
         }
     }
 

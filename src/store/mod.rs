@@ -77,6 +77,10 @@ pub enum Op {
         session_id: i64,
         reason: String,
     },
+    /// `session resend`: a new session holding what remotely closed sessions could not deliver.
+    Resend {
+        alias: String,
+    },
     /// Held passings whose clock will not be corrected in time: send them as they are.
     ReleaseUnsynced {
         passing_ids: Vec<i64>,
@@ -673,6 +677,7 @@ impl Store {
     fn apply(&mut self, op: Op) -> anyhow::Result<Option<i64>> {
         match op {
             Op::StartSession { alias } => self.start_session(&alias).map(Some),
+            Op::Resend { alias } => self.start_session_with(&alias, true).map(|(id, _)| Some(id)),
             Op::CloseSession => {
                 let Some(open) = self.open else { anyhow::bail!("no session is open") };
                 self.close_locally(open.id)?;
@@ -760,6 +765,12 @@ impl Store {
 
     /// Open a new session at once (offline or not); the open one, if any, starts closing.
     fn start_session(&mut self, alias: &str) -> anyhow::Result<i64> {
+        self.start_session_with(alias, false).map(|(id, _)| id)
+    }
+
+    /// Open a new session; with `resend`, move into it (numbered afresh from 1) the passings that
+    /// remotely closed sessions could not deliver. One transaction: all of it or none.
+    fn start_session_with(&mut self, alias: &str, resend: bool) -> anyhow::Result<(i64, i64)> {
         let now = clock::now_us();
         let tx = self.conn.transaction()?;
         let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
@@ -771,15 +782,50 @@ impl Store {
             params![alias, now],
         )?;
         let id = tx.last_insert_rowid();
+        let mut next_num = 1;
+        if resend {
+            let held: Vec<i64> = tx
+                .prepare("SELECT id FROM sessions WHERE remote_state = 'closed_remotely' ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for from in held {
+                let passings: Vec<(i64, i64)> = tx
+                    .prepare("SELECT id, num_passing FROM passings WHERE session_id = ?1 AND state = 'pending' ORDER BY num_passing")?
+                    .query_map([from], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (passing, old_num) in &passings {
+                    tx.execute(
+                        "UPDATE passings SET session_id = ?1, num_passing = ?2, resent_from = ?3 WHERE id = ?4",
+                        params![id, next_num, format!("{from}#{old_num}"), passing],
+                    )?;
+                    next_num += 1;
+                }
+                tx.execute(
+                    "UPDATE sessions SET moved = moved + ?1 WHERE id = ?2",
+                    params![passings.len() as i64, from],
+                )?;
+            }
+            if next_num == 1 {
+                anyhow::bail!(
+                    "nothing to resend: no remotely closed session has passings waiting (see `rufus-gateway session list`)"
+                );
+            }
+            tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![next_num, id])?;
+            info!(
+                session_id = id,
+                moved = next_num - 1,
+                "passings of remotely closed sessions moved into a new session"
+            );
+        }
         tx.commit()?;
         self.publish(events);
         if let Some(open) = self.open {
             info!(session_id = open.id, "session closing: a new session was started");
         }
-        self.open = Some(OpenSession { id, next_num: 1 });
+        self.open = Some(OpenSession { id, next_num });
         self.windows.clear();
         info!(session_id = id, alias, "session started");
-        Ok(id)
+        Ok((id, next_num - 1))
     }
 
     fn close_locally(&mut self, id: i64) -> anyhow::Result<()> {

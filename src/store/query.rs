@@ -23,14 +23,17 @@ pub struct SessionRow {
     pub pending: i64,
     pub delivered: i64,
     pub undeliverable: i64,
+    /// Moved into a later session by `session resend`.
+    pub moved: i64,
 }
 
-const SESSION_COLUMNS: &str = "id, alias, state, remote_state, token, remote_error, created_at, closed_at, next_num - 1, delivered, undeliverable";
+const SESSION_COLUMNS: &str = "id, alias, state, remote_state, token, remote_error, created_at, closed_at, next_num - 1, delivered, undeliverable, moved";
 
 fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     let passings: i64 = r.get(8)?;
     let delivered: i64 = r.get(9)?;
     let undeliverable: i64 = r.get(10)?;
+    let moved: i64 = r.get(11)?;
     Ok(SessionRow {
         id: r.get(0)?,
         alias: r.get(1)?,
@@ -41,9 +44,10 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
         created_at: crate::clock::rfc3339(r.get(6)?),
         closed_at: r.get::<_, Option<i64>>(7)?.map(crate::clock::rfc3339),
         passings,
-        pending: passings - delivered - undeliverable,
+        pending: passings - delivered - undeliverable - moved,
         delivered,
         undeliverable,
+        moved,
     })
 }
 
@@ -119,8 +123,8 @@ impl Db {
 
     pub fn queue(&self) -> rusqlite::Result<QueueCounts> {
         let (passings, delivered, undeliverable, held): (i64, i64, i64, i64) = self.conn.query_row(
-            "SELECT coalesce(sum(next_num - 1), 0), coalesce(sum(delivered), 0), coalesce(sum(undeliverable), 0),
-                    coalesce(sum(CASE WHEN remote_state = 'closed_remotely' THEN next_num - 1 - delivered - undeliverable ELSE 0 END), 0)
+            "SELECT coalesce(sum(next_num - 1 - moved), 0), coalesce(sum(delivered), 0), coalesce(sum(undeliverable), 0),
+                    coalesce(sum(CASE WHEN remote_state = 'closed_remotely' THEN next_num - 1 - delivered - undeliverable - moved ELSE 0 END), 0)
              FROM sessions",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -183,6 +187,11 @@ impl Db {
             })
         })?
         .collect()
+    }
+
+    /// Reads received in the last minute (index on `received_at`).
+    pub fn reads_since(&self, since_us: i64) -> rusqlite::Result<i64> {
+        self.conn.query_row("SELECT count(*) FROM reads WHERE received_at >= ?1", [since_us], |r| r.get(0))
     }
 
     pub fn connection(&self) -> &Connection {

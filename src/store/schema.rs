@@ -23,7 +23,8 @@ const MIGRATIONS: &[&str] = &[
         -- Counters kept by the writer so status stays O(sessions), not O(passings).
         next_num      INTEGER NOT NULL DEFAULT 1,
         delivered     INTEGER NOT NULL DEFAULT 0,
-        undeliverable INTEGER NOT NULL DEFAULT 0
+        undeliverable INTEGER NOT NULL DEFAULT 0,
+        moved         INTEGER NOT NULL DEFAULT 0     -- passings moved out by `session resend`
     );
     CREATE TABLE reads (
         id            INTEGER PRIMARY KEY,
@@ -58,6 +59,7 @@ const MIGRATIONS: &[&str] = &[
         state         TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'undeliverable')),
         error         TEXT,
         delivered_at  INTEGER,
+        resent_from   TEXT,                  -- "session#num" it had before `session resend`
         UNIQUE (session_id, num_passing)
     );
     CREATE INDEX passings_pending ON passings(session_id, num_passing) WHERE state = 'pending';

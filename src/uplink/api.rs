@@ -44,6 +44,7 @@ impl ApiError {
 /// Which call an answer belongs to: the same status means different things on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
+    BindDevice,
     CreateSession,
     PostPassings,
     CloseSession,
@@ -190,12 +191,34 @@ impl RufusClient {
             .map(|_| ())
     }
 
-    pub async fn bind_device(&self, model: &str, serial_number: &str, alias: Option<&str>) -> Result<Value, ApiError> {
+    /// `POST /devices`. Returns the deviceid, and whether the serial number was bound already
+    /// (undocumented: a 409, or any 4xx whose body still names the device, is taken as that).
+    pub async fn bind_device(
+        &self,
+        model: &str,
+        serial_number: &str,
+        alias: Option<&str>,
+    ) -> Result<(String, bool), ApiError> {
         let mut body = serde_json::json!({ "model": model, "serial_number": serial_number, "type": "RFID" });
         if let Some(alias) = alias {
             body["alias"] = Value::from(alias);
         }
-        self.send(Call::CreateSession, self.http.post(format!("{}/devices", self.base)).json(&body)).await
+        let response = self
+            .http
+            .post(format!("{}/devices", self.base))
+            .header("api_key", self.key.expose())
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let reply: Value = response.json().await.unwrap_or(Value::Null);
+        let deviceid = field(&reply, "deviceid").and_then(Value::as_str).filter(|d| !d.is_empty()).map(String::from);
+        match (status, deviceid) {
+            (200..=299, Some(id)) => Ok((id, false)),
+            (400..=499, Some(id)) if status != 401 && status != 403 => Ok((id, true)),
+            _ => Err(classify(Call::BindDevice, status, &reply, None)),
+        }
     }
 
     async fn send(&self, call: Call, request: reqwest::RequestBuilder) -> Result<Value, ApiError> {
