@@ -16,6 +16,8 @@ use tracing::{error, info, warn};
 use crate::clock::ClockWatch;
 use crate::config::Config;
 use crate::control::ControlServer;
+use crate::feed::FeedServer;
+use crate::http::HttpServer;
 use crate::logging::LogHandle;
 use crate::reader::{Reader, ReaderStats};
 use crate::reload::Reloader;
@@ -73,6 +75,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         store: store_stats,
         uplink: uplink_status.clone(),
         clock: ClockWatch::new(&cfg.clock),
+        listening: Arc::default(),
     };
     let control = ControlServer::bind(&cfg.control.socket, handle.clone(), status.clone(), cfg.session.alias.clone())
         .with_context(|| format!("control.socket: cannot bind {}", cfg.control.socket.display()))?;
@@ -85,11 +88,22 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         log: options.log,
         wake_uplink: notify.clone(),
     });
-    let uplink = Uplink::new(cfg, api_rx, handle, notify, uplink_status)?;
+    let uplink = Uplink::new(cfg, api_rx, handle.clone(), notify, uplink_status)?;
     let uplink_live = uplink.live.clone();
-    if cfg.http.listen.is_some() || cfg.feed.listen.is_some() {
-        warn!("http.listen and feed.listen are not served by this version yet (dashboard and live feed are coming)");
-    }
+    let http = match &cfg.http.listen {
+        Some(listen) => Some(
+            HttpServer::bind(listen, cfg.http.token.clone(), status.clone(), handle.clone(), cfg.session.alias.clone())
+                .with_context(|| format!("http.listen: cannot listen on {listen}"))?,
+        ),
+        None => None,
+    };
+    let feed = match &cfg.feed.listen {
+        Some(listen) => Some(
+            FeedServer::bind(listen, events.clone(), cfg.storage.path.clone())
+                .with_context(|| format!("feed.listen: cannot listen on {listen}"))?,
+        ),
+        None => None,
+    };
 
     let mut tasks = JoinSet::new();
     let c = cancel.clone();
@@ -99,6 +113,18 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let c = cancel.clone();
     let s = status.clone();
     tasks.spawn(async move { ("status", report_status(s, c).await) });
+    if let Ok(mut l) = status.listening.lock() {
+        l.http = http.as_ref().and_then(|h| h.local_addr());
+        l.feed = feed.as_ref().and_then(|f| f.local_addr());
+    }
+    if let Some(http) = http {
+        let c = cancel.clone();
+        tasks.spawn(async move { ("http", http.run(c).await) });
+    }
+    if let Some(feed) = feed {
+        let c = cancel.clone();
+        tasks.spawn(async move { ("feed", feed.run(c).await) });
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let c = cancel.clone();
         let store_live = store_stats_live;

@@ -28,6 +28,8 @@ pub mod dedup;
 pub mod demo;
 pub mod export;
 pub mod fake_api;
+pub mod feed;
+pub mod http;
 pub mod logging;
 pub mod pty;
 pub mod reader;

@@ -23,6 +23,15 @@ pub struct Status {
     pub uplink: UplinkStatus,
     pub clock: ClockStatus,
     pub storage: StorageStatus,
+    /// Where the dashboard and the live feed listen (null when off).
+    #[serde(default)]
+    pub listening: Listening,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Listening {
+    pub http: Option<String>,
+    pub feed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +56,7 @@ pub struct StatusSource {
     pub store: Arc<StoreStats>,
     pub uplink: Arc<Mutex<UplinkStatus>>,
     pub clock: ClockWatch,
+    pub listening: Arc<Mutex<Listening>>,
 }
 
 impl StatusSource {
@@ -74,6 +84,7 @@ impl StatusSource {
                 buffered_reads: self.store.buffered_reads.load(Ordering::Relaxed),
                 dropped_reads: self.store.dropped_reads.load(Ordering::Relaxed),
             },
+            listening: self.listening.lock().map(|l| l.clone()).unwrap_or_default(),
         };
         Ok(with_problems(status, &held_sessions))
     }

@@ -66,6 +66,16 @@ pub struct QueueCounts {
     pub oldest_pending_at: Option<String>,
 }
 
+/// A passing as the dashboard and the feed show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PassingRow {
+    pub num_passing: i64,
+    pub bib: String,
+    pub chip: String,
+    pub timestamp: String,
+    pub state: String,
+}
+
 /// A passing as the uplink sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -187,6 +197,41 @@ impl Db {
             })
         })?
         .collect()
+    }
+
+    /// Passings of a session after `since`, for the dashboard and the live feed.
+    pub fn passings_since(&self, session_id: i64, since: i64, limit: i64) -> rusqlite::Result<Vec<PassingRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT num_passing, bib, chip, timestamp, state FROM passings
+             WHERE session_id = ?1 AND num_passing > ?2 ORDER BY num_passing LIMIT ?3",
+        )?;
+        stmt.query_map(params![session_id, since, limit], |r| {
+            Ok(PassingRow {
+                num_passing: r.get(0)?,
+                bib: r.get(1)?,
+                chip: r.get(2)?,
+                timestamp: crate::clock::api_timestamp(r.get(3)?),
+                state: r.get(4)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// Reads per minute over the last `minutes` minutes, oldest first.
+    pub fn reads_per_minute(&self, now_us: i64, minutes: i64) -> rusqlite::Result<Vec<i64>> {
+        let start = now_us - minutes * 60_000_000;
+        let mut counts = vec![0i64; minutes as usize];
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT (received_at - ?1) / 60000000, count(*) FROM reads WHERE received_at >= ?1 GROUP BY 1",
+        )?;
+        let rows = stmt.query_map([start], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (minute, n) = row?;
+            if let Some(slot) = counts.get_mut(minute as usize) {
+                *slot += n;
+            }
+        }
+        Ok(counts)
     }
 
     /// Reads received in the last minute (index on `received_at`).

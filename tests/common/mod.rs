@@ -225,3 +225,9 @@ pub fn write_lines(pty: &mut Pty, lines: &[String]) {
 pub fn chips(range: std::ops::Range<u32>) -> Vec<String> {
     range.map(|i| format!("{:08X}", 0xC0DE_0000u32 + i)).collect()
 }
+
+/// An HTTP client for the tests (the crate uses rustls with the ring provider, installed here).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}

@@ -1,0 +1,218 @@
+//! The local dashboard's HTTP API, `/metrics`, the live feed, and (when Chromium and Node are
+//! there) the page itself in a real headless browser.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOKEN: &str = "tent-token-7f3a9c21";
+
+fn extra(more: &str) -> String {
+    format!(
+        "reader.pattern = '^(?P<chip>[0-9A-F]{{8}})$'\nhttp.listen = \"127.0.0.1:0\"\nhttp.token = \"{TOKEN}\"\nfeed.listen = \"127.0.0.1:0\"\n{more}"
+    )
+}
+
+fn base(gw: &Gateway) -> String {
+    format!("http://{}", gw.status()["listening"]["http"].as_str().expect("dashboard address in status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoints_and_the_token() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra(""));
+    gw.start().await;
+    let url = base(&gw);
+    let http = http_client();
+
+    let page = http.get(&url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<title>rufus-gateway</title>"));
+    assert!(!html.contains(TOKEN), "the token is never in the page");
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=\"http") && !html.contains("url(http"),
+        "no external resources"
+    );
+
+    let status: serde_json::Value = http.get(format!("{url}/api/status")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["session"].is_null());
+
+    // Mutating endpoints: no token, a wrong one, then the right one.
+    let start = |auth: Option<&str>| {
+        let mut r = http.post(format!("{url}/api/session/start")).json(&serde_json::json!({ "alias": "WEB" }));
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(start(None).await.unwrap().status(), 401);
+    assert_eq!(start(Some("Bearer nope")).await.unwrap().status(), 401);
+    assert_eq!(start(Some(TOKEN)).await.unwrap().status(), 401, "the Bearer scheme is required");
+    assert_eq!(http.post(format!("{url}/api/session/close")).send().await.unwrap().status(), 401);
+    assert!(fake.state().sessions.is_empty());
+    let ok = start(Some(&format!("Bearer {TOKEN}"))).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    wait_fake(&fake, &gw, "the session started from the API exists remotely", |s| {
+        s.sessions.iter().any(|x| x.alias == "WEB")
+    })
+    .await;
+
+    write_lines(&mut pty, &chips(0..12));
+    wait_fake(&fake, &gw, "12 delivered", |s| s.total_passings() == 12).await;
+    let page: serde_json::Value =
+        http.get(format!("{url}/api/passings?since=5")).send().await.unwrap().json().await.unwrap();
+    let nums: Vec<i64> =
+        page["passings"].as_array().unwrap().iter().map(|p| p["num_passing"].as_i64().unwrap()).collect();
+    assert_eq!(nums, (6..=12).collect::<Vec<_>>());
+    assert_eq!(page["passings"][0]["bib"], chips(5..6)[0]);
+    let rpm: serde_json::Value =
+        http.get(format!("{url}/api/reads-per-minute")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rpm["minutes"].as_array().unwrap().len(), 60);
+    assert_eq!(rpm["minutes"][59], 12, "this minute's reads in the last slot");
+
+    // /metrics in the Prometheus text format.
+    let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"));
+        match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("unexpected type"),
+        }
+    };
+    assert_eq!(value("rufus_reads_total", None), 12.0);
+    assert_eq!(value("rufus_passings", Some(("state", "delivered"))), 12.0);
+    assert_eq!(value("rufus_queue_depth", None), 0.0);
+    assert_eq!(value("rufus_reader_connected", None), 1.0);
+    assert_eq!(value("rufus_uplink_state", Some(("state", "online"))), 1.0);
+    assert!(value("rufus_uplink_requests_total", Some(("outcome", "ok"))) >= 1.0);
+    assert_eq!(value("rufus_rejected_total", Some(("reason", "no_match"))), 0.0);
+
+    let close = http
+        .post(format!("{url}/api/session/close"))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(close.status(), 200);
+    wait_fake(&fake, &gw, "closed remotely", |s| s.sessions.iter().all(|x| !x.active)).await;
+    assert!(!gw.logs().contains(TOKEN), "the token never appears in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_actions_are_off_without_a_token() {
+    let (fake, device) = fake().await;
+    let pty = pty();
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &pty.path.display().to_string(),
+        "http.listen = \"127.0.0.1:0\"\nreader.pattern = '^(?P<chip>[0-9A-F]{8})$'",
+    );
+    gw.start().await;
+    let url = base(&gw);
+    let res = http_client()
+        .post(format!("{url}/api/session/start"))
+        .header("Authorization", "Bearer x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(fake.state().sessions.is_empty());
+}
+
+/// Read feed lines until `n` have arrived (or the deadline).
+fn read_lines(reader: &mut BufReader<TcpStream>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} feed lines: {out:?}", out.len());
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => panic!("feed closed"),
+            Ok(_) => out.push(line.trim_end().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    out
+}
+
+fn connect(addr: &str, since: Option<i64>) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    if let Some(n) = since {
+        stream.write_all(format!("{n}\n").as_bytes()).unwrap();
+    }
+    BufReader::new(stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_replays_from_a_number_and_slow_clients_do_not_slow_the_gateway() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra(""));
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "FEED"]);
+    let addr = gw.status()["listening"]["feed"].as_str().unwrap().to_string();
+
+    // A client that never reads: the gateway must not wait for it.
+    let stalled = TcpStream::connect(&addr).unwrap();
+    let mut first = connect(&addr, Some(0));
+    write_lines(&mut pty, &chips(0..5));
+    let lines = tokio::task::spawn_blocking(move || {
+        let l = read_lines(&mut first, 5);
+        drop(first); // the timing software goes away…
+        l
+    })
+    .await
+    .unwrap();
+    assert!(lines[0].starts_with(&format!("1,{0},{0},", chips(0..1)[0])), "{lines:?}");
+    assert_eq!(
+        lines.iter().map(|l| l.split(',').next().unwrap().parse::<i64>().unwrap()).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+
+    // …passings continue meanwhile, a flood among them…
+    let many: Vec<String> = chips(5..3005);
+    let writer = {
+        let mut pty2 = rufus_gateway::pty::Pty::from_file(pty.try_clone().unwrap(), pty.path.clone());
+        std::thread::spawn(move || write_lines(&mut pty2, &many))
+    };
+    wait_fake(&fake, &gw, "3005 delivered despite a stalled feed client", |s| s.total_passings() == 3005).await;
+    writer.join().unwrap();
+
+    // …and it comes back with the last number it had: exactly the rest, in order.
+    let mut again = connect(&addr, Some(5));
+    let rest = tokio::task::spawn_blocking(move || read_lines(&mut again, 3000)).await.unwrap();
+    let nums: Vec<i64> = rest.iter().map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(nums, (6..=3005).collect::<Vec<_>>());
+
+    // The stalled client gets everything once it reads (it lagged, then caught up from the store).
+    let mut late = BufReader::new(stalled);
+    late.get_ref().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let log = gw.logs();
+    let all = tokio::task::spawn_blocking(move || read_lines(&mut late, 3000)).await.unwrap_or_else(|e| {
+        panic!("{e}\n{}", log.lines().filter(|l| l.contains("feed")).collect::<Vec<_>>().join("\n"))
+    });
+    let nums: Vec<i64> = all.iter().map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(
+        nums,
+        (1..=3000).collect::<Vec<_>>(),
+        "a client without a starting number gets the live stream from its connection on"
+    );
+}
