@@ -151,9 +151,9 @@ async fn reads_per_minute(State(shared): AppState) -> Response {
 
 /// Session actions need `Authorization: Bearer <http.token>`; without a configured token they
 /// are refused altogether.
-fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(token) = &shared.token else {
-        return Err(error(StatusCode::FORBIDDEN, "session actions are off: set http.token in the config"));
+        return Err((StatusCode::FORBIDDEN, "session actions are off: set http.token in the config"));
     };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -161,7 +161,7 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => Ok(()),
         _ => {
             warn!("session action refused: missing or wrong token");
-            Err(error(StatusCode::UNAUTHORIZED, "wrong or missing token"))
+            Err((StatusCode::UNAUTHORIZED, "wrong or missing token"))
         }
     }
 }
@@ -176,8 +176,8 @@ struct StartBody {
 }
 
 async fn session_start(State(shared): AppState, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return r;
+    if let Err((code, message)) = authorize(&shared, &headers) {
+        return error(code, message);
     }
     let body: StartBody = serde_json::from_slice(&body).unwrap_or_default();
     let alias = body.alias.filter(|a| !a.trim().is_empty()).unwrap_or_else(|| shared.default_alias.clone());
@@ -191,8 +191,8 @@ async fn session_start(State(shared): AppState, headers: HeaderMap, body: axum::
 }
 
 async fn session_close(State(shared): AppState, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&shared, &headers) {
-        return r;
+    if let Err((code, message)) = authorize(&shared, &headers) {
+        return error(code, message);
     }
     match shared.store.call(Op::CloseSession).await {
         Ok(id) => axum::Json(json!({ "id": id })).into_response(),
