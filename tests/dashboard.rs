@@ -216,3 +216,77 @@ async fn the_feed_replays_from_a_number_and_slow_clients_do_not_slow_the_gateway
         "a client without a starting number gets the live stream from its connection on"
     );
 }
+
+/// The page in Debian's headless Chromium, driven by playwright-core (tests/browser/): it loads
+/// without console errors, a wrong token is refused, a session started from the page exists
+/// remotely, and passings read through the pseudo-terminal appear live. Screenshots at phone and
+/// laptop widths go to docs/screenshots/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_headless_chromium() {
+    use std::io::{BufRead, Write};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    let ready =
+        std::path::Path::new("/usr/bin/chromium").exists() && browser_dir.join("node_modules/playwright-core").exists();
+    if !ready {
+        let reason = "needs Debian's chromium and `npm ci` in tests/browser (.ci/run does both)";
+        assert!(
+            std::env::var_os("RUFUS_GATEWAY_REQUIRE_BROWSER").is_none(),
+            "browser test required but not runnable: {reason}"
+        );
+        println!("skipped: {reason}");
+        return;
+    }
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra(""));
+    gw.start().await;
+    let url = base(&gw);
+    let shots = root.join("docs/screenshots");
+    let mut node = std::process::Command::new("node")
+        .current_dir(&browser_dir)
+        .arg("dashboard.mjs")
+        .arg(&url)
+        .arg(TOKEN)
+        .arg(&shots)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = node.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let expect = |prefix: &str| -> String {
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("browser never said {prefix}"));
+        assert!(line.starts_with(prefix), "expected {prefix}, got {line}");
+        line
+    };
+    expect("LOADED");
+    let refused = expect("REFUSED");
+    assert!(refused.contains("wrong token"), "{refused}");
+    assert!(fake.state().sessions.is_empty(), "nothing started with a wrong token");
+    expect("STARTED");
+    wait_fake(&fake, &gw, "the session started from the page exists remotely", |s| {
+        s.sessions.iter().any(|x| x.alias == "FROM-THE-PAGE")
+    })
+    .await;
+
+    let chips = chips(0..8);
+    write_lines(&mut pty, &chips);
+    writeln!(node.stdin.as_mut().unwrap(), "{}", chips.len()).unwrap();
+    let rows = expect("ROWS ");
+    let shown: Vec<&str> = rows["ROWS ".len()..].split(',').collect();
+    let newest_first: Vec<&str> = chips.iter().rev().map(String::as_str).collect();
+    assert_eq!(shown, newest_first, "the last passings, newest first");
+    let problems = expect("PROBLEMS ");
+    assert_eq!(problems, "PROBLEMS []", "no console errors");
+    assert!(node.wait().unwrap().success());
+    for shot in ["dashboard-phone.png", "dashboard-laptop.png"] {
+        assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 10_000, "{shot} written");
+    }
+    assert!(!gw.logs().contains(TOKEN));
+}
