@@ -25,9 +25,10 @@ use crate::status::StatusSource;
 use crate::store::{PassingEvent, Store, StoreParts, StoreStats};
 use crate::uplink::{Uplink, UplinkStatus};
 
-/// Reads waiting for the store. At ~100 bytes each this bounds memory at a few MB, and is far
-/// more than a mass start produces within one commit interval.
-const READ_QUEUE: usize = 32_768;
+/// Reads waiting for the store: far more than a mass start produces within one commit interval
+/// (the store takes a thousand per commit). The channel's slots are allocated up front, so this
+/// is also resident memory (~200 bytes a slot): kept small for a Pi Zero.
+const READ_QUEUE: usize = 4096;
 /// How often systemd's `STATUS=` line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 

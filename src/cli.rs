@@ -171,6 +171,7 @@ fn open_db(cfg: &Config) -> anyhow::Result<Db> {
 }
 
 fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let log = crate::logging::init(&cfg.log)?;
     info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), port = cfg.reader.port.as_deref().unwrap_or(""), "rufus-gateway starting");
     runtime()?.block_on(async {
@@ -247,4 +248,14 @@ fn bind(cfg: &Config, model: &str, serial: &str, alias: Option<&str>) -> anyhow:
         DEFAULT_CONFIG_PATH
     );
     Ok(())
+}
+
+/// glibc gives every thread that allocates its own malloc arena (megabytes each, kept); a daemon
+/// with a handful of mostly idle threads on a 512 MB Pi needs two. Measured in docs/PERFORMANCE.md.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }

@@ -100,14 +100,27 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
     let written = written.lock().unwrap();
     let stored: std::collections::HashSet<&str> = committed.iter().map(|c| c.1.as_str()).collect();
     let mut lost_per_kill: BTreeMap<usize, usize> = BTreeMap::new();
-    // A read can be lost only if it was read but not yet committed when the process died: the
-    // commit interval (50 ms) plus scheduling slack before the kill, or a line cut in half.
-    let before = Duration::from_millis(250);
+    // A read can be lost only if it was in flight when the process died: read but not yet
+    // committed (the 50 ms commit interval), or still in the tty's input queue, which the kernel
+    // discards when the port's last reader dies. Typically within 60 ms of the kill (the figure is
+    // printed); 1 s of slack keeps a loaded CI machine from failing the test, and still proves
+    // that nothing is lost away from a crash.
+    let before = Duration::from_secs(1);
     let after = Duration::from_millis(50);
     let mut offsets: Vec<i64> = Vec::new();
     for (chip, at) in written.iter().filter(|(c, _)| !stored.contains(c.as_str())) {
         let kill = outages.iter().position(|(killed, ready)| *at + before >= *killed && *at <= *ready + after);
-        let Some(k) = kill else { panic!("chip {chip} lost although written far from any kill") };
+        let Some(k) = kill else {
+            let in_reads: i64 =
+                db.connection().query_row("SELECT count(*) FROM reads WHERE chip = ?1", [chip], |r| r.get(0)).unwrap();
+            let near: Vec<String> = outages
+                .iter()
+                .map(|(k, r)| format!("kill {:+} ms / ready {:+} ms", ms(*at, *k), ms(*at, *r)))
+                .collect();
+            panic!(
+                "chip {chip} lost although written far from any kill (rows in reads: {in_reads}); relative to the outages: {near:?}"
+            )
+        };
         *lost_per_kill.entry(k).or_default() += 1;
         let killed = outages[k].0;
         offsets.push(if *at <= killed {
@@ -129,4 +142,9 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
         remote.duplicates,
         status["reader"]["rejected_total"]
     );
+}
+
+/// Milliseconds from `a` to `b` (negative when `b` is earlier).
+fn ms(a: Instant, b: Instant) -> i64 {
+    if b >= a { (b - a).as_millis() as i64 } else { -((a - b).as_millis() as i64) }
 }

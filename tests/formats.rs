@@ -204,7 +204,7 @@ async fn ipico_reader_local_time_in_summer() {
     for (chip, ts) in &passings {
         assert_eq!(ts, &first_time(&reads, chip), "{chip}");
     }
-    assert_eq!(gw.status()["reader"]["reads_total"], 3000);
+    gw.wait_status("all 3000 reads taken in", |s| s["reader"]["reads_total"] == 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +301,7 @@ async fn chafon_ascii_chips_bib_map_and_unmapped_skipped() {
     }
     let chips: Vec<String> = fake.state().sessions[0].passings.values().filter_map(|p| p.chip.clone()).collect();
     assert!(chips.iter().all(|c| c.starts_with("MC009")), "{chips:?}");
-    assert_eq!(gw.status()["reader"]["reads_total"], 1800);
+    gw.wait_status("all 1800 reads taken in", |s| s["reader"]["reads_total"] == 1800).await;
 }
 
 /// 64 KiB of random bytes, invalid UTF-8 and overlong lines: valid records around them arrive.

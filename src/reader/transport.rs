@@ -35,8 +35,14 @@ fn enable_keepalive(stream: &TcpStream) -> io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
 }
 
-/// How long one `read` blocks: short, so the thread notices cancellation promptly.
-pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long one `read` blocks when nothing arrives: the thread notices cancellation within this,
+/// and an idle gateway wakes only twice a second for it.
+pub const READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A polled reader must be written to on time, so its reads block no longer than the poll interval.
+fn read_timeout(cfg: &ReaderConfig) -> Duration {
+    if cfg.poll_interval.is_zero() { READ_TIMEOUT } else { READ_TIMEOUT.min(cfg.poll_interval) }
+}
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub enum Port {
@@ -47,7 +53,7 @@ pub enum Port {
 /// One `poll` of the port.
 pub enum Received {
     Data(usize),
-    /// Nothing arrived within `READ_TIMEOUT`.
+    /// Nothing arrived within the read timeout.
     Idle,
 }
 
@@ -60,7 +66,7 @@ impl Port {
                 .next()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} does not resolve")))?;
             let stream = TcpStream::connect_timeout(&target, TCP_CONNECT_TIMEOUT)?;
-            stream.set_read_timeout(Some(READ_TIMEOUT))?;
+            stream.set_read_timeout(Some(read_timeout(cfg)))?;
             stream.set_nodelay(true)?;
             enable_keepalive(&stream)?;
             return Ok(Port::Tcp(stream));
@@ -83,7 +89,7 @@ impl Port {
                 FlowControl::Software => serialport::FlowControl::Software,
                 FlowControl::Hardware => serialport::FlowControl::Hardware,
             })
-            .timeout(READ_TIMEOUT)
+            .timeout(read_timeout(cfg))
             .open_native()
             .map_err(io::Error::from)?;
         Ok(Port::Serial(port))

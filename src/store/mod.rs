@@ -61,9 +61,11 @@ pub enum Op {
         session_id: i64,
         token: String,
     },
+    /// The API confirmed the session's pending passings numbered `first..=last`.
     Delivered {
         session_id: i64,
-        passing_ids: Vec<i64>,
+        first: i64,
+        last: i64,
     },
     Undeliverable {
         session_id: i64,
@@ -110,6 +112,12 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
+    /// Queue a change without waiting for it (it is applied in order with everything else).
+    pub fn send(&self, op: Op) -> Result<(), StoreStopped> {
+        let (reply, _) = oneshot::channel();
+        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)
+    }
+
     /// Returns the affected session id, when the operation has one.
     pub async fn call(&self, op: Op) -> anyhow::Result<Option<i64>> {
         let (reply, rx) = oneshot::channel();
@@ -435,6 +443,9 @@ impl Store {
                         // Keep order: reads that arrived before the command are committed first.
                         if self.flush(&mut batch) { deadline = None; }
                         let result = self.apply(cmd.op).map_err(|e| format!("{e:#}"));
+                        if let Err(e) = &result {
+                            warn!(error = %e, "a requested change could not be written");
+                        }
                         let _ = cmd.reply.send(result);
                         self.notify.notify_one();
                     }
@@ -694,18 +705,15 @@ impl Store {
                 )?;
                 Ok(Some(session_id))
             }
-            Op::Delivered { session_id, passing_ids } => {
+            Op::Delivered { session_id, first, last } => {
+                // A batch is the session's first pending passings in order, so the pending ones in
+                // [first, last] are exactly the batch: one statement, on the pending index.
                 let tx = self.conn.transaction()?;
-                let mut changed = 0;
-                {
-                    let mut stmt = tx.prepare_cached(
-                        "UPDATE passings SET state = 'delivered', delivered_at = ?1 WHERE id = ?2 AND state = 'pending'",
-                    )?;
-                    let now = clock::now_us();
-                    for id in &passing_ids {
-                        changed += stmt.execute(params![now, id])?;
-                    }
-                }
+                let changed = tx.execute(
+                    "UPDATE passings SET state = 'delivered', delivered_at = ?1
+                     WHERE session_id = ?2 AND num_passing BETWEEN ?3 AND ?4 AND state = 'pending'",
+                    params![clock::now_us(), session_id, first, last],
+                )?;
                 tx.execute(
                     "UPDATE sessions SET delivered = delivered + ?1 WHERE id = ?2",
                     params![changed as i64, session_id],

@@ -154,8 +154,9 @@ impl Db {
         })
     }
 
-    /// What the uplink must do next: the oldest session not finished remotely decides.
-    pub fn next_work(&self, limit: usize) -> rusqlite::Result<Work> {
+    /// What the uplink must do next: the oldest session not finished remotely decides. `sent` is
+    /// the uplink's cursor: the last (session, number) it delivered, perhaps not recorded yet.
+    pub fn next_work(&self, limit: usize, sent: Option<(i64, i64)>) -> rusqlite::Result<Work> {
         let head: Option<(i64, String, String, String, Option<String>)> = self
             .conn
             .query_row(
@@ -172,20 +173,21 @@ impl Db {
             ("open", Some(token)) => token,
             _ => return Ok(Work::Create { session_id, alias }),
         };
-        let passings = self.pending(session_id, limit)?;
+        let after = sent.filter(|(s, _)| *s == session_id).map_or(0, |(_, n)| n);
+        let passings = self.pending(session_id, limit, after)?;
         if !passings.is_empty() {
             return Ok(Work::Send { session_id, token, passings });
         }
         if state == "open" { Ok(Work::Idle) } else { Ok(Work::Close { session_id, token }) }
     }
 
-    fn pending(&self, session_id: i64, limit: usize) -> rusqlite::Result<Vec<Outgoing>> {
+    fn pending(&self, session_id: i64, limit: usize, after: i64) -> rusqlite::Result<Vec<Outgoing>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT p.id, p.num_passing, p.bib, p.chip, p.timestamp, p.clock_synced, b.boot_id, r.monotonic_us
              FROM passings p JOIN reads r ON r.id = p.read_id JOIN boots b ON b.id = r.boot
-             WHERE p.session_id = ?1 AND p.state = 'pending' ORDER BY p.num_passing LIMIT ?2",
+             WHERE p.session_id = ?1 AND p.state = 'pending' AND p.num_passing > ?3 ORDER BY p.num_passing LIMIT ?2",
         )?;
-        stmt.query_map(params![session_id, limit as i64], |r| {
+        stmt.query_map(params![session_id, limit as i64, after], |r| {
             let held = r.get::<_, i64>(5)? == 0;
             Ok(Outgoing {
                 id: r.get(0)?,

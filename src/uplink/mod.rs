@@ -100,6 +100,8 @@ pub struct Uplink {
     pub live: Arc<crate::supervisor::Liveness>,
     timeout: Duration,
     backoff: Backoff,
+    /// The last (session, num_passing) delivered: the next batch starts after it.
+    sent: Option<(i64, i64)>,
 }
 
 /// What one step did, for the loop's bookkeeping.
@@ -130,6 +132,7 @@ impl Uplink {
             live: Arc::default(),
             timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
+            sent: None,
         })
     }
 
@@ -152,8 +155,9 @@ impl Uplink {
                 });
             }
             let conn = db.take().expect("db is returned after each query");
+            let sent = self.sent;
             let (conn, work) = tokio::task::spawn_blocking(move || {
-                let work = conn.next_work(limit);
+                let work = conn.next_work(limit, sent);
                 (conn, work)
             })
             .await?;
@@ -284,8 +288,13 @@ impl Uplink {
                             );
                             self.update(|s| s.duplicates_reported += duplicates);
                         }
-                        let ids = passings.iter().map(|p| p.id).collect();
-                        self.store.call(Op::Delivered { session_id, passing_ids: ids }).await?;
+                        // Recorded without waiting: the store applies changes in order, and the
+                        // next batch starts after this one (the cursor), so the commit's fsync
+                        // overlaps the next request. Unrecorded, they would only be resent.
+                        self.store
+                            .send(Op::Delivered { session_id, first, last })
+                            .map_err(|e| Failure::Store(e.into()))?;
+                        self.sent = Some((session_id, last));
                         Ok(Step::Done)
                     }
                     Err(ApiError::Refused { description, .. }) => Err(Failure::Refused {

@@ -1,0 +1,378 @@
+//! Load tool for docs/PERFORMANCE.md: drives the release binary through a pseudo-terminal against
+//! the in-process fake API and reads the cost from /proc. Not a test: figures, not assertions.
+//!
+//! ```sh
+//! cargo build --release --examples && target/release/examples/load [--reads 20000] [--scale]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rufus_gateway::control::{self, Request};
+use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
+use rufus_gateway::pty::Pty;
+
+/// What /proc says about a process (all threads).
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    cpu_ns: u64,
+    rss_kb: u64,
+    hwm_kb: u64,
+    write_bytes: u64,
+    switches: u64,
+}
+
+fn sample(pid: u32) -> Sample {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): utime is the 14th field overall.
+    let after = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let write_bytes =
+        io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut switches = 0;
+    let mut cpu_ns = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            // schedstat: nanoseconds on the CPU, per thread (finer than the 10 ms ticks of stat).
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            cpu_ns += sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            for key in ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"] {
+                switches += s
+                    .lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    // Threads that already exited are only in the process totals (ticks); prefer the finer sum.
+    let ticks_ns = (num(11) + num(12)) as f64 / ticks_per_sec() * 1e9;
+    let cpu_ns = if cpu_ns > 0 { cpu_ns.max(ticks_ns as u64) } else { ticks_ns as u64 };
+    Sample { cpu_ns, rss_kb: kb("VmRSS:"), hwm_kb: kb("VmHWM:"), write_bytes, switches }
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+struct Gateway {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(binary: &Path, fake: &FakeApi, device: &str, port: &Path, extra: &str, db: Option<&Path>) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("gateway.db"));
+        let socket = dir.path().join("control.sock");
+        let config = format!(
+            "[api]\nbase_url = \"{}\"\napi_key = \"{FAKE_KEY}\"\ndeviceid = \"{device}\"\nretry_max_delay = \"1s\"\n\
+             [reader]\nport = \"{}\"\npattern = '^(?P<chip>[0-9A-F]{{8}})$'\n\
+             [clock]\nsource = \"trust\"\n[storage]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n\
+             [log]\nlevel = \"warn\"\ntarget = \"stderr\"\n{extra}",
+            fake.base_url(),
+            port.display(),
+            db.display(),
+            socket.display()
+        );
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .arg("run")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the gateway");
+        let gw = Gateway { child, socket, _dir: dir };
+        wait(Duration::from_secs(20), || control::request(&gw.socket, &Request::Status).is_ok());
+        gw
+    }
+
+    fn status(&self) -> serde_json::Value {
+        control::request(&self.socket, &Request::Status).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn flood(pty: Pty, n: u32, offset: u32) -> std::thread::JoinHandle<Pty> {
+    std::thread::spawn(move || {
+        let mut pty = pty;
+        let block: String = (offset..offset + n).map(|i| format!("{:08X}\n", 0xA000_0000u32 + i)).collect();
+        pty.write(block.as_bytes()).unwrap();
+        pty
+    })
+}
+
+struct FloodResult {
+    seconds: f64,
+    cpu_us_per_read: f64,
+    bytes_per_read: f64,
+    peak_mb: f64,
+}
+
+/// Start a gateway, flood it with `n` distinct reads, measure until all are on the fake API.
+async fn flood_run(binary: &Path, n: u32, extra: &str) -> (FloodResult, Sample, f64) {
+    let (fake, device) = FakeApi::start().await.unwrap();
+    let pty = Pty::open().unwrap();
+    let gw = Gateway::start(binary, &fake, &device, &pty.path, extra, None);
+    control::request(&gw.socket, &Request::SessionStart { alias: Some("LOAD".into()) }).unwrap();
+    // Idle, fresh: RSS and wake-ups over 10 s with nothing happening.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle0 = sample(gw.pid());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle1 = sample(gw.pid());
+    let wakeups = (idle1.switches - idle0.switches) as f64 / 10.0;
+    let before = sample(gw.pid());
+    let start = Instant::now();
+    let writer = flood(pty, n, 0);
+    fake.wait_for(Duration::from_secs(300), "flood delivered", |s| s.total_passings() == n as usize).await.unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let _pty = writer.join().unwrap();
+    let after = sample(gw.pid());
+    let result = FloodResult {
+        seconds,
+        cpu_us_per_read: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / n as f64,
+        bytes_per_read: (after.write_bytes - before.write_bytes) as f64 / n as f64,
+        peak_mb: after.hwm_kb as f64 / 1024.0,
+    };
+    let idle_cpu = (idle1.cpu_ns - idle0.cpu_ns) as f64 / 1e9 / 10.0 * 100.0;
+    println!("    idle CPU over 10 s: {idle_cpu:.2} %");
+    (result, idle1, wakeups)
+}
+
+/// The naive forwarder on the same flood.
+async fn naive_run(naive: &Path, n: u32) -> FloodResult {
+    let (fake, device) = FakeApi::start().await.unwrap();
+    let pty = Pty::open().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("naive.db");
+    let mut child = Command::new(naive)
+        .args([pty.path.to_str().unwrap(), db.to_str().unwrap(), &fake.base_url(), FAKE_KEY, &device])
+        .spawn()
+        .expect("naive forwarder (cargo build --release --examples)");
+    fake.wait_for(Duration::from_secs(20), "naive session", |s| !s.sessions.is_empty()).await.unwrap();
+    let before = sample(child.id());
+    let start = Instant::now();
+    let writer = flood(pty, n, 0);
+    fake.wait_for(Duration::from_secs(900), "naive delivered", |s| s.total_passings() == n as usize).await.unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let _pty = writer.join().unwrap();
+    let after = sample(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    FloodResult {
+        seconds,
+        cpu_us_per_read: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / n as f64,
+        bytes_per_read: (after.write_bytes - before.write_bytes) as f64 / n as f64,
+        peak_mb: after.hwm_kb as f64 / 1024.0,
+    }
+}
+
+/// Backlog: `n` passings stored while the API is down, then drained; and a bare client posting
+/// the same batches to the same kind of server, for comparison.
+async fn drain_run(binary: &Path, n: u32) -> (f64, f64) {
+    let (fake, device) = FakeApi::start().await.unwrap();
+    fake.stop_listening();
+    let pty = Pty::open().unwrap();
+    let gw = Gateway::start(binary, &fake, &device, &pty.path, "", None);
+    control::request(&gw.socket, &Request::SessionStart { alias: Some("DRAIN".into()) }).unwrap();
+    let _pty = flood(pty, n, 0).join().unwrap();
+    wait(Duration::from_secs(120), || gw.status()["queue"]["pending"] == n as i64);
+    fake.resume().await.unwrap();
+    let start = Instant::now();
+    fake.wait_for(Duration::from_secs(300), "backlog drained", |s| s.total_passings() == n as usize).await.unwrap();
+    let gateway = start.elapsed().as_secs_f64();
+
+    // The bare client: same batches (200), one request at a time, same fake server.
+    let (bare_fake, bare_device) = FakeApi::start().await.unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let reply: serde_json::Value = http
+        .post(format!("{}/sessions", bare_fake.base_url()))
+        .header("api_key", FAKE_KEY)
+        .json(&serde_json::json!({ "deviceid": bare_device, "alias": "BARE" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = reply["token_session"].as_str().unwrap().to_string();
+    let passings: Vec<rufus_gateway::store::query::Outgoing> = (0..n as i64)
+        .map(|i| rufus_gateway::store::query::Outgoing {
+            id: i,
+            num_passing: i + 1,
+            bib: format!("{:08X}", 0xA000_0000u32 as i64 + i),
+            chip: format!("{:08X}", 0xA000_0000u32 as i64 + i),
+            timestamp_us: rufus_gateway::clock::now_us(),
+            held: None,
+        })
+        .collect();
+    let start = Instant::now();
+    for batch in passings.chunks(200) {
+        let body = rufus_gateway::uplink::api::batch_body(&token, batch);
+        let r = http
+            .post(format!("{}/passings", bare_fake.base_url()))
+            .header("api_key", FAKE_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let _ = r.bytes().await;
+    }
+    let bare = start.elapsed().as_secs_f64();
+    (gateway, bare)
+}
+
+/// Status latency and delivery with many delivered rows already in the store.
+async fn scale_run(binary: &Path, rows: i64) -> (f64, f64) {
+    let (fake, device) = FakeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    {
+        // Create the schema with the real code, then fill it.
+        let mut conn = rufus_gateway::store::open_writer(&db).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute("INSERT INTO boots (boot_id, first_seen) VALUES ('old', 0)", []).unwrap();
+        tx.execute(
+            "INSERT INTO sessions (alias, state, remote_state, token, created_at, next_num, delivered) VALUES ('OLD', 'closed', 'closed', 'T', 0, ?1, ?2)",
+            [rows + 1, rows],
+        )
+        .unwrap();
+        let now = rufus_gateway::clock::now_us();
+        {
+            let mut read = tx
+                .prepare("INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, timestamp, raw, session_id) VALUES (?1, 0, 1, 1, ?2, ?1, x'00', 1)")
+                .unwrap();
+            let mut passing = tx
+                .prepare("INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start, state, delivered_at) VALUES (1, ?1, ?2, ?3, ?3, ?4, ?4, 'delivered', ?4)")
+                .unwrap();
+            for i in 0..rows {
+                let chip = format!("{i:08X}");
+                read.execute(rusqlite::params![now - (rows - i), chip]).unwrap();
+                passing.execute(rusqlite::params![i + 1, i + 1, chip, now - (rows - i)]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let pty = Pty::open().unwrap();
+    let gw = Gateway::start(binary, &fake, &device, &pty.path, "", Some(&db));
+    control::request(&gw.socket, &Request::SessionStart { alias: Some("SCALE".into()) }).unwrap();
+    let mut times: Vec<f64> = (0..21)
+        .map(|_| {
+            let t = Instant::now();
+            control::request(&gw.socket, &Request::Status).unwrap();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let start = Instant::now();
+    let _pty = flood(pty, 1000, 0).join().unwrap();
+    fake.wait_for(Duration::from_secs(120), "1000 delivered", |s| s.total_passings() == 1000).await.unwrap();
+    (times[10], start.elapsed().as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: u32 = args
+        .iter()
+        .position(|a| a == "--reads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let scale = args.iter().any(|a| a == "--scale");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = root.join("target/release/rufus-gateway");
+    let naive = root.join("target/release/examples/naive-forwarder");
+    println!(
+        "rufus-gateway load tool: {n} reads, binary {} ({} bytes)",
+        binary.display(),
+        std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0)
+    );
+
+    println!("\n## flood, dashboard and feed off");
+    let (plain, idle, wakeups) = flood_run(&binary, n, "").await;
+    println!("    idle (fresh) RSS {:.1} MB, wake-ups {wakeups:.1}/s", idle.rss_kb as f64 / 1024.0);
+    report(&plain);
+    println!("\n## flood, dashboard and feed on (nobody connected)");
+    let (web, idle_web, _) =
+        flood_run(&binary, n, "[http]\nlisten = \"127.0.0.1:0\"\n[feed]\nlisten = \"127.0.0.1:0\"\n").await;
+    println!("    idle (fresh) RSS {:.1} MB", idle_web.rss_kb as f64 / 1024.0);
+    report(&web);
+    println!(
+        "    dashboard+feed add {:+.2} MB peak RSS, {:+.2} µs CPU per read",
+        web.peak_mb - plain.peak_mb,
+        web.cpu_us_per_read - plain.cpu_us_per_read
+    );
+
+    println!("\n## naive forwarder (commit per read), same flood");
+    let naive_result = naive_run(&naive, n).await;
+    report(&naive_result);
+    println!(
+        "    gateway/naive: CPU per read {:.2}, bytes per read {:.3}",
+        plain.cpu_us_per_read / naive_result.cpu_us_per_read,
+        plain.bytes_per_read / naive_result.bytes_per_read
+    );
+
+    println!("\n## backlog drain");
+    let (gateway, bare) = drain_run(&binary, n).await;
+    println!("    gateway {gateway:.2} s, bare client {bare:.2} s, ratio {:.2}", gateway / bare);
+
+    if scale {
+        println!("\n## scale: delivered rows already in the store");
+        for rows in [10_000i64, 100_000, 1_000_000] {
+            let (status_ms, deliver_s) = scale_run(&binary, rows).await;
+            println!(
+                "    {rows:>9} rows: status median {status_ms:.2} ms, 1000 new reads delivered in {deliver_s:.2} s"
+            );
+        }
+    }
+}
+
+fn report(r: &FloodResult) {
+    println!(
+        "    delivered in {:.2} s; CPU {:.1} µs per read; {:.0} bytes written per read; peak RSS {:.1} MB",
+        r.seconds, r.cpu_us_per_read, r.bytes_per_read, r.peak_mb
+    );
+}
