@@ -26,6 +26,16 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
         LogTarget::Stderr => false,
         LogTarget::Auto => stderr_is_journal(),
     };
+    // Asked for journald but none answers (a stale socket, a container): log to stderr rather
+    // than refuse to start.
+    let journald = journald && {
+        let alive =
+            std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect("/run/systemd/journal/socket")).is_ok();
+        if !alive {
+            eprintln!("rufus-gateway: journald is not reachable; logging to stderr");
+        }
+        alive
+    };
     if journald {
         // No field prefix: `journalctl -u rufus-gateway SESSION_ID=4` works as an operator expects.
         use tracing_journald::{Priority, PriorityMappings};

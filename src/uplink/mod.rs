@@ -100,6 +100,10 @@ pub struct Uplink {
     pub live: Arc<crate::supervisor::Liveness>,
     timeout: Duration,
     backoff: Backoff,
+    /// The read-side connection, used from blocking threads.
+    db: Option<Arc<Mutex<Db>>>,
+    /// The next piece of work, read while the previous request was in flight.
+    prefetched: Option<Work>,
     /// The last (session, num_passing) delivered: the next batch starts after it.
     sent: Option<(i64, i64)>,
 }
@@ -133,12 +137,14 @@ impl Uplink {
             timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
             sent: None,
+            db: None,
+            prefetched: None,
         })
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let path = self.db_path.clone();
-        let mut db = Some(tokio::task::spawn_blocking(move || Db::open_readonly(&path)).await??);
+        self.db = Some(Arc::new(Mutex::new(tokio::task::spawn_blocking(move || Db::open_readonly(&path)).await??)));
         let mut limit = self.batch_size;
         let mut failing = false;
         while !cancel.is_cancelled() {
@@ -154,14 +160,10 @@ impl Uplink {
                     }
                 });
             }
-            let conn = db.take().expect("db is returned after each query");
-            let sent = self.sent;
-            let (conn, work) = tokio::task::spawn_blocking(move || {
-                let work = conn.next_work(limit, sent);
-                (conn, work)
-            })
-            .await?;
-            db = Some(conn);
+            let work = match self.prefetched.take() {
+                Some(work) => Ok(work),
+                None => self.query(limit, self.sent).await?,
+            };
             let work = match work {
                 Ok(w) => w,
                 Err(e) => {
@@ -274,8 +276,14 @@ impl Uplink {
             Work::Send { session_id, token, passings } => {
                 let first = passings.first().map(|p| p.num_passing).unwrap_or(0);
                 let last = passings.last().map(|p| p.num_passing).unwrap_or(0);
+                // Read the batch after this one while the request is in flight (used only if
+                // this one is accepted): the database round trip overlaps the network's.
+                let next = self.spawn_query(self.batch_size, Some((session_id, last)));
                 match self.client.post_passings(&token, &passings).await {
                     Ok(reply) => {
+                        if let Ok(Ok(Ok(work))) = next.await {
+                            self.prefetched = Some(work);
+                        }
                         let duplicates = reply.duplicates.unwrap_or(0);
                         debug!(session_id, first, last, inserted = reply.inserted, duplicates, "passings delivered");
                         if duplicates > 0 {
@@ -324,6 +332,22 @@ impl Uplink {
                 Ok(Step::Done)
             }
         }
+    }
+
+    fn spawn_query(
+        &self,
+        limit: usize,
+        sent: Option<(i64, i64)>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Work>>> {
+        let db = self.db.clone().expect("opened at start");
+        tokio::task::spawn_blocking(move || {
+            let db = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+            Ok(db.next_work(limit, sent))
+        })
+    }
+
+    async fn query(&self, limit: usize, sent: Option<(i64, i64)>) -> anyhow::Result<rusqlite::Result<Work>> {
+        self.spawn_query(limit, sent).await?
     }
 
     /// Passings stamped by the host before its clock synchronised wait (in order, so everything
