@@ -297,8 +297,10 @@ async fn scale_run(binary: &Path, rows: i64) -> (f64, f64) {
                 .unwrap();
             for i in 0..rows {
                 let chip = format!("{i:08X}");
-                read.execute(rusqlite::params![now - (rows - i), chip]).unwrap();
-                passing.execute(rusqlite::params![i + 1, i + 1, chip, now - (rows - i)]).unwrap();
+                // Two seconds apart: a million rows span the 23 days before now (within retention).
+                let at = now - (rows - i) * 2_000_000;
+                read.execute(rusqlite::params![at, chip]).unwrap();
+                passing.execute(rusqlite::params![i + 1, i + 1, chip, at]).unwrap();
             }
         }
         tx.commit().unwrap();
@@ -339,6 +341,15 @@ async fn main() {
         std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0)
     );
 
+    if args.iter().any(|a| a == "--scale-only") {
+        for rows in [10_000i64, 100_000, 1_000_000] {
+            let (status_ms, deliver_s) = scale_run(&binary, rows).await;
+            println!(
+                "    {rows:>9} rows: status median {status_ms:.2} ms, 1000 new reads delivered in {deliver_s:.2} s"
+            );
+        }
+        return;
+    }
     if args.iter().any(|a| a == "--drain-only") {
         let (gateway, bare) = drain_run(&binary, n).await;
         println!("backlog drain: gateway {gateway:.3} s, bare client {bare:.3} s, ratio {:.2}", gateway / bare);

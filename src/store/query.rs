@@ -140,7 +140,9 @@ impl Db {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         let (oldest, waiting_for_clock): (Option<i64>, i64) = self.conn.query_row(
-            "SELECT min(timestamp), coalesce(sum(clock_synced = 0), 0) FROM passings WHERE state = 'pending'",
+            // The partial index holds only pending rows; the hint keeps the planner, which has no
+            // statistics, from ever choosing a scan of the whole (mostly delivered) table.
+            "SELECT min(timestamp), coalesce(sum(clock_synced = 0), 0) FROM passings INDEXED BY passings_pending WHERE state = 'pending'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
