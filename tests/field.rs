@@ -306,3 +306,72 @@ async fn retention_prunes_delivered_rows_only() {
     fake.resume().await.unwrap();
     wait_fake(&fake, &gw, "the 5 pending delivered", |s| s.total_passings() == 15).await;
 }
+
+/// The wall clock jumps back two hours, then forward three, while the gateway runs (libfaketime
+/// moves the daemon's clock; nothing else on the machine is touched). Passings keep the order
+/// they were read in, and a passing's time, once taken, never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_neither_reorders_nor_re_times_passings() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    if !lib.exists() {
+        assert!(
+            std::env::var_os("RUFUS_GATEWAY_REQUIRE_FAKETIME").is_none(),
+            "libfaketime required (apt-get install faketime)"
+        );
+        println!("skipped: needs libfaketime (Debian package faketime; .ci/run installs it)");
+        return;
+    }
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    let offset = gw.dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    gw.env = vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), offset.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "JUMP"]);
+    let chips = chips(0..15);
+    let timestamps = |fake: &rufus_gateway::fake_api::FakeApi| -> Vec<chrono::DateTime<chrono::Utc>> {
+        fake.state().sessions[0].passings.values().map(|p| p.timestamp.parse().unwrap()).collect()
+    };
+    write_lines(&mut pty, &chips[0..5]);
+    wait_fake(&fake, &gw, "5 before the jump", |s| s.total_passings() == 5).await;
+    let before = timestamps(&fake);
+
+    std::fs::write(&offset, "-2h\n").unwrap();
+    write_lines(&mut pty, &chips[5..10]);
+    wait_fake(&fake, &gw, "5 after jumping back", |s| s.total_passings() == 10).await;
+    std::fs::write(&offset, "+1h\n").unwrap();
+    write_lines(&mut pty, &chips[10..15]);
+    wait_fake(&fake, &gw, "5 after jumping forward", |s| s.total_passings() == 15).await;
+
+    let state = fake.state();
+    let session = &state.sessions[0];
+    let order: Vec<&str> = session.passings.values().map(|p| p.chip.as_deref().unwrap()).collect();
+    assert_eq!(order, chips.iter().map(String::as_str).collect::<Vec<_>>(), "numbered in the order read");
+    assert_eq!(session.conflicts, 0);
+    drop(state);
+    let after = timestamps(&fake);
+    assert_eq!(&after[..5], &before[..], "earlier passings keep their time");
+    let back = (after[4] - after[5]).num_minutes();
+    let forward = (after[10] - after[9]).num_minutes();
+    println!("host clock jumped: {back} min back, then {forward} min forward; numbering kept read order");
+    assert!((115..=121).contains(&back), "the jump back shows in host timestamps: {back} min");
+    assert!((175..=181).contains(&forward), "the jump forward shows: {forward} min");
+    // The database agrees with the server: nothing was re-timed afterwards.
+    let db = gw.db();
+    let stored: Vec<String> = db
+        .connection()
+        .prepare("SELECT timestamp FROM passings ORDER BY num_passing")
+        .unwrap()
+        .query_map([], |r| Ok(rufus_gateway::clock::api_timestamp(r.get(0)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let sent: Vec<String> = fake.state().sessions[0].passings.values().map(|p| p.timestamp.clone()).collect();
+    assert_eq!(stored, sent);
+}
