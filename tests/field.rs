@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rufus_gateway::fake_api::{Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 
@@ -116,22 +117,30 @@ async fn a_full_disk_recovers_by_itself() {
     write_lines(&mut pty, &chips(0..20));
     wait_fake(&fake, &gw, "20 delivered", |s| s.total_passings() == 20).await;
 
-    // Disk full.
+    // Disk full while a batch is in flight: its delivery cannot be recorded either.
+    fake.push_fault(Route::Passings, Fault::Delay(Duration::from_millis(800)));
+    write_lines(&mut pty, &chips(20..40));
+    wait_fake(&fake, &gw, "a slow batch in flight", |s| {
+        s.requests.iter().filter(|r| r.path == "/passings").count() >= 2
+    })
+    .await;
     let filler = disk.fill();
-    write_lines(&mut pty, &chips(20..320));
+    write_lines(&mut pty, &chips(40..340));
     let status = gw.wait_status("the full disk reported", |s| s["storage"]["error"].is_string()).await;
     println!("while full: {}", status["storage"]);
     assert!(status["problems"][0].as_str().unwrap().contains("DATABASE CANNOT BE WRITTEN"), "{status:#}");
-    gw.wait_status("reads held in memory", |s| s["reader"]["reads_total"] == 320).await;
+    gw.wait_status("reads held in memory", |s| s["reader"]["reads_total"] == 340).await;
     assert!(gw.logs().contains("cannot write to the database"));
     std::fs::remove_file(filler).unwrap();
-    let status = gw.wait_status("recovered and all delivered", |s| s["queue"]["delivered"] == 320).await;
+    let status = gw.wait_status("recovered and all delivered", |s| s["queue"]["delivered"] == 340).await;
     assert!(status["storage"]["error"].is_null());
     assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the full disk: 0 reads (the memory buffer held them)");
+    println!("delivery records refused by the full disk and redone: {}", gw.logs().contains("re-reading the queue"));
 
-    assert_eq!(delivered(&fake), 320);
+    assert_eq!(delivered(&fake), 340);
     let nums: Vec<i64> = fake.state().sessions[0].passings.keys().copied().collect();
-    assert_eq!(nums, (1..=320).collect::<Vec<_>>(), "gap-free, in order");
+    assert_eq!(nums, (1..=340).collect::<Vec<_>>(), "gap-free, in order");
+    assert_eq!(fake.state().sessions[0].conflicts, 0);
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 

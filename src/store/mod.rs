@@ -112,10 +112,12 @@ pub struct StoreHandle {
 }
 
 impl StoreHandle {
-    /// Queue a change without waiting for it (it is applied in order with everything else).
-    pub fn send(&self, op: Op) -> Result<(), StoreStopped> {
-        let (reply, _) = oneshot::channel();
-        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)
+    /// Queue a change now (it is applied in order with everything else); await the receiver for
+    /// the outcome, or drop it.
+    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<Option<i64>, String>>, StoreStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)?;
+        Ok(rx)
     }
 
     /// Returns the affected session id, when the operation has one.

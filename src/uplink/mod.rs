@@ -106,6 +106,8 @@ pub struct Uplink {
     prefetched: Option<Work>,
     /// The last (session, num_passing) delivered: the next batch starts after it.
     sent: Option<(i64, i64)>,
+    /// Set when a delivery could not be recorded: the cursor is no longer the database's truth.
+    resync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What one step did, for the loop's bookkeeping.
@@ -137,6 +139,7 @@ impl Uplink {
             timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
             sent: None,
+            resync: Arc::default(),
             db: None,
             prefetched: None,
         })
@@ -159,6 +162,11 @@ impl Uplink {
                         s.state = UplinkState::Idle;
                     }
                 });
+            }
+            if self.resync.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                warn!("a delivery could not be recorded; re-reading the queue from the database");
+                self.sent = None;
+                self.prefetched = None;
             }
             let work = match self.prefetched.take() {
                 Some(work) => Ok(work),
@@ -298,10 +306,8 @@ impl Uplink {
                         }
                         // Recorded without waiting: the store applies changes in order, and the
                         // next batch starts after this one (the cursor), so the commit's fsync
-                        // overlaps the next request. Unrecorded, they would only be resent.
-                        self.store
-                            .send(Op::Delivered { session_id, first, last })
-                            .map_err(|e| Failure::Store(e.into()))?;
+                        // overlaps the next request. Unrecorded, they are read again and resent.
+                        self.record_delivered(session_id, first, last);
                         self.sent = Some((session_id, last));
                         Ok(Step::Done)
                     }
@@ -393,6 +399,25 @@ impl Uplink {
             _ = tokio::time::sleep(wait) => {}
         }
         Ok(None)
+    }
+
+    /// Record a delivery without waiting for the store. If the write fails (disk full), the cursor
+    /// is dropped so the batch is read from the database again and resent (same numbers, counted
+    /// as duplicates by the server) until the store can record it.
+    fn record_delivered(&self, session_id: i64, first: i64, last: i64) {
+        let (resync, notify) = (self.resync.clone(), self.notify.clone());
+        // Queued now, so it is applied before anything the uplink asks for next.
+        let outcome = self.store.submit(Op::Delivered { session_id, first, last });
+        tokio::spawn(async move {
+            let recorded = match outcome {
+                Ok(rx) => matches!(rx.await, Ok(Ok(_))),
+                Err(_) => false,
+            };
+            if !recorded {
+                resync.store(true, std::sync::atomic::Ordering::Relaxed);
+                notify.notify_one();
+            }
+        });
     }
 
     /// The outcome could not be recorded (disk full, read-only storage): the request will simply be
