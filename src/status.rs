@@ -62,14 +62,27 @@ pub struct StatusSource {
 impl StatusSource {
     /// Blocking (SQLite): call from a blocking thread.
     pub fn snapshot(&self) -> anyhow::Result<Status> {
-        let db = Db::open_readonly(&self.db_path)?;
-        let session = db.open_session()?.or(latest_closing(&db)?);
-        let queue = db.queue()?;
-        let held_sessions: Vec<SessionRow> =
-            db.sessions()?.into_iter().filter(|s| s.remote_state == "closed_remotely" && s.pending > 0).collect();
+        let read = || -> anyhow::Result<_> {
+            let db = Db::open_readonly(&self.db_path)?;
+            let session = db.open_session()?.or(latest_closing(&db)?);
+            let queue = db.queue()?;
+            let held: Vec<SessionRow> =
+                db.sessions()?.into_iter().filter(|s| s.remote_state == "closed_remotely" && s.pending > 0).collect();
+            let last_minute = db.reads_since(crate::clock::now_us() - 60_000_000)?;
+            Ok((session, queue, held, last_minute))
+        };
+        let mut error = self.store.last_error.lock().map(|e| e.clone()).unwrap_or(None);
+        // Storage that cannot even be read (gone, unreadable) still gets a status: what the
+        // daemon knows in memory, and the reason.
+        let mut readable = true;
+        let (session, queue, held_sessions, last_minute) = read().unwrap_or_else(|e| {
+            readable = false;
+            error.get_or_insert_with(|| format!("cannot read the database: {e:#}"));
+            (None, QueueCounts::default(), Vec::new(), 0)
+        });
         let uplink = self.uplink.lock().map(|u| u.clone()).unwrap_or_default();
         let mut reader = self.reader.snapshot(&self.port);
-        reader.reads_last_minute = db.reads_since(crate::clock::now_us() - 60_000_000)?;
+        reader.reads_last_minute = last_minute;
         let status = Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             problems: Vec::new(),
@@ -80,13 +93,13 @@ impl StatusSource {
             clock: ClockStatus { synchronized: self.clock.synchronized() },
             storage: StorageStatus {
                 path: self.db_path.display().to_string(),
-                error: self.store.last_error.lock().map(|e| e.clone()).unwrap_or(None),
+                error,
                 buffered_reads: self.store.buffered_reads.load(Ordering::Relaxed),
                 dropped_reads: self.store.dropped_reads.load(Ordering::Relaxed),
             },
             listening: self.listening.lock().map(|l| l.clone()).unwrap_or_default(),
         };
-        Ok(with_problems(status, &held_sessions))
+        Ok(with_problems(status, &held_sessions, readable))
     }
 }
 
@@ -94,7 +107,7 @@ fn latest_closing(db: &Db) -> rusqlite::Result<Option<SessionRow>> {
     Ok(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
 }
 
-fn with_problems(mut s: Status, held: &[SessionRow]) -> Status {
+fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
     let mut p = Vec::new();
     if let Some(e) = &s.storage.error {
         p.push(format!("DATABASE CANNOT BE WRITTEN ({e}); {} reads waiting in memory", s.storage.buffered_reads));
@@ -125,7 +138,8 @@ fn with_problems(mut s: Status, held: &[SessionRow]) -> Status {
             s.uplink.last_error.as_deref().unwrap_or("no answer")
         ));
     }
-    if s.session.as_ref().is_none_or(|x| x.state != "open") {
+    // (Unknown while the database cannot be read: the storage problem says so.)
+    if s.session.as_ref().is_none_or(|x| x.state != "open") && readable {
         p.push("NO SESSION OPEN: reads are kept but not uploaded; run `rufus-gateway session start`".into());
     }
     if s.queue.waiting_for_clock > 0 {

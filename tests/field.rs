@@ -57,6 +57,13 @@ async fn unplug_and_replug_the_reader() {
     assert!(gw.logs().contains("reader disconnected"));
 }
 
+/// Mount-based faults need root; CI runs as root and sets RUFUS_GATEWAY_REQUIRE_MOUNTS so that a
+/// skip there is a failure, not a silent pass.
+fn skip_mount_test(why: &str) {
+    assert!(std::env::var_os("RUFUS_GATEWAY_REQUIRE_MOUNTS").is_none(), "required but impossible: {why}");
+    println!("skipped: {why}");
+}
+
 /// A tmpfs of our own, unmounted on drop. None where mounting is not allowed (not root).
 struct SmallDisk {
     dir: tempfile::TempDir,
@@ -73,7 +80,7 @@ impl SmallDisk {
         if ok {
             Some(SmallDisk { dir })
         } else {
-            println!("skipped: cannot mount a tmpfs here (needs root)");
+            skip_mount_test("cannot mount a tmpfs here (needs root)");
             None
         }
     }
@@ -135,12 +142,222 @@ async fn a_full_disk_recovers_by_itself() {
     let status = gw.wait_status("recovered and all delivered", |s| s["queue"]["delivered"] == 340).await;
     assert!(status["storage"]["error"].is_null());
     assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the full disk: 0 reads (the memory buffer held them)");
-    println!("delivery records refused by the full disk and redone: {}", gw.logs().contains("re-reading the queue"));
+    println!(
+        "delivery records refused by the full disk and recorded later: {}",
+        gw.logs().contains("recording it again later")
+    );
 
     assert_eq!(delivered(&fake), 340);
     let nums: Vec<i64> = fake.state().sessions[0].passings.keys().copied().collect();
     assert_eq!(nums, (1..=340).collect::<Vec<_>>(), "gap-free, in order");
     assert_eq!(fake.state().sessions[0].conflicts, 0);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// An ext4 file system of our own on a loop device, mounted with `errors=remount-ro` like a Pi's
+/// root. `fail` makes the kernel turn it read-only at once (what a failing SD card does);
+/// `repair` is the operator's fix: the image checked with e2fsck and mounted again in its place.
+struct Ext4Disk {
+    images: tempfile::TempDir,
+    mnt: PathBuf,
+    image: std::cell::Cell<u32>,
+}
+
+impl Ext4Disk {
+    fn mount() -> Option<Ext4Disk> {
+        let images = tempfile::tempdir().ok()?;
+        let mnt = images.path().join("mnt");
+        std::fs::create_dir(&mnt).ok()?;
+        let img = images.path().join("card0.img");
+        std::fs::File::create(&img).ok()?.set_len(32 << 20).ok()?;
+        let made = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img).status().is_ok_and(|s| s.success());
+        let disk = Ext4Disk { images, mnt, image: std::cell::Cell::new(0) };
+        if made && disk.mount_image(&img) {
+            Some(disk)
+        } else {
+            skip_mount_test("cannot make and mount an ext4 loop device here (needs root)");
+            None
+        }
+    }
+
+    fn mount_image(&self, img: &Path) -> bool {
+        Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(img)
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The kernel finds an error and remounts the file system read-only (`trigger_fs_error`).
+    fn fail(&self) {
+        let out = Command::new("findmnt").args(["-no", "SOURCE"]).arg(&self.mnt).output().unwrap();
+        let source = String::from_utf8(out.stdout).unwrap();
+        let dev = Path::new(source.trim()).file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::write(format!("/sys/fs/ext4/{dev}/trigger_fs_error"), "rufus-gateway test: the card fails\n").unwrap();
+        let probe = std::fs::write(self.mnt.join("probe"), b"x").unwrap_err();
+        assert_eq!(probe.raw_os_error(), Some(30), "the file system is read-only now: {probe}");
+    }
+
+    /// Check a copy of the image and mount it in place of the failed one.
+    fn repair(&self) {
+        let from = self.images.path().join(format!("card{}.img", self.image.get()));
+        self.image.set(self.image.get() + 1);
+        let to = self.images.path().join(format!("card{}.img", self.image.get()));
+        std::fs::copy(&from, &to).unwrap();
+        let fsck = Command::new("e2fsck").args(["-f", "-y"]).arg(&to).output().unwrap();
+        assert!(fsck.status.code().is_some_and(|c| c <= 1), "e2fsck: {fsck:?}");
+        assert!(Command::new("umount").arg("-l").arg(&self.mnt).status().unwrap().success());
+        assert!(self.mount_image(&to), "mount the repaired image");
+    }
+}
+
+impl Drop for Ext4Disk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// The card turns read-only in the middle of a race (ext4 `errors=remount-ro`): the gateway keeps
+/// reading and answering, says so, keeps new reads in memory, still delivers what it had
+/// committed (without resending it in a loop), and takes up the repaired card by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_that_turns_read_only_is_survived_and_taken_up_again() {
+    let Some(disk) = Ext4Disk::mount() else { return };
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!("{STRICT_CHIP}\nstorage.path = \"{}\"", disk.mnt.join("gateway.db").display());
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "READONLY"]);
+    wait_fake(&fake, &gw, "remote session", |s| s.sessions.len() == 1).await;
+
+    // 20 passings committed while the API is away; their batch is in flight when the card fails,
+    // so the delivery cannot be recorded.
+    fake.stop_listening();
+    write_lines(&mut pty, &chips(0..20));
+    gw.wait_status("20 pending", |s| s["queue"]["pending"] == 20).await;
+    fake.push_fault(Route::Passings, Fault::Delay(Duration::from_millis(1500)));
+    fake.resume().await.unwrap();
+    wait_fake(&fake, &gw, "the batch of 20 in flight", |s| s.requests.iter().any(|r| r.batch == 20)).await;
+    disk.fail();
+    wait_fake(&fake, &gw, "20 delivered", |s| s.total_passings() == 20).await;
+
+    // New reads while the card is read-only: held in memory, said plainly.
+    write_lines(&mut pty, &chips(20..50));
+    let status = gw
+        .wait_status("30 reads held in memory", |s| {
+            s["storage"]["buffered_reads"] == 30 && s["reader"]["reads_total"] == 50
+        })
+        .await;
+    println!("while read-only: {}", status["storage"]);
+    assert!(status["problems"][0].as_str().unwrap().contains("DATABASE CANNOT BE WRITTEN"), "{status:#}");
+    let error = status["storage"]["error"].as_str().unwrap();
+    assert!(error.contains("Read-only file system"), "the system's reason is shown: {error}");
+    let logs = gw.logs();
+    assert!(logs.contains("cannot write to the database"), "{logs}");
+    assert!(logs.contains("recording it again later"), "the delivery's record failed: {logs}");
+    // The writer tries the card again (every 2 s) and is not fooled by a file it can only read.
+    gw.wait_status("a reopening refused", |s| {
+        let e = s["storage"]["error"].to_string();
+        e.contains("readonly database") || e.contains("only be opened for reading")
+    })
+    .await;
+    assert!(!gw.logs().contains("database opened again"));
+
+    disk.repair();
+    let status = gw.wait_status("all 50 delivered and recorded", |s| s["queue"]["delivered"] == 50).await;
+    assert!(status["storage"]["error"].is_null(), "{status:#}");
+    assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the read-only card: 0 reads (held in memory)");
+    assert_eq!(status["queue"]["pending"], 0);
+    assert_eq!(gw.logs().matches("database opened again").count(), 1);
+
+    {
+        let state = fake.state();
+        let nums: Vec<i64> = state.sessions[0].passings.keys().copied().collect();
+        assert_eq!(nums, (1..=50).collect::<Vec<_>>(), "gap-free, in order");
+        assert_eq!(state.sessions[0].conflicts, 0);
+        // The delivered batch was recorded later, not resent in a loop while the card was read-only.
+        let posts = state.requests.iter().filter(|r| r.path == "/passings").count();
+        assert!(posts <= 8, "{posts} passing requests for 50 passings");
+        println!("passing requests: {posts}; duplicates reported: {}", state.sessions[0].duplicates);
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// A directory bind-mounted read-only over itself: storage that refuses writes from the start.
+struct ReadOnlyDir {
+    dir: tempfile::TempDir,
+}
+
+impl ReadOnlyDir {
+    fn mount() -> Option<ReadOnlyDir> {
+        let dir = tempfile::tempdir().ok()?;
+        let bind = Command::new("mount").arg("--bind").arg(dir.path()).arg(dir.path()).status();
+        let ro = bind.is_ok_and(|s| s.success())
+            && Command::new("mount")
+                .args(["-o", "remount,bind,ro"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+        if ro {
+            Some(ReadOnlyDir { dir })
+        } else {
+            skip_mount_test("cannot bind-mount read-only here (needs root)");
+            None
+        }
+    }
+
+    fn make_writable(&self) {
+        let ok = Command::new("mount").args(["-o", "remount,bind,rw"]).arg(self.dir.path()).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Booting with read-only storage: no restart loop. The daemon comes up, reads into memory, says
+/// why, and opens the database (and the automatic session) by itself once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_on_read_only_storage_reads_into_memory_until_it_is_writable() {
+    let Some(ro) = ReadOnlyDir::mount() else { return };
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!(
+        "{STRICT_CHIP}\nstorage.path = \"{}\"\nsession.auto_start = true\nsession.alias = \"ROSTART\"",
+        ro.dir.path().join("gateway.db").display()
+    );
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    let status = gw.wait_status("storage reported", |s| s["storage"]["error"].is_string()).await;
+    println!("at start: {}", status["storage"]);
+    let error = status["storage"]["error"].as_str().unwrap();
+    assert!(error.contains("Read-only file system"), "the system's reason is shown: {error}");
+    assert!(status["problems"][0].as_str().unwrap().contains("DATABASE CANNOT BE WRITTEN"), "{status:#}");
+    assert!(gw.logs().contains("STORAGE UNAVAILABLE"));
+    // Asking for a change that must be written is refused plainly, not hung.
+    let start = gw.cli(&["session", "start", "--alias", "NOPE"]);
+    assert!(!start.status.success());
+
+    write_lines(&mut pty, &chips(0..25));
+    gw.wait_status("25 reads held in memory", |s| s["storage"]["buffered_reads"] == 25).await;
+    assert_eq!(delivered(&fake), 0);
+
+    ro.make_writable();
+    let status = gw.wait_status("all 25 delivered", |s| s["queue"]["delivered"] == 25).await;
+    assert!(status["storage"]["error"].is_null(), "{status:#}");
+    assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the read-only start: 0 reads");
+    assert_eq!(status["session"]["alias"], "ROSTART");
+    {
+        let state = fake.state();
+        assert_eq!(state.sessions.len(), 1);
+        let nums: Vec<i64> = state.sessions[0].passings.keys().copied().collect();
+        assert_eq!(nums, (1..=25).collect::<Vec<_>>());
+    }
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 

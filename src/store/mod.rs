@@ -39,6 +39,10 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const RETRY_COMMIT: Duration = Duration::from_millis(500);
 /// Reads kept in memory while the disk refuses writes; beyond this the oldest are dropped (and counted).
 const MAX_BUFFERED_READS: usize = 200_000;
+/// While the database cannot be opened or written for a reason other than a full disk (storage
+/// gone read-only, I/O errors), it is closed and opened afresh this often: a remounted or
+/// replaced card is picked up without a restart.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
 
 /// A passing as it was committed, for live consumers (demo, feed, dashboard).
 #[derive(Debug, Clone, Serialize)]
@@ -109,9 +113,17 @@ pub struct StoreStopped;
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: Sender<Command>,
+    /// How many times the writer has opened the database: readers holding a connection reopen
+    /// theirs when it changes (the file may be a different one after storage came back).
+    opened: Arc<AtomicU64>,
 }
 
 impl StoreHandle {
+    /// Changes each time the writer (re)opens the database; 0 while it never could.
+    pub fn generation(&self) -> u64 {
+        self.opened.load(Ordering::Acquire)
+    }
+
     /// Queue a change now (it is applied in order with everything else); await the receiver for
     /// the outcome, or drop it.
     pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<Option<i64>, String>>, StoreStopped> {
@@ -140,7 +152,15 @@ pub struct StoreStats {
 }
 
 pub struct Store {
-    conn: Connection,
+    /// None while the storage cannot be opened: reads wait in memory.
+    conn: Option<Connection>,
+    /// Set once a database's open session has been loaded.
+    loaded: bool,
+    /// When set, the connection is suspect (read-only storage, I/O errors): reopen at this time.
+    reopen_at: Option<Instant>,
+    opened: Arc<AtomicU64>,
+    dedup_window: Duration,
+    auto_start: Option<String>,
     path: PathBuf,
     reads: Receiver<Read>,
     commands: Receiver<Command>,
@@ -260,6 +280,33 @@ pub fn open_or_replace(path: &Path) -> anyhow::Result<Connection> {
     }
 }
 
+/// The writer's connection, or the reason there is none.
+fn db(conn: &mut Option<Connection>) -> anyhow::Result<&mut Connection> {
+    conn.as_mut().ok_or_else(unavailable)
+}
+
+fn unavailable() -> anyhow::Error {
+    anyhow::anyhow!("the database is not open (storage unavailable)")
+}
+
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
+    })
+}
+
+/// SQLite says only "unable to open database file" or "disk I/O error": try the file ourselves for
+/// the system's reason (read-only file system, permission denied), which is what the operator
+/// needs to read. A disk that is merely full opens fine and keeps SQLite's words.
+fn explain_open_error(path: &Path, e: anyhow::Error) -> anyhow::Error {
+    let probe = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+    match probe {
+        Err(io) => anyhow::anyhow!("{}: {io} (SQLite: {})", path.display(), e.root_cause()),
+        Ok(_) => e,
+    }
+}
+
 fn is_corruption(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>() {
@@ -301,20 +348,19 @@ impl Store {
         events: broadcast::Sender<PassingEvent>,
         stats: Arc<StoreStats>,
     ) -> anyhow::Result<StoreParts> {
-        let conn = open_or_replace(&cfg.storage.path)?;
         let bibs = match &cfg.passings.bib_map {
             Some(p) => load_bib_map(p).with_context(|| format!("passings.bib_map: cannot load {}", p.display()))?,
             None => HashMap::new(),
         };
         let (tx, commands) = crossbeam_channel::unbounded();
-        let boot_id = clock::boot_id();
-        conn.execute(
-            "INSERT OR IGNORE INTO boots (boot_id, first_seen) VALUES (?1, ?2)",
-            params![boot_id, clock::now_us()],
-        )?;
-        let boot: i64 = conn.query_row("SELECT id FROM boots WHERE boot_id = ?1", [&boot_id], |r| r.get(0))?;
+        let opened = Arc::new(AtomicU64::new(0));
         let mut store = Store {
-            conn,
+            conn: None,
+            loaded: false,
+            reopen_at: None,
+            opened: opened.clone(),
+            dedup_window: cfg.passings.dedup_window,
+            auto_start: cfg.session.auto_start.then(|| cfg.session.alias.clone()),
             path: cfg.storage.path.clone(),
             reads,
             commands,
@@ -325,7 +371,7 @@ impl Store {
             unmapped: if cfg.passings.bib_map.is_some() { cfg.passings.unmapped } else { Unmapped::Chip },
             bibs,
             windows: Windows::new(cfg.passings.dedup_keep, cfg.passings.dedup_window),
-            boot,
+            boot: 0,
             clock: crate::clock::ClockWatch::new(&cfg.clock),
             clock_synced: false,
             retention: cfg.storage.retention,
@@ -334,24 +380,118 @@ impl Store {
             last_prune: Instant::now() - PRUNE_EVERY,
             open: None,
         };
-        store.load_open_session(cfg.passings.dedup_window)?;
-        if store.open.is_none() && cfg.session.auto_start {
-            let id = store.start_session(&cfg.session.alias)?;
-            info!(session_id = id, alias = %cfg.session.alias, "session opened automatically (session.auto_start)");
+        // Storage that cannot be opened does not stop the gateway: it reads into memory, says so,
+        // and keeps trying (a restart loop would read nothing at all).
+        if let Err(e) = store.connect() {
+            let text = format!("{e:#}");
+            error!(error = %text, path = %store.path.display(), "STORAGE UNAVAILABLE: cannot open the database; keeping reads in memory and retrying");
+            store.set_error(Some(text));
+            store.reopen_at = Some(Instant::now() + REOPEN_EVERY);
         }
-        Ok(StoreParts { store, handle: StoreHandle { tx } })
+        Ok(StoreParts { store, handle: StoreHandle { tx, opened } })
+    }
+
+    /// Open the database and take up its state: at the first opening, the open session (or a new
+    /// one, with `session.auto_start`); after a reopening, the session in memory continues.
+    fn connect(&mut self) -> anyhow::Result<()> {
+        self.connect_inner().map_err(|e| explain_open_error(&self.path, e))
+    }
+
+    fn connect_inner(&mut self) -> anyhow::Result<()> {
+        self.conn = None;
+        let conn = open_or_replace(&self.path)?;
+        // SQLite falls back to reading a file it cannot open for writing; that is no writer.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            anyhow::bail!("the database file can only be opened for reading");
+        }
+        // A real write (the upsert rewrites the row), so storage that only looks writable is
+        // found out here and not at the first commit.
+        let boot_id = clock::boot_id();
+        conn.execute(
+            "INSERT INTO boots (boot_id, first_seen) VALUES (?1, ?2)
+             ON CONFLICT (boot_id) DO UPDATE SET first_seen = first_seen",
+            params![boot_id, clock::now_us()],
+        )?;
+        self.boot = conn.query_row("SELECT id FROM boots WHERE boot_id = ?1", [&boot_id], |r| r.get(0))?;
+        self.conn = Some(conn);
+        let result = self.take_up_state();
+        if result.is_err() {
+            self.conn = None;
+        } else {
+            self.opened.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    fn take_up_state(&mut self) -> anyhow::Result<()> {
+        if self.loaded {
+            let Some(open) = self.open else { return Ok(()) };
+            let stored: Option<i64> = db(&mut self.conn)?
+                .query_row("SELECT next_num FROM sessions WHERE id = ?1 AND state = 'open'", [open.id], |r| r.get(0))
+                .optional()?;
+            match stored {
+                // Numbers handed out before the storage failed stay taken (the API may have them).
+                Some(n) if n < open.next_num => {
+                    warn!(
+                        session_id = open.id,
+                        stored = n,
+                        next_num = open.next_num,
+                        "database reopened behind the session's numbering; numbering continues after the numbers already used"
+                    );
+                    return Ok(());
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    error!(
+                        session_id = open.id,
+                        "the reopened database does not hold the open session (a different file?); taking up its state instead"
+                    );
+                    self.open = None;
+                    self.windows.clear();
+                }
+            }
+        }
+        self.load_open_session(self.dedup_window)?;
+        if self.open.is_none()
+            && let Some(alias) = self.auto_start.clone()
+        {
+            let id = self.start_session(&alias)?;
+            info!(session_id = id, alias = %alias, "session opened automatically (session.auto_start)");
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Close a suspect connection and open the database afresh.
+    fn reconnect(&mut self) {
+        match self.connect() {
+            Ok(()) => {
+                self.reopen_at = None;
+                self.set_error(None);
+                info!(path = %self.path.display(), "database opened again; writing what waited in memory");
+                self.notify.notify_one();
+            }
+            Err(e) => {
+                self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                self.set_error(Some(format!("{e:#}")));
+            }
+        }
+    }
+
+    fn reopen_due(&self) -> bool {
+        self.reopen_at.is_some_and(|t| Instant::now() >= t)
     }
 
     /// Resume exactly where we were: the open session, its counter, and its recent windows.
     fn load_open_session(&mut self, window: Duration) -> anyhow::Result<()> {
-        self.open = self
-            .conn
+        let conn = self.conn.as_ref().ok_or_else(unavailable)?;
+        self.open = conn
             .query_row("SELECT id, next_num FROM sessions WHERE state = 'open' ORDER BY id DESC LIMIT 1", [], |r| {
                 Ok(OpenSession { id: r.get(0)?, next_num: r.get(1)? })
             })
             .optional()?;
         let Some(open) = self.open else { return Ok(()) };
-        let mut stmt = self.conn.prepare(
+        let mut stmt = conn.prepare(
             "SELECT chip, window_start FROM passings WHERE session_id = ?1
              AND window_start >= (SELECT max(window_start) FROM passings WHERE session_id = ?1) - ?2 ORDER BY num_passing",
         )?;
@@ -367,7 +507,7 @@ impl Store {
             }
         }
         if let Windows::Strongest(s) = &mut self.windows {
-            let mut stmt = self.conn.prepare(
+            let mut stmt = conn.prepare(
                 "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp, r.clock_synced = 0 AND r.timestamp = r.received_at
                  FROM windows w JOIN reads r ON r.id = w.best_read WHERE w.session_id = ?1",
             )?;
@@ -463,6 +603,12 @@ impl Store {
     /// Periodic work; returns true when strongest windows are due (commit them now).
     fn housekeeping(&mut self) -> bool {
         self.windows.prune();
+        if self.reopen_due() {
+            self.reconnect();
+        }
+        if self.conn.is_none() || self.reopen_at.is_some() {
+            return false;
+        }
         if let Err(e) = self.correct_clock() {
             warn!(error = %format!("{e:#}"), "cannot correct held timestamps");
         }
@@ -486,7 +632,7 @@ impl Store {
             return Ok(());
         }
         let offset = clock::now_us() - clock::monotonic_us();
-        let tx = self.conn.transaction()?;
+        let tx = db(&mut self.conn)?.transaction()?;
         let held: Option<(i64, i64)> = tx.query_row(
             "SELECT count(*), avg((SELECT r.monotonic_us FROM reads r WHERE r.id = p.read_id) + ?1 - p.timestamp)
              FROM passings p WHERE p.clock_synced = 0 AND p.state = 'pending'
@@ -521,7 +667,7 @@ impl Store {
         let cutoff = clock::now_us() - self.retention.as_micros() as i64;
         let mut total = (0, 0);
         loop {
-            let tx = self.conn.transaction()?;
+            let tx = db(&mut self.conn)?.transaction()?;
             let passings = tx.execute(
                 "DELETE FROM passings WHERE id IN (SELECT id FROM passings WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
                 params![cutoff, PRUNE_STEP],
@@ -543,7 +689,7 @@ impl Store {
             }
         }
         if total != (0, 0) {
-            self.conn.execute_batch("PRAGMA incremental_vacuum(1000); PRAGMA wal_checkpoint(TRUNCATE);")?;
+            db(&mut self.conn)?.execute_batch("PRAGMA incremental_vacuum(1000); PRAGMA wal_checkpoint(TRUNCATE);")?;
             info!(passings = total.0, reads = total.1, "pruned rows older than storage.retention");
         }
         Ok(())
@@ -557,6 +703,9 @@ impl Store {
         };
         if batch.is_empty() && !strongest_due {
             return true;
+        }
+        if self.reopen_due() {
+            self.reconnect();
         }
         let mut events = Vec::new();
         let mut undo = match &self.windows {
@@ -581,12 +730,18 @@ impl Store {
                     (Rollback::Strongest(saved), Windows::Strongest(w)) => *w = *saved,
                     _ => {}
                 }
-                let text = format!("{e:#}");
+                let disk_full = is_disk_full(&e);
+                let text = format!("{:#}", explain_open_error(&self.path, e));
                 let first = self.stats.last_error.lock().map(|l| l.is_none()).unwrap_or(true);
                 if first {
                     error!(error = %text, buffered = batch.len(), "cannot write to the database; keeping reads in memory and retrying");
                 }
-                self.set_error(Some(text));
+                if self.conn.is_some() {
+                    if self.reopen_at.is_none() && !disk_full {
+                        self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                    }
+                    self.set_error(Some(text));
+                }
                 if batch.len() > MAX_BUFFERED_READS {
                     let excess = batch.len() - MAX_BUFFERED_READS;
                     batch.drain(..excess);
@@ -615,7 +770,7 @@ impl Store {
         undo: &mut Rollback,
         events: &mut Vec<PassingEvent>,
     ) -> anyhow::Result<Option<i64>> {
-        let tx = self.conn.transaction()?;
+        let tx = db(&mut self.conn)?.transaction()?;
         let session = self.open;
         let mut next_num = session.map(|s| s.next_num);
         let mut touched: Vec<String> = Vec::new();
@@ -701,7 +856,7 @@ impl Store {
                 Ok(Some(open.id))
             }
             Op::RemoteOpened { session_id, token } => {
-                self.conn.execute(
+                db(&mut self.conn)?.execute(
                     "UPDATE sessions SET token = ?1, remote_state = 'open', remote_error = NULL WHERE id = ?2 AND remote_state = 'pending'",
                     params![token, session_id],
                 )?;
@@ -710,7 +865,7 @@ impl Store {
             Op::Delivered { session_id, first, last } => {
                 // A batch is the session's first pending passings in order, so the pending ones in
                 // [first, last] are exactly the batch: one statement, on the pending index.
-                let tx = self.conn.transaction()?;
+                let tx = db(&mut self.conn)?.transaction()?;
                 let changed = tx.execute(
                     "UPDATE passings SET state = 'delivered', delivered_at = ?1
                      WHERE session_id = ?2 AND num_passing BETWEEN ?3 AND ?4 AND state = 'pending'",
@@ -724,7 +879,7 @@ impl Store {
                 Ok(Some(session_id))
             }
             Op::Undeliverable { session_id, passing_id, reason } => {
-                let tx = self.conn.transaction()?;
+                let tx = db(&mut self.conn)?.transaction()?;
                 let changed = tx.execute(
                     "UPDATE passings SET state = 'undeliverable', error = ?1 WHERE id = ?2 AND state = 'pending'",
                     params![reason, passing_id],
@@ -737,14 +892,14 @@ impl Store {
                 Ok(Some(session_id))
             }
             Op::RemoteClosed { session_id } => {
-                self.conn.execute(
+                db(&mut self.conn)?.execute(
                     "UPDATE sessions SET remote_state = 'closed', state = 'closed', closed_at = coalesce(closed_at, ?1) WHERE id = ?2",
                     params![clock::now_us(), session_id],
                 )?;
                 Ok(Some(session_id))
             }
             Op::ReleaseUnsynced { passing_ids } => {
-                let tx = self.conn.transaction()?;
+                let tx = db(&mut self.conn)?.transaction()?;
                 {
                     let mut stmt =
                         tx.prepare_cached("UPDATE passings SET clock_synced = 2 WHERE id = ?1 AND clock_synced = 0")?;
@@ -760,10 +915,11 @@ impl Store {
                 self.unmapped = unmapped;
                 self.bibs = bibs;
                 self.windows.set_window(dedup_window);
+                self.dedup_window = dedup_window;
                 Ok(None)
             }
             Op::ClosedRemotely { session_id, reason } => {
-                self.conn.execute(
+                db(&mut self.conn)?.execute(
                     "UPDATE sessions SET remote_state = 'closed_remotely', remote_error = ?1,
                         state = CASE WHEN state = 'closing' THEN 'closed' ELSE state END WHERE id = ?2",
                     params![reason, session_id],
@@ -782,7 +938,7 @@ impl Store {
     /// remotely closed sessions could not deliver. One transaction: all of it or none.
     fn start_session_with(&mut self, alias: &str, resend: bool) -> anyhow::Result<(i64, i64)> {
         let now = clock::now_us();
-        let tx = self.conn.transaction()?;
+        let tx = db(&mut self.conn)?.transaction()?;
         let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
         if let Some(open) = self.open {
             close_in(&tx, open.id, now)?;
@@ -839,7 +995,7 @@ impl Store {
     }
 
     fn close_locally(&mut self, id: i64) -> anyhow::Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = db(&mut self.conn)?.transaction()?;
         let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
         close_in(&tx, id, clock::now_us())?;
         tx.commit()?;

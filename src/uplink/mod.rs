@@ -100,14 +100,18 @@ pub struct Uplink {
     pub live: Arc<crate::supervisor::Liveness>,
     timeout: Duration,
     backoff: Backoff,
-    /// The read-side connection, used from blocking threads.
-    db: Option<Arc<Mutex<Db>>>,
+    /// The read-side connection (used from blocking threads), with the writer's generation it
+    /// was opened at: reopened when the writer reopens the database.
+    db: Arc<Mutex<Option<(u64, Db)>>>,
     /// The next piece of work, read while the previous request was in flight.
     prefetched: Option<Work>,
     /// The last (session, num_passing) delivered: the next batch starts after it.
     sent: Option<(i64, i64)>,
-    /// Set when a delivery could not be recorded: the cursor is no longer the database's truth.
-    resync: Arc<std::sync::atomic::AtomicBool>,
+    /// Deliveries the store could not record yet (disk full, read-only storage), as
+    /// (session, first, last): recorded again later, never resent (the cursor is past them).
+    unrecorded: Arc<Mutex<Vec<(i64, i64, i64)>>>,
+    /// Unrecorded deliveries are offered to the store again no sooner than this.
+    record_retry_at: tokio::time::Instant,
 }
 
 /// What one step did, for the loop's bookkeeping.
@@ -139,17 +143,17 @@ impl Uplink {
             timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
             sent: None,
-            resync: Arc::default(),
-            db: None,
+            unrecorded: Arc::default(),
+            record_retry_at: tokio::time::Instant::now(),
+            db: Arc::default(),
             prefetched: None,
         })
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let path = self.db_path.clone();
-        self.db = Some(Arc::new(Mutex::new(tokio::task::spawn_blocking(move || Db::open_readonly(&path)).await??)));
         let mut limit = self.batch_size;
         let mut failing = false;
+        let mut queue_failing = false;
         while !cancel.is_cancelled() {
             // A request takes at most the timeout (plus a store write); waits promise their own time.
             self.live.beat(self.timeout + LIVENESS_SLACK);
@@ -163,19 +167,25 @@ impl Uplink {
                     }
                 });
             }
-            if self.resync.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                warn!("a delivery could not be recorded; re-reading the queue from the database");
-                self.sent = None;
-                self.prefetched = None;
-            }
+            self.retry_unrecorded();
             let work = match self.prefetched.take() {
                 Some(work) => Ok(work),
                 None => self.query(limit, self.sent).await?,
             };
             let work = match work {
-                Ok(w) => w,
+                Ok(w) => {
+                    if queue_failing {
+                        info!("the queue can be read again");
+                    }
+                    queue_failing = false;
+                    w
+                }
                 Err(e) => {
-                    error!(error = %e, "cannot read the queue from the database");
+                    if !queue_failing {
+                        error!(error = %e, "cannot read the queue from the database; retrying");
+                    }
+                    queue_failing = true;
+                    self.prefetched = None;
                     self.wait(Duration::from_secs(1), &cancel).await;
                     continue;
                 }
@@ -198,11 +208,13 @@ impl Uplink {
                             s.state = if s.requests_ok > 0 { UplinkState::Online } else { UplinkState::Idle };
                         }
                     });
-                    self.live.beat(IDLE_RECHECK + LIVENESS_SLACK);
+                    // Deliveries waiting to be recorded are offered again soon, not after a long idle.
+                    let recheck = if self.has_unrecorded() { STORE_RETRY } else { IDLE_RECHECK };
+                    self.live.beat(recheck + LIVENESS_SLACK);
                     tokio::select! {
                         _ = self.notify.notified() => {}
                         _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                        _ = tokio::time::sleep(recheck) => {}
                     }
                 }
                 Ok(Step::Done) => {
@@ -268,6 +280,13 @@ impl Uplink {
                 Err(Failure::Store(e)) => self.store_failed(e, &cancel).await?,
             }
         }
+        let unrecorded = self.unrecorded.lock().map(|u| u.len()).unwrap_or(0);
+        if unrecorded > 0 {
+            warn!(
+                batches = unrecorded,
+                "stopping with deliveries the database could not record; they are sent again at the next start (same numbers: the API counts them as duplicates)"
+            );
+        }
         info!("uplink stopped");
         Ok(())
     }
@@ -304,9 +323,8 @@ impl Uplink {
                             );
                             self.update(|s| s.duplicates_reported += duplicates);
                         }
-                        // Recorded without waiting: the store applies changes in order, and the
-                        // next batch starts after this one (the cursor), so the commit's fsync
-                        // overlaps the next request. Unrecorded, they are read again and resent.
+                        // Recorded without waiting: the next batch starts after this one (the
+                        // cursor), so the commit's fsync overlaps the next request.
                         self.record_delivered(session_id, first, last);
                         self.sent = Some((session_id, last));
                         Ok(Step::Done)
@@ -345,9 +363,17 @@ impl Uplink {
         limit: usize,
         sent: Option<(i64, i64)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Work>>> {
-        let db = self.db.clone().expect("opened at start");
+        let (db, path, generation) = (self.db.clone(), self.db_path.clone(), self.store.generation());
         tokio::task::spawn_blocking(move || {
-            let db = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+            let mut db = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+            if db.as_ref().is_none_or(|(g, _)| *g != generation) {
+                *db = None;
+                match Db::open_readonly(&path) {
+                    Ok(opened) => *db = Some((generation, opened)),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            let (_, db) = db.as_ref().expect("opened above");
             Ok(db.next_work(limit, sent))
         })
     }
@@ -401,23 +427,55 @@ impl Uplink {
         Ok(None)
     }
 
-    /// Record a delivery without waiting for the store. If the write fails (disk full), the cursor
-    /// is dropped so the batch is read from the database again and resent (same numbers, counted
-    /// as duplicates by the server) until the store can record it.
+    /// Record a delivery without waiting for the store: it applies changes in order, so this
+    /// lands before anything the uplink asks for next. If the write fails (disk full, read-only
+    /// storage), the range is kept and offered again later; the server already has it.
     fn record_delivered(&self, session_id: i64, first: i64, last: i64) {
-        let (resync, notify) = (self.resync.clone(), self.notify.clone());
-        // Queued now, so it is applied before anything the uplink asks for next.
+        let unrecorded = self.unrecorded.clone();
         let outcome = self.store.submit(Op::Delivered { session_id, first, last });
         tokio::spawn(async move {
             let recorded = match outcome {
                 Ok(rx) => matches!(rx.await, Ok(Ok(_))),
                 Err(_) => false,
             };
-            if !recorded {
-                resync.store(true, std::sync::atomic::Ordering::Relaxed);
-                notify.notify_one();
+            if !recorded && let Ok(mut u) = unrecorded.lock() {
+                if u.is_empty() {
+                    warn!(
+                        session_id,
+                        first,
+                        last,
+                        "a delivery could not be recorded in the database; recording it again later (nothing is resent meanwhile)"
+                    );
+                }
+                u.push((session_id, first, last));
             }
         });
+    }
+
+    fn has_unrecorded(&self) -> bool {
+        self.unrecorded.lock().is_ok_and(|u| !u.is_empty())
+    }
+
+    /// Offer the store the deliveries it could not record, merged into as few ranges as possible.
+    fn retry_unrecorded(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now < self.record_retry_at || !self.has_unrecorded() {
+            return;
+        }
+        self.record_retry_at = now + STORE_RETRY;
+        let mut ranges = self.unrecorded.lock().map(|mut u| std::mem::take(&mut *u)).unwrap_or_default();
+        ranges.sort_unstable();
+        let mut merged: Vec<(i64, i64, i64)> = Vec::with_capacity(ranges.len());
+        for (s, f, l) in ranges {
+            match merged.last_mut() {
+                Some((ms, _, ml)) if *ms == s && f <= *ml + 1 => *ml = (*ml).max(l),
+                _ => merged.push((s, f, l)),
+            }
+        }
+        debug!(ranges = merged.len(), "recording earlier deliveries again");
+        for (s, f, l) in merged {
+            self.record_delivered(s, f, l);
+        }
     }
 
     /// The outcome could not be recorded (disk full, read-only storage): the request will simply be
