@@ -2,7 +2,8 @@
 //! the in-process fake API and reads the cost from /proc. Not a test: figures, not assertions.
 //!
 //! ```sh
-//! cargo build --release --examples && target/release/examples/load [--reads 20000] [--scale]
+//! cargo build --release --bins --examples && target/release/examples/load [--reads 20000] [--rounds 5] [--scale]
+//! # parts: --drain-only, --scale-only
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -206,37 +207,83 @@ async fn naive_run(naive: &Path, n: u32) -> FloodResult {
     }
 }
 
-/// Backlog: `n` passings stored while the API is down, then drained; and a bare client posting
-/// the same batches to the same kind of server, for comparison.
-async fn drain_run(binary: &Path, n: u32) -> (f64, f64) {
+/// Rounds of the backlog drain (`--rounds`): the gateway and the bare client alternate, so both
+/// see the same machine noise; the medians are reported.
+const DRAIN_ROUNDS: usize = 5;
+
+/// Backlog: `n` passings stored while the API is down, then drained, `DRAIN_ROUNDS` times; and a
+/// bare client posting the same batches to the same kind of server between the rounds. Returns
+/// the per-round times (gateway, bare).
+async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<(f64, f64, f64)> {
     let (fake, device) = FakeApi::start().await.unwrap();
     fake.stop_listening();
-    let pty = Pty::open().unwrap();
-    let gw = Gateway::start(binary, &fake, &device, &pty.path, "", None);
-    control::request(&gw.socket, &Request::SessionStart { alias: Some("DRAIN".into()) }).unwrap();
-    let _pty = flood(pty, n, 0).join().unwrap();
-    wait(Duration::from_secs(120), || gw.status()["queue"]["pending"] == n as i64);
-    fake.resume().await.unwrap();
-    fake.wait_for(Duration::from_secs(300), "backlog drained", |s| s.total_passings() == n as usize).await.unwrap();
-    // From the first accepted batch to the last: the retry delay before the first is the backoff
-    // (up to api.retry_max_delay), a setting, not throughput.
-    let gateway = {
-        let state = fake.state();
-        let ok: Vec<Instant> =
-            state.requests.iter().filter(|r| r.path == "/passings" && r.status == 200).map(|r| r.at).collect();
-        let (first, last) = (ok[0], ok[ok.len() - 1]);
-        // Add one request's worth, as the bare client's timing includes its first request.
-        (last - first).as_secs_f64() * ok.len() as f64 / (ok.len() - 1).max(1) as f64
-    };
-
-    // The bare client: same batches (200), one request at a time, same fake server.
+    let mut pty = Some(Pty::open().unwrap());
+    let path = pty.as_ref().unwrap().path.clone();
+    let gw = Gateway::start(binary, &fake, &device, &path, "", None);
     let (bare_fake, bare_device) = FakeApi::start().await.unwrap();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
+    let mut rounds = Vec::new();
+    for round in 0..rounds_wanted {
+        if round > 0 {
+            fake.stop_listening();
+        }
+        let alias = format!("DRAIN{round}");
+        control::request(&gw.socket, &Request::SessionStart { alias: Some(alias) }).unwrap();
+        pty = Some(flood(pty.take().unwrap(), n, round as u32 * n).join().unwrap());
+        wait(Duration::from_secs(120), || gw.status()["queue"]["pending"] == n as i64);
+        let resumed = Instant::now();
+        fake.resume().await.unwrap();
+        // The bare client posts to this server too (its own session): n more per round.
+        let total = (2 * round + 1) * n as usize;
+        fake.wait_for(Duration::from_secs(300), "backlog drained", |s| s.total_passings() == total).await.unwrap();
+        // From the first accepted batch to the last: the retry delay before the first is the
+        // backoff (up to api.retry_max_delay), a setting, not throughput.
+        let gateway = {
+            let state = fake.state();
+            let ok: Vec<Instant> = state
+                .requests
+                .iter()
+                .filter(|r| r.path == "/passings" && r.status == 200 && r.at >= resumed)
+                .map(|r| r.at)
+                .collect();
+            let (first, last) = (ok[0], ok[ok.len() - 1]);
+            // Add one request's worth, as the bare client's timing includes its first request.
+            (last - first).as_secs_f64() * ok.len() as f64 / (ok.len() - 1).max(1) as f64
+        };
+        let in_process = bare_drain(&http, &bare_fake, &bare_device, n, round).await;
+        let bare = bare_process(&fake, &device, n).await;
+        rounds.push((gateway, bare, in_process));
+    }
+    rounds
+}
+
+/// The yardstick: `examples/bare-client`, a process of its own (like the gateway), posting the
+/// same batches to the gateway's fake server.
+async fn bare_process(fake: &FakeApi, device: &str, n: u32) -> f64 {
+    let exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/examples/bare-client");
+    let (base, device) = (fake.base_url(), device.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&exe)
+            .args([&base, FAKE_KEY, &device, &n.to_string(), "200"])
+            .output()
+            .expect("bare client (cargo build --release --examples)")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "bare client: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The same client inside the load tool's process, next to its server (for comparison only: a
+/// client sharing the server's runtime skips the cross-process wake-ups a real uplink pays).
+/// The bare client: the gateway's batches (api.batch_size 200, the same encoder), one request at
+/// a time, to a fake server of its own.
+async fn bare_drain(http: &reqwest::Client, fake: &FakeApi, device: &str, n: u32, round: usize) -> f64 {
     let reply: serde_json::Value = http
-        .post(format!("{}/sessions", bare_fake.base_url()))
+        .post(format!("{}/sessions", fake.base_url()))
         .header("api_key", FAKE_KEY)
-        .json(&serde_json::json!({ "deviceid": bare_device, "alias": "BARE" }))
+        .json(&serde_json::json!({ "deviceid": device, "alias": format!("BARE{round}") }))
         .send()
         .await
         .unwrap()
@@ -258,7 +305,7 @@ async fn drain_run(binary: &Path, n: u32) -> (f64, f64) {
     for batch in passings.chunks(200) {
         let body = rufus_gateway::uplink::api::batch_body(&token, batch);
         let r = http
-            .post(format!("{}/passings", bare_fake.base_url()))
+            .post(format!("{}/passings", fake.base_url()))
             .header("api_key", FAKE_KEY)
             .header("content-type", "application/json")
             .body(body)
@@ -268,8 +315,32 @@ async fn drain_run(binary: &Path, n: u32) -> (f64, f64) {
         assert!(r.status().is_success());
         let _ = r.bytes().await;
     }
-    let bare = start.elapsed().as_secs_f64();
-    (gateway, bare)
+    start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Print the rounds and their medians; returns the median of the per-round ratios.
+fn report_drain(rounds: &[(f64, f64, f64)]) -> f64 {
+    for (i, (g, b, p)) in rounds.iter().enumerate() {
+        println!(
+            "    round {}: gateway {g:.3} s, bare client {b:.3} s (in the server's process {p:.3} s), ratio {:.2}",
+            i + 1,
+            g / b
+        );
+    }
+    let ratio = median(rounds.iter().map(|(g, b, _)| g / b).collect());
+    println!(
+        "    median: gateway {:.3} s, bare client {:.3} s, ratio {ratio:.2}; in-process client {:.3} s, ratio {:.2}",
+        median(rounds.iter().map(|r| r.0).collect()),
+        median(rounds.iter().map(|r| r.1).collect()),
+        median(rounds.iter().map(|r| r.2).collect()),
+        median(rounds.iter().map(|(g, _, p)| g / p).collect()),
+    );
+    ratio
 }
 
 /// Status latency and delivery with many delivered rows already in the store.
@@ -332,6 +403,12 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let scale = args.iter().any(|a| a == "--scale");
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DRAIN_ROUNDS);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let binary = root.join("target/release/rufus-gateway");
     let naive = root.join("target/release/examples/naive-forwarder");
@@ -351,8 +428,8 @@ async fn main() {
         return;
     }
     if args.iter().any(|a| a == "--drain-only") {
-        let (gateway, bare) = drain_run(&binary, n).await;
-        println!("backlog drain: gateway {gateway:.3} s, bare client {bare:.3} s, ratio {:.2}", gateway / bare);
+        println!("\n## backlog drain ({rounds} rounds of {n})");
+        report_drain(&drain_run(&binary, n, rounds).await);
         return;
     }
     println!("\n## flood, dashboard and feed off");
@@ -379,9 +456,8 @@ async fn main() {
         plain.bytes_per_read / naive_result.bytes_per_read
     );
 
-    println!("\n## backlog drain");
-    let (gateway, bare) = drain_run(&binary, n).await;
-    println!("    gateway {gateway:.2} s, bare client {bare:.2} s, ratio {:.2}", gateway / bare);
+    println!("\n## backlog drain ({rounds} rounds of {n})");
+    report_drain(&drain_run(&binary, n, rounds).await);
 
     if scale {
         println!("\n## scale: delivered rows already in the store");

@@ -101,8 +101,11 @@ pub enum Op {
 
 pub struct Command {
     pub op: Op,
-    pub reply: oneshot::Sender<Result<Option<i64>, String>>,
+    pub reply: oneshot::Sender<Reply>,
 }
+
+/// The writer's answer to a change: the affected session, or why it could not be written.
+pub type Reply = Result<Option<i64>, String>;
 
 /// The writer thread has exited (shutdown, or a fatal error): nothing more can be recorded.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +129,7 @@ impl StoreHandle {
 
     /// Queue a change now (it is applied in order with everything else); await the receiver for
     /// the outcome, or drop it.
-    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<Option<i64>, String>>, StoreStopped> {
+    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Reply>, StoreStopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)?;
         Ok(rx)
@@ -278,6 +281,30 @@ pub fn open_or_replace(path: &Path) -> anyhow::Result<Connection> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Stopping while the storage refuses writes: the reads still in memory go into one log entry
+/// (journald keeps it in its own storage, `/run/log/journal` if need be) as CSV, so they can be
+/// recovered with `journalctl -u rufus-gateway -o json` (field `READS`).
+fn rescue(batch: &[Read]) {
+    let mut csv = String::from("received_at,chip,antenna,rssi,timestamp,raw\n");
+    for r in batch {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+        csv.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            clock::rfc3339(r.host.utc_us),
+            r.chip,
+            opt(r.antenna),
+            opt(r.rssi),
+            clock::rfc3339(r.timestamp_us),
+            String::from_utf8_lossy(&r.raw).trim_end().replace([',', '\n', '\r'], " ")
+        ));
+    }
+    error!(
+        lost = batch.len(),
+        reads = %csv,
+        "UNWRITTEN READS: stopping while the database cannot be written; these reads are only in this log entry (field READS)"
+    );
 }
 
 /// The writer's connection, or the reason there is none.
@@ -462,12 +489,15 @@ impl Store {
         Ok(())
     }
 
-    /// Close a suspect connection and open the database afresh.
-    fn reconnect(&mut self) {
+    /// Close a suspect connection and open the database afresh. The error stays shown while
+    /// reads wait: the commit that writes them clears it.
+    fn reconnect(&mut self, nothing_waiting: bool) {
         match self.connect() {
             Ok(()) => {
                 self.reopen_at = None;
-                self.set_error(None);
+                if nothing_waiting {
+                    self.set_error(None);
+                }
                 info!(path = %self.path.display(), "database opened again; writing what waited in memory");
                 self.notify.notify_one();
             }
@@ -552,12 +582,12 @@ impl Store {
                 failing = !self.flush(&mut batch);
                 deadline = failing.then(|| now + RETRY_COMMIT);
                 if failing && draining {
-                    warn!(lost = batch.len(), "stopping with reads that could not be written");
+                    rescue(&batch);
                     break;
                 }
             }
             if now >= housekeeping {
-                if self.housekeeping() {
+                if self.housekeeping(batch.is_empty()) {
                     deadline.get_or_insert(now);
                 }
                 housekeeping = now + HOUSEKEEPING;
@@ -601,10 +631,10 @@ impl Store {
     }
 
     /// Periodic work; returns true when strongest windows are due (commit them now).
-    fn housekeeping(&mut self) -> bool {
+    fn housekeeping(&mut self, nothing_waiting: bool) -> bool {
         self.windows.prune();
         if self.reopen_due() {
-            self.reconnect();
+            self.reconnect(nothing_waiting);
         }
         if self.conn.is_none() || self.reopen_at.is_some() {
             return false;
@@ -705,7 +735,7 @@ impl Store {
             return true;
         }
         if self.reopen_due() {
-            self.reconnect();
+            self.reconnect(false);
         }
         let mut events = Vec::new();
         let mut undo = match &self.windows {

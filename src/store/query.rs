@@ -185,8 +185,12 @@ impl Db {
 
     fn pending(&self, session_id: i64, limit: usize, after: i64) -> rusqlite::Result<Vec<Outgoing>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT p.id, p.num_passing, p.bib, p.chip, p.timestamp, p.clock_synced, b.boot_id, r.monotonic_us
-             FROM passings p JOIN reads r ON r.id = p.read_id JOIN boots b ON b.id = r.boot
+            // The read's boot and monotonic time matter only for a held passing: looked up for those
+            // alone (a backlog drains without touching the wide `reads` rows).
+            "SELECT p.id, p.num_passing, p.bib, p.chip, p.timestamp, p.clock_synced,
+                CASE WHEN p.clock_synced = 0 THEN (SELECT b.boot_id FROM reads r JOIN boots b ON b.id = r.boot WHERE r.id = p.read_id) END,
+                CASE WHEN p.clock_synced = 0 THEN (SELECT r.monotonic_us FROM reads r WHERE r.id = p.read_id) END
+             FROM passings p
              WHERE p.session_id = ?1 AND p.state = 'pending' AND p.num_passing > ?3 ORDER BY p.num_passing LIMIT ?2",
         )?;
         stmt.query_map(params![session_id, limit as i64, after], |r| {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -109,7 +109,10 @@ pub struct Uplink {
     sent: Option<(i64, i64)>,
     /// Deliveries the store could not record yet (disk full, read-only storage), as
     /// (session, first, last): recorded again later, never resent (the cursor is past them).
-    unrecorded: Arc<Mutex<Vec<(i64, i64, i64)>>>,
+    unrecorded: Vec<(i64, i64, i64)>,
+    /// Deliveries submitted to the store whose outcome has not been looked at: checked without
+    /// waiting at the top of the loop, so a batch costs the store no wake-up of this task.
+    recording: std::collections::VecDeque<((i64, i64, i64), oneshot::Receiver<crate::store::Reply>)>,
     /// Unrecorded deliveries are offered to the store again no sooner than this.
     record_retry_at: tokio::time::Instant,
 }
@@ -143,7 +146,8 @@ impl Uplink {
             timeout: cfg.api.timeout,
             backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
             sent: None,
-            unrecorded: Arc::default(),
+            unrecorded: Vec::new(),
+            recording: std::collections::VecDeque::new(),
             record_retry_at: tokio::time::Instant::now(),
             db: Arc::default(),
             prefetched: None,
@@ -167,6 +171,7 @@ impl Uplink {
                     }
                 });
             }
+            self.collect_records();
             self.retry_unrecorded();
             let work = match self.prefetched.take() {
                 Some(work) => Ok(work),
@@ -280,7 +285,13 @@ impl Uplink {
                 Err(Failure::Store(e)) => self.store_failed(e, &cancel).await?,
             }
         }
-        let unrecorded = self.unrecorded.lock().map(|u| u.len()).unwrap_or(0);
+        // The store answers what it was given before it stops (it outlives the uplink).
+        while let Some((range, rx)) = self.recording.pop_front() {
+            if !matches!(tokio::time::timeout(STORE_RETRY, rx).await, Ok(Ok(Ok(_)))) {
+                self.unrecorded.push(range);
+            }
+        }
+        let unrecorded = self.unrecorded.len();
         if unrecorded > 0 {
             warn!(
                 batches = unrecorded,
@@ -430,16 +441,27 @@ impl Uplink {
     /// Record a delivery without waiting for the store: it applies changes in order, so this
     /// lands before anything the uplink asks for next. If the write fails (disk full, read-only
     /// storage), the range is kept and offered again later; the server already has it.
-    fn record_delivered(&self, session_id: i64, first: i64, last: i64) {
-        let unrecorded = self.unrecorded.clone();
-        let outcome = self.store.submit(Op::Delivered { session_id, first, last });
-        tokio::spawn(async move {
-            let recorded = match outcome {
-                Ok(rx) => matches!(rx.await, Ok(Ok(_))),
-                Err(_) => false,
+    fn record_delivered(&mut self, session_id: i64, first: i64, last: i64) {
+        let range = (session_id, first, last);
+        match self.store.submit(Op::Delivered { session_id, first, last }) {
+            Ok(rx) => self.recording.push_back((range, rx)),
+            Err(_) => self.unrecorded.push(range),
+        }
+    }
+
+    /// Look at the outcomes the store has given so far, in order, without waiting.
+    fn collect_records(&mut self) {
+        while let Some((range, rx)) = self.recording.front_mut() {
+            let recorded = match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                Ok(Ok(_)) => true,
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => false,
             };
-            if !recorded && let Ok(mut u) = unrecorded.lock() {
-                if u.is_empty() {
+            let range = *range;
+            self.recording.pop_front();
+            if !recorded {
+                if self.unrecorded.is_empty() {
+                    let (session_id, first, last) = range;
                     warn!(
                         session_id,
                         first,
@@ -447,23 +469,23 @@ impl Uplink {
                         "a delivery could not be recorded in the database; recording it again later (nothing is resent meanwhile)"
                     );
                 }
-                u.push((session_id, first, last));
+                self.unrecorded.push(range);
             }
-        });
+        }
     }
 
     fn has_unrecorded(&self) -> bool {
-        self.unrecorded.lock().is_ok_and(|u| !u.is_empty())
+        !self.unrecorded.is_empty() || !self.recording.is_empty()
     }
 
     /// Offer the store the deliveries it could not record, merged into as few ranges as possible.
     fn retry_unrecorded(&mut self) {
         let now = tokio::time::Instant::now();
-        if now < self.record_retry_at || !self.has_unrecorded() {
+        if now < self.record_retry_at || self.unrecorded.is_empty() {
             return;
         }
         self.record_retry_at = now + STORE_RETRY;
-        let mut ranges = self.unrecorded.lock().map(|mut u| std::mem::take(&mut *u)).unwrap_or_default();
+        let mut ranges = std::mem::take(&mut self.unrecorded);
         ranges.sort_unstable();
         let mut merged: Vec<(i64, i64, i64)> = Vec::with_capacity(ranges.len());
         for (s, f, l) in ranges {
