@@ -94,13 +94,20 @@ impl Gateway {
         );
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).unwrap();
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&path)
-            .arg("run")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the gateway");
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(&path).arg("run").stdout(Stdio::null());
+        // A load tool killed half-way (e.g. by `timeout`) must not leave gateways behind: one would
+        // keep reopening its pseudo-terminal's path and take a later run's. (The gateway is started
+        // from the main thread, which lives as long as the tool.)
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start the gateway");
         let gw = Gateway { child, socket, _dir: dir };
         wait(Duration::from_secs(20), || control::request(&gw.socket, &Request::Status).is_ok());
         gw
