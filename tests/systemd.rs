@@ -199,9 +199,38 @@ async fn journald_gets_structured_fields() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+
+    // Stopped while its storage cannot be written (here: a path under /proc), the reads still in
+    // memory leave in one entry, readable as CSV with the command the log message names.
+    let mut pty2 = common::pty();
+    let extra =
+        format!("{STRICT_CHIP}\nlog.target = \"journald\"\nstorage.path = \"/proc/rufus-gateway-test/gateway.db\"");
+    let mut gw2 = Gateway::new(&fake, &device, &pty2.path.display().to_string(), &extra);
+    gw2.start().await;
+    let pid2 = gw2.pid();
+    write_lines(&mut pty2, &chips(10..14));
+    gw2.wait_status("4 reads held in memory", |s| s["storage"]["buffered_reads"] == 4).await;
+    assert_eq!(gw2.terminate().await.code(), Some(0));
+    let deadline = Instant::now() + DEADLINE;
+    let rescued = loop {
+        let out = std::process::Command::new("journalctl")
+            .args(["--no-pager", "--output-fields=READS", "-o", "cat", "SYSLOG_IDENTIFIER=rufus-gateway"])
+            .arg(format!("_PID={pid2}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if chips(10..14).iter().all(|c| text.contains(c.as_str())) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
     if let Some(mut j) = started {
         let _ = j.kill();
         let _ = j.wait();
+    }
+    for chip in chips(10..14) {
+        assert!(rescued.contains(&format!(",{chip},")), "{chip} in the READS field:\n{rescued}");
     }
     let created =
         entries.iter().find(|e| e["MESSAGE"] == "remote session created").unwrap_or_else(|| panic!("{entries:#?}"));

@@ -285,7 +285,7 @@ pub fn open_or_replace(path: &Path) -> anyhow::Result<Connection> {
 
 /// Stopping while the storage refuses writes: the reads still in memory go into one log entry
 /// (journald keeps it in its own storage, `/run/log/journal` if need be) as CSV, so they can be
-/// recovered with `journalctl -u rufus-gateway -o json` (field `READS`).
+/// recovered with `journalctl -u rufus-gateway --output-fields=READS -o cat`.
 fn rescue(batch: &[Read]) {
     let mut csv = String::from("received_at,chip,antenna,rssi,timestamp,raw\n");
     for r in batch {
@@ -303,7 +303,7 @@ fn rescue(batch: &[Read]) {
     error!(
         lost = batch.len(),
         reads = %csv,
-        "UNWRITTEN READS: stopping while the database cannot be written; these reads are only in this log entry (field READS)"
+        "UNWRITTEN READS: stopping while the database cannot be written; these reads are only in this log entry: journalctl -u rufus-gateway --output-fields=READS -o cat"
     );
 }
 
