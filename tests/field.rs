@@ -200,6 +200,16 @@ impl Ext4Disk {
         assert_eq!(probe.raw_os_error(), Some(30), "the file system is read-only now: {probe}");
     }
 
+    /// A new, empty card in place of the failed one.
+    fn replace(&self) {
+        self.image.set(self.image.get() + 1);
+        let img = self.images.path().join(format!("card{}.img", self.image.get()));
+        std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+        assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img).status().unwrap().success());
+        assert!(Command::new("umount").arg("-l").arg(&self.mnt).status().unwrap().success());
+        assert!(self.mount_image(&img), "mount the new card");
+    }
+
     /// Check a copy of the image and mount it in place of the failed one.
     fn repair(&self) {
         let from = self.images.path().join(format!("card{}.img", self.image.get()));
@@ -282,6 +292,49 @@ async fn storage_that_turns_read_only_is_survived_and_taken_up_again() {
         let posts = state.requests.iter().filter(|r| r.path == "/passings").count();
         assert!(posts <= 8, "{posts} passing requests for 50 passings");
         println!("passing requests: {posts}; duplicates reported: {}", state.sessions[0].duplicates);
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// The failed card is swapped for a new, empty one while a delivery is still unrecorded: the
+/// fresh database numbers a new session from 1 again, and nothing meant for the old session
+/// (the uplink's cursor, the unrecorded delivery) may touch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_card_gets_a_fresh_database_and_nothing_of_the_old_one() {
+    let Some(disk) = Ext4Disk::mount() else { return };
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!("{STRICT_CHIP}\nstorage.path = \"{}\"", disk.mnt.join("gateway.db").display());
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "OLDCARD"]);
+    wait_fake(&fake, &gw, "remote session", |s| s.sessions.len() == 1).await;
+    fake.stop_listening();
+    write_lines(&mut pty, &chips(0..20));
+    gw.wait_status("20 pending", |s| s["queue"]["pending"] == 20).await;
+    fake.push_fault(Route::Passings, Fault::Delay(Duration::from_millis(1500)));
+    fake.resume().await.unwrap();
+    wait_fake(&fake, &gw, "the batch of 20 in flight", |s| s.requests.iter().any(|r| r.batch == 20)).await;
+    disk.fail();
+    wait_fake(&fake, &gw, "20 delivered", |s| s.total_passings() == 20).await;
+    gw.wait_status("the failed card reported", |s| s["storage"]["error"].is_string()).await;
+
+    disk.replace();
+    gw.wait_status("the new card in use", |s| s["storage"]["error"].is_null()).await;
+    gw.cli_ok(&["session", "start", "--alias", "NEWCARD"]);
+    write_lines(&mut pty, &chips(100..125));
+    wait_fake(&fake, &gw, "the new session's 25 delivered", |s| {
+        s.sessions.len() == 2 && s.sessions[1].passings.len() == 25
+    })
+    .await;
+    let status = gw.wait_status("all delivered and recorded", |s| s["queue"]["pending"] == 0).await;
+    assert_eq!(status["queue"]["delivered"], 25, "{status:#}");
+    assert!(gw.logs().contains("does not hold"), "the old delivery was not recorded in the new database");
+    {
+        let state = fake.state();
+        let nums: Vec<i64> = state.sessions[1].passings.keys().copied().collect();
+        assert_eq!(nums, (1..=25).collect::<Vec<_>>(), "the new session numbered from 1, none skipped");
+        assert_eq!(state.sessions[0].passings.len(), 20);
     }
     assert_eq!(gw.terminate().await.code(), Some(0));
 }

@@ -65,9 +65,11 @@ pub enum Op {
         session_id: i64,
         token: String,
     },
-    /// The API confirmed the session's pending passings numbered `first..=last`.
+    /// The API confirmed the session's pending passings numbered `first..=last`, sent under the
+    /// remote session `token` (a database opened afresh may hold another session by that id).
     Delivered {
         session_id: i64,
+        token: String,
         first: i64,
         last: i64,
     },
@@ -508,6 +510,32 @@ impl Store {
         }
     }
 
+    /// A change failed: if SQLite says the storage itself failed (not a refused request), say so
+    /// in status at once, and reopen unless the disk is merely full.
+    fn storage_failed(&mut self, e: &anyhow::Error) {
+        let Some(code) = e.chain().find_map(|c| match c.downcast_ref::<rusqlite::Error>() {
+            Some(rusqlite::Error::SqliteFailure(f, _)) => Some(f.code),
+            _ => None,
+        }) else {
+            return;
+        };
+        use rusqlite::ErrorCode::*;
+        if !matches!(code, ReadOnly | SystemIoFailure | DiskFull | CannotOpen | DatabaseCorrupt | NotADatabase) {
+            return;
+        }
+        if self.conn.is_some() {
+            if code != DiskFull && self.reopen_at.is_none() {
+                self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+            }
+            let first = self.stats.last_error.lock().map(|l| l.is_none()).unwrap_or(true);
+            let text = format!("{:#}", explain_open_error(&self.path, anyhow::anyhow!("{e:#}")));
+            if first {
+                error!(error = %text, "cannot write to the database");
+            }
+            self.set_error(Some(text));
+        }
+    }
+
     fn reopen_due(&self) -> bool {
         self.reopen_at.is_some_and(|t| Instant::now() >= t)
     }
@@ -614,7 +642,11 @@ impl Store {
                     Ok(cmd) => {
                         // Keep order: reads that arrived before the command are committed first.
                         if self.flush(&mut batch) { deadline = None; }
-                        let result = self.apply(cmd.op).map_err(|e| format!("{e:#}"));
+                        let result = self.apply(cmd.op);
+                        if let Err(e) = &result {
+                            self.storage_failed(e);
+                        }
+                        let result = result.map_err(|e| format!("{e:#}"));
                         if let Err(e) = &result {
                             warn!(error = %e, "a requested change could not be written");
                         }
@@ -892,10 +924,21 @@ impl Store {
                 )?;
                 Ok(Some(session_id))
             }
-            Op::Delivered { session_id, first, last } => {
+            Op::Delivered { session_id, token, first, last } => {
                 // A batch is the session's first pending passings in order, so the pending ones in
                 // [first, last] are exactly the batch: one statement, on the pending index.
                 let tx = db(&mut self.conn)?.transaction()?;
+                let stored: Option<Option<String>> =
+                    tx.query_row("SELECT token FROM sessions WHERE id = ?1", [session_id], |r| r.get(0)).optional()?;
+                if stored.flatten().as_deref() != Some(token.as_str()) {
+                    warn!(
+                        session_id,
+                        first,
+                        last,
+                        "a delivery for a session this database does not hold (it was replaced); not recorded"
+                    );
+                    return Ok(None);
+                }
                 let changed = tx.execute(
                     "UPDATE passings SET state = 'delivered', delivered_at = ?1
                      WHERE session_id = ?2 AND num_passing BETWEEN ?3 AND ?4 AND state = 'pending'",

@@ -158,7 +158,10 @@ impl Db {
 
     /// What the uplink must do next: the oldest session not finished remotely decides. `sent` is
     /// the uplink's cursor: the last (session, number) it delivered, perhaps not recorded yet.
-    pub fn next_work(&self, limit: usize, sent: Option<(i64, i64)>) -> rusqlite::Result<Work> {
+    /// `sent` is the uplink's cursor: the session (by id and remote token) and the last number it
+    /// delivered; the next batch starts after it. A cursor for another session (or for a session
+    /// of a database since replaced, whose id now names another) is ignored.
+    pub fn next_work(&self, limit: usize, sent: Option<(i64, &str, i64)>) -> rusqlite::Result<Work> {
         let head: Option<(i64, String, String, String, Option<String>)> = self
             .conn
             .query_row(
@@ -175,7 +178,7 @@ impl Db {
             ("open", Some(token)) => token,
             _ => return Ok(Work::Create { session_id, alias }),
         };
-        let after = sent.filter(|(s, _)| *s == session_id).map_or(0, |(_, n)| n);
+        let after = sent.filter(|(s, t, _)| *s == session_id && *t == token).map_or(0, |(_, _, n)| n);
         let passings = self.pending(session_id, limit, after)?;
         if !passings.is_empty() {
             return Ok(Work::Send { session_id, token, passings });

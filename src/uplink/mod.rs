@@ -106,15 +106,26 @@ pub struct Uplink {
     /// The next piece of work, read while the previous request was in flight.
     prefetched: Option<Work>,
     /// The last (session, num_passing) delivered: the next batch starts after it.
-    sent: Option<(i64, i64)>,
+    sent: Option<(i64, String, i64)>,
     /// Deliveries the store could not record yet (disk full, read-only storage), as
     /// (session, first, last): recorded again later, never resent (the cursor is past them).
-    unrecorded: Vec<(i64, i64, i64)>,
+    unrecorded: Vec<Delivery>,
     /// Deliveries submitted to the store whose outcome has not been looked at: checked without
     /// waiting at the top of the loop, so a batch costs the store no wake-up of this task.
-    recording: std::collections::VecDeque<((i64, i64, i64), oneshot::Receiver<crate::store::Reply>)>,
+    recording: std::collections::VecDeque<(Delivery, oneshot::Receiver<crate::store::Reply>)>,
+    /// The writer's generation the cursor belongs to: a reopened database is read from the start.
+    generation: u64,
     /// Unrecorded deliveries are offered to the store again no sooner than this.
     record_retry_at: tokio::time::Instant,
+}
+
+/// Passings `first..=last` of a session, delivered under its remote token.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Delivery {
+    session_id: i64,
+    first: i64,
+    last: i64,
+    token: String,
 }
 
 /// What one step did, for the loop's bookkeeping.
@@ -148,6 +159,7 @@ impl Uplink {
             sent: None,
             unrecorded: Vec::new(),
             recording: std::collections::VecDeque::new(),
+            generation: 0,
             record_retry_at: tokio::time::Instant::now(),
             db: Arc::default(),
             prefetched: None,
@@ -173,9 +185,16 @@ impl Uplink {
             }
             self.collect_records();
             self.retry_unrecorded();
+            let generation = self.store.generation();
+            if generation != self.generation {
+                // The database was opened again (perhaps a different file): nothing read from the
+                // old one is used. The cursor stays, as it names its session by token too.
+                self.generation = generation;
+                self.prefetched = None;
+            }
             let work = match self.prefetched.take() {
                 Some(work) => Ok(work),
-                None => self.query(limit, self.sent).await?,
+                None => self.query(limit, self.sent.clone()).await?,
             };
             let work = match work {
                 Ok(w) => {
@@ -316,7 +335,7 @@ impl Uplink {
                 let last = passings.last().map(|p| p.num_passing).unwrap_or(0);
                 // Read the batch after this one while the request is in flight (used only if
                 // this one is accepted): the database round trip overlaps the network's.
-                let next = self.spawn_query(self.batch_size, Some((session_id, last)));
+                let next = self.spawn_query(self.batch_size, Some((session_id, token.clone(), last)));
                 match self.client.post_passings(&token, &passings).await {
                     Ok(reply) => {
                         if let Ok(Ok(Ok(work))) = next.await {
@@ -336,8 +355,8 @@ impl Uplink {
                         }
                         // Recorded without waiting: the next batch starts after this one (the
                         // cursor), so the commit's fsync overlaps the next request.
-                        self.record_delivered(session_id, first, last);
-                        self.sent = Some((session_id, last));
+                        self.record_delivered(Delivery { session_id, first, last, token: token.clone() });
+                        self.sent = Some((session_id, token.clone(), last));
                         Ok(Step::Done)
                     }
                     Err(ApiError::Refused { description, .. }) => Err(Failure::Refused {
@@ -372,7 +391,7 @@ impl Uplink {
     fn spawn_query(
         &self,
         limit: usize,
-        sent: Option<(i64, i64)>,
+        sent: Option<(i64, String, i64)>,
     ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Work>>> {
         let (db, path, generation) = (self.db.clone(), self.db_path.clone(), self.store.generation());
         tokio::task::spawn_blocking(move || {
@@ -385,11 +404,11 @@ impl Uplink {
                 }
             }
             let (_, db) = db.as_ref().expect("opened above");
-            Ok(db.next_work(limit, sent))
+            Ok(db.next_work(limit, sent.as_ref().map(|(s, t, n)| (*s, t.as_str(), *n))))
         })
     }
 
-    async fn query(&self, limit: usize, sent: Option<(i64, i64)>) -> anyhow::Result<rusqlite::Result<Work>> {
+    async fn query(&self, limit: usize, sent: Option<(i64, String, i64)>) -> anyhow::Result<rusqlite::Result<Work>> {
         self.spawn_query(limit, sent).await?
     }
 
@@ -441,11 +460,11 @@ impl Uplink {
     /// Record a delivery without waiting for the store: it applies changes in order, so this
     /// lands before anything the uplink asks for next. If the write fails (disk full, read-only
     /// storage), the range is kept and offered again later; the server already has it.
-    fn record_delivered(&mut self, session_id: i64, first: i64, last: i64) {
-        let range = (session_id, first, last);
-        match self.store.submit(Op::Delivered { session_id, first, last }) {
-            Ok(rx) => self.recording.push_back((range, rx)),
-            Err(_) => self.unrecorded.push(range),
+    fn record_delivered(&mut self, d: Delivery) {
+        let op = Op::Delivered { session_id: d.session_id, token: d.token.clone(), first: d.first, last: d.last };
+        match self.store.submit(op) {
+            Ok(rx) => self.recording.push_back((d, rx)),
+            Err(_) => self.unrecorded.push(d),
         }
     }
 
@@ -457,11 +476,11 @@ impl Uplink {
                 Ok(Ok(_)) => true,
                 Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => false,
             };
-            let range = *range;
+            let range = range.clone();
             self.recording.pop_front();
             if !recorded {
                 if self.unrecorded.is_empty() {
-                    let (session_id, first, last) = range;
+                    let Delivery { session_id, first, last, .. } = range;
                     warn!(
                         session_id,
                         first,
@@ -487,16 +506,18 @@ impl Uplink {
         self.record_retry_at = now + STORE_RETRY;
         let mut ranges = std::mem::take(&mut self.unrecorded);
         ranges.sort_unstable();
-        let mut merged: Vec<(i64, i64, i64)> = Vec::with_capacity(ranges.len());
-        for (s, f, l) in ranges {
+        let mut merged: Vec<Delivery> = Vec::with_capacity(ranges.len());
+        for d in ranges {
             match merged.last_mut() {
-                Some((ms, _, ml)) if *ms == s && f <= *ml + 1 => *ml = (*ml).max(l),
-                _ => merged.push((s, f, l)),
+                Some(m) if m.session_id == d.session_id && m.token == d.token && d.first <= m.last + 1 => {
+                    m.last = m.last.max(d.last)
+                }
+                _ => merged.push(d),
             }
         }
         debug!(ranges = merged.len(), "recording earlier deliveries again");
-        for (s, f, l) in merged {
-            self.record_delivered(s, f, l);
+        for d in merged {
+            self.record_delivered(d);
         }
     }
 
