@@ -259,7 +259,32 @@ async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<(f64, f64
             (last - first).as_secs_f64() * ok.len() as f64 / (ok.len() - 1).max(1) as f64
         };
         let in_process = bare_drain(&http, &bare_fake, &bare_device, n, round).await;
+        let bare_from = Instant::now();
         let bare = bare_process(&fake, &device, n).await;
+        {
+            let state = fake.state();
+            let gaps = |from: Instant, to: Option<Instant>| {
+                let at: Vec<Instant> = state
+                    .requests
+                    .iter()
+                    .filter(|r| r.path == "/passings" && r.status == 200 && r.at >= from && to.is_none_or(|t| r.at < t))
+                    .map(|r| r.at)
+                    .collect();
+                let mut g: Vec<f64> = at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+                g.sort_by(f64::total_cmp);
+                let q = |f: f64| g[((g.len() - 1) as f64 * f) as usize];
+                format!(
+                    "p10 {:.3} p50 {:.3} p90 {:.3} max {:.3} sum {:.1}",
+                    q(0.1),
+                    q(0.5),
+                    q(0.9),
+                    q(1.0),
+                    g.iter().sum::<f64>()
+                )
+            };
+            eprintln!("      gaps ms: gateway {}", gaps(resumed, Some(bare_from)));
+            eprintln!("      gaps ms: bare    {}", gaps(bare_from, None));
+        }
         rounds.push((gateway, bare, in_process));
     }
     rounds
@@ -361,7 +386,7 @@ async fn scale_run(binary: &Path, rows: i64) -> (f64, f64) {
         let tx = conn.transaction().unwrap();
         tx.execute("INSERT INTO boots (boot_id, first_seen) VALUES ('old', 0)", []).unwrap();
         tx.execute(
-            "INSERT INTO sessions (alias, state, remote_state, token, created_at, next_num, delivered) VALUES ('OLD', 'closed', 'closed', 'T', 0, ?1, ?2)",
+            "INSERT INTO sessions (alias, state, remote_state, token, created_at, next_num, delivered, delivered_through) VALUES ('OLD', 'closed', 'closed', 'T', 0, ?1, ?2, ?2)",
             [rows + 1, rows],
         )
         .unwrap();
@@ -370,15 +395,21 @@ async fn scale_run(binary: &Path, rows: i64) -> (f64, f64) {
             let mut read = tx
                 .prepare("INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, timestamp, raw, session_id) VALUES (?1, 0, 1, 1, ?2, ?1, x'00', 1)")
                 .unwrap();
+            // Delivered as the gateway records it: by the session's watermark, a range per batch.
             let mut passing = tx
-                .prepare("INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start, state, delivered_at) VALUES (1, ?1, ?2, ?3, ?3, ?4, ?4, 'delivered', ?4)")
+                .prepare("INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start) VALUES (1, ?1, ?2, ?3, ?3, ?4, ?4)")
                 .unwrap();
+            let mut delivery =
+                tx.prepare("INSERT INTO deliveries (session_id, last, first, at) VALUES (1, ?1, ?2, ?3)").unwrap();
             for i in 0..rows {
                 let chip = format!("{i:08X}");
                 // Two seconds apart: a million rows span the 23 days before now (within retention).
                 let at = now - (rows - i) * 2_000_000;
                 read.execute(rusqlite::params![at, chip]).unwrap();
                 passing.execute(rusqlite::params![i + 1, i + 1, chip, at]).unwrap();
+                if (i + 1) % 200 == 0 || i + 1 == rows {
+                    delivery.execute(rusqlite::params![i + 1, (i / 200) * 200 + 1, at]).unwrap();
+                }
             }
         }
         tx.commit().unwrap();

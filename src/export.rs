@@ -5,7 +5,7 @@ use std::io::Write;
 use rusqlite::params;
 
 use crate::clock::rfc3339;
-use crate::store::query::Db;
+use crate::store::query::{Db, PASSING_STATE};
 
 pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Result<u64> {
     let mut csv = csv::Writer::from_writer(out);
@@ -21,11 +21,16 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
         "delivered_at",
         "resent_from",
     ])?;
-    let mut stmt = db.connection().prepare(
-        "SELECT p.session_id, s.alias, p.num_passing, p.bib, p.chip, p.timestamp, p.state, p.error, p.delivered_at, p.resent_from
+    let mut stmt = db.connection().prepare(&format!(
+        // A passing delivered by the watermark has its time in the delivery range that holds it.
+        "SELECT p.session_id, s.alias, p.num_passing, p.bib, p.chip, p.timestamp, {PASSING_STATE}, p.error,
+            coalesce(p.delivered_at, CASE WHEN p.state = 'pending' AND p.num_passing <= s.delivered_through THEN
+                (SELECT d.at FROM deliveries d WHERE d.session_id = p.session_id AND d.last >= p.num_passing ORDER BY d.last LIMIT 1)
+            END),
+            p.resent_from
          FROM passings p JOIN sessions s ON s.id = p.session_id
-         WHERE ?1 IS NULL OR p.session_id = ?1 ORDER BY p.session_id, p.num_passing",
-    )?;
+         WHERE ?1 IS NULL OR p.session_id = ?1 ORDER BY p.session_id, p.num_passing"
+    ))?;
     let mut rows = stmt.query(params![session])?;
     let mut n = 0;
     while let Some(r) = rows.next()? {

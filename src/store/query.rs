@@ -51,6 +51,11 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
+/// A passing's state (`pending | delivered | undeliverable`) from its row `p` and its session
+/// `s`: delivery is recorded by the session's watermark, not row by row (schema version 2).
+pub const PASSING_STATE: &str =
+    "CASE WHEN p.state = 'pending' AND p.num_passing <= s.delivered_through THEN 'delivered' ELSE p.state END";
+
 /// Totals over every session.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QueueCounts {
@@ -106,6 +111,7 @@ impl Db {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        super::stable_plans(&conn)?;
         Ok(Db { conn })
     }
 
@@ -140,9 +146,13 @@ impl Db {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         let (oldest, waiting_for_clock): (Option<i64>, i64) = self.conn.query_row(
-            // The partial index holds only pending rows; the hint keeps the planner, which has no
-            // statistics, from ever choosing a scan of the whole (mostly delivered) table.
-            "SELECT min(timestamp), coalesce(sum(clock_synced = 0), 0) FROM passings INDEXED BY passings_pending WHERE state = 'pending'",
+            // Each session's passings after its watermark, on the (session_id, num_passing) index:
+            // the CROSS JOIN keeps the planner, which has no statistics, from ever scanning the
+            // whole (mostly delivered) table instead.
+            "SELECT min(p.timestamp), coalesce(sum(p.clock_synced = 0), 0)
+             FROM sessions s CROSS JOIN passings p
+             WHERE s.delivered_through < s.next_num - 1
+               AND p.session_id = s.id AND p.num_passing > s.delivered_through AND p.state = 'pending'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -157,28 +167,27 @@ impl Db {
     }
 
     /// What the uplink must do next: the oldest session not finished remotely decides. `sent` is
-    /// the uplink's cursor: the last (session, number) it delivered, perhaps not recorded yet.
-    /// `sent` is the uplink's cursor: the session (by id and remote token) and the last number it
-    /// delivered; the next batch starts after it. A cursor for another session (or for a session
-    /// of a database since replaced, whose id now names another) is ignored.
+    /// the uplink's cursor: the session (by id and remote token) and the last number it
+    /// delivered, perhaps not recorded yet; the next batch starts after it, or after the
+    /// session's recorded watermark if that is further. A cursor for another session (or for a
+    /// session of a database since replaced, whose id now names another) is ignored.
     pub fn next_work(&self, limit: usize, sent: Option<(i64, &str, i64)>) -> rusqlite::Result<Work> {
-        let head: Option<(i64, String, String, String, Option<String>)> = self
+        let head: Option<(i64, String, String, String, Option<String>, i64)> = self
             .conn
-            .query_row(
-                "SELECT id, alias, state, remote_state, token FROM sessions
+            .prepare_cached(
+                "SELECT id, alias, state, remote_state, token, delivered_through FROM sessions
                  WHERE remote_state IN ('pending', 'open') ORDER BY id LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
             .optional()?;
-        let Some((session_id, alias, state, remote_state, token)) = head else {
+        let Some((session_id, alias, state, remote_state, token, through)) = head else {
             return Ok(Work::Idle);
         };
         let token = match (remote_state.as_str(), token) {
             ("open", Some(token)) => token,
             _ => return Ok(Work::Create { session_id, alias }),
         };
-        let after = sent.filter(|(s, t, _)| *s == session_id && *t == token).map_or(0, |(_, _, n)| n);
+        let after = sent.filter(|(s, t, _)| *s == session_id && *t == token).map_or(0, |(_, _, n)| n).max(through);
         let passings = self.pending(session_id, limit, after)?;
         if !passings.is_empty() {
             return Ok(Work::Send { session_id, token, passings });
@@ -212,10 +221,10 @@ impl Db {
 
     /// Passings of a session after `since`, for the dashboard and the live feed.
     pub fn passings_since(&self, session_id: i64, since: i64, limit: i64) -> rusqlite::Result<Vec<PassingRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT num_passing, bib, chip, timestamp, state FROM passings
-             WHERE session_id = ?1 AND num_passing > ?2 ORDER BY num_passing LIMIT ?3",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT p.num_passing, p.bib, p.chip, p.timestamp, {PASSING_STATE} FROM passings p JOIN sessions s ON s.id = p.session_id
+             WHERE p.session_id = ?1 AND p.num_passing > ?2 ORDER BY p.num_passing LIMIT ?3"
+        ))?;
         stmt.query_map(params![session_id, since, limit], |r| {
             Ok(PassingRow {
                 num_passing: r.get(0)?,

@@ -73,12 +73,39 @@ const MIGRATIONS: &[&str] = &[
         best_rssi     INTEGER
     );
     "#,
+    // 2: a delivery is recorded per batch, not per passing (a per-row UPDATE cost a backlog drain
+    // more CPU than the request itself). A passing is delivered when its own state is still
+    // 'pending' and its session's `delivered_through` has reached its number ('undeliverable'
+    // rows keep their state); rows version 1 marked 'delivered' one by one keep that state and
+    // their `delivered_at`. `deliveries` keeps when each range reached the API (export,
+    // retention).
+    r#"
+    ALTER TABLE sessions ADD COLUMN delivered_through INTEGER NOT NULL DEFAULT 0;
+    UPDATE sessions SET delivered_through = coalesce(
+        (SELECT min(num_passing) FROM passings p WHERE p.session_id = sessions.id AND p.state = 'pending') - 1,
+        next_num - 1);
+    CREATE TABLE deliveries (
+        session_id    INTEGER NOT NULL REFERENCES sessions(id),
+        last          INTEGER NOT NULL,
+        first         INTEGER NOT NULL,
+        at            INTEGER NOT NULL,      -- host UTC µs when the API accepted first..=last
+        PRIMARY KEY (session_id, last)
+    ) WITHOUT ROWID;
+    DROP INDEX passings_pending;
+    -- Passings stamped before the clock synchronised, waiting for correction (few, if any).
+    CREATE INDEX passings_held ON passings(read_id) WHERE clock_synced = 0;
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Bring the schema up to date. Refuses a database written by a newer version.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    migrate_to(conn, VERSION)
+}
+
+/// Bring the schema up to `version` (tests build the databases of earlier versions with it).
+pub fn migrate_to(conn: &mut Connection, version: i64) -> anyhow::Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > VERSION {
         anyhow::bail!(
@@ -89,7 +116,7 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         // Must precede the first table; lets pruning give pages back to the SD card.
         conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(version as usize).skip(current as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
