@@ -2,7 +2,7 @@
 //! gateway is) that opens a session and posts `n` passings in batches, one request at a time,
 //! with the gateway's HTTP stack and encoder. No storage, no bookkeeping: the time it takes is
 //! what the network and the server cost. Prints the seconds from the first request to the last
-//! answer.
+//! answer, and the CPU seconds the process used meanwhile.
 //!
 //! Run by the load tool: `bare-client BASE_URL API_KEY DEVICEID N BATCH`.
 
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
                 held: None,
             })
             .collect();
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), cpu_seconds());
         for chunk in passings.chunks(batch) {
             let body = rufus_gateway::uplink::api::batch_body(&token, chunk);
             let r = http
@@ -50,7 +50,19 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(r.status().is_success(), "answer {}", r.status());
             r.bytes().await?;
         }
-        println!("{:.6}", start.elapsed().as_secs_f64());
+        println!("{:.6} {:.6}", start.elapsed().as_secs_f64(), cpu_seconds() - cpu);
         Ok(())
     })
+}
+
+/// User and system CPU time of this process, all threads.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }

@@ -2,7 +2,7 @@
 //! the in-process fake API and reads the cost from /proc. Not a test: figures, not assertions.
 //!
 //! ```sh
-//! cargo build --release --bins --examples && target/release/examples/load [--reads 20000] [--rounds 5] [--scale]
+//! cargo build --release --bins --examples && target/release/examples/load [--reads 20000] [--rounds 15] [--scale]
 //! # parts: --drain-only, --scale-only
 //! ```
 
@@ -216,20 +216,44 @@ async fn naive_run(naive: &Path, n: u32) -> FloodResult {
 
 /// Rounds of the backlog drain (`--rounds`): the gateway and the bare client alternate, so both
 /// see the same machine noise; the medians are reported.
-const DRAIN_ROUNDS: usize = 5;
+const DRAIN_ROUNDS: usize = 15;
 
-/// Backlog: `n` passings stored while the API is down, then drained, `DRAIN_ROUNDS` times; and a
-/// bare client posting the same batches to the same kind of server between the rounds. Returns
-/// the per-round times (gateway, bare).
-async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<(f64, f64, f64)> {
+/// CPU nanoseconds per thread name (`/proc/PID/task/*/comm`), summed over threads of that name.
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            let ns = sched.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            *by_name.entry(name).or_insert(0) += ns;
+        }
+    }
+    by_name
+}
+
+/// One round of the backlog drain: wall time and CPU time of the gateway and of the bare client
+/// for the same batches, and the median time between two accepted requests of each.
+struct DrainRound {
+    gateway: f64,
+    bare: f64,
+    gateway_cpu: f64,
+    bare_cpu: f64,
+    gateway_gap: f64,
+    bare_gap: f64,
+    /// The gateway's CPU seconds by thread: the uplink (the main thread, which runs the async
+    /// side), the store, and the blocking pool that runs the uplink's queries.
+    threads: std::collections::BTreeMap<String, f64>,
+}
+
+/// Backlog: `n` passings stored while the API is down, then drained, `rounds_wanted` times; and
+/// the bare client posting the same batches to the same server after each.
+async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<DrainRound> {
     let (fake, device) = FakeApi::start().await.unwrap();
     fake.stop_listening();
     let mut pty = Some(Pty::open().unwrap());
     let path = pty.as_ref().unwrap().path.clone();
     let gw = Gateway::start(binary, &fake, &device, &path, "", None);
-    let (bare_fake, bare_device) = FakeApi::start().await.unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
     let mut rounds = Vec::new();
     for round in 0..rounds_wanted {
         if round > 0 {
@@ -239,60 +263,56 @@ async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<(f64, f64
         control::request(&gw.socket, &Request::SessionStart { alias: Some(alias) }).unwrap();
         pty = Some(flood(pty.take().unwrap(), n, round as u32 * n).join().unwrap());
         wait(Duration::from_secs(120), || gw.status()["queue"]["pending"] == n as i64);
+        let (cpu_before, threads_before) = (sample(gw.pid()).cpu_ns, thread_cpu(gw.pid()));
         let resumed = Instant::now();
         fake.resume().await.unwrap();
         // The bare client posts to this server too (its own session): n more per round.
         let total = (2 * round + 1) * n as usize;
         fake.wait_for(Duration::from_secs(300), "backlog drained", |s| s.total_passings() == total).await.unwrap();
-        // From the first accepted batch to the last: the retry delay before the first is the
-        // backoff (up to api.retry_max_delay), a setting, not throughput.
-        let gateway = {
-            let state = fake.state();
-            let ok: Vec<Instant> = state
+        let gateway_cpu = (sample(gw.pid()).cpu_ns - cpu_before) as f64 / 1e9;
+        let threads = thread_cpu(gw.pid())
+            .into_iter()
+            .map(|(name, ns)| {
+                let before = threads_before.get(&name).copied().unwrap_or(0);
+                (name, ns.saturating_sub(before) as f64 / 1e9)
+            })
+            .filter(|(_, secs)| *secs > 0.0)
+            .collect();
+        let bare_from = Instant::now();
+        let (bare, bare_cpu) = bare_process(&fake, &device, n).await;
+        let state = fake.state();
+        // Accepted batches between two instants, as the server saw them.
+        let accepted = |from: Instant, to: Option<Instant>| -> Vec<Instant> {
+            state
                 .requests
                 .iter()
-                .filter(|r| r.path == "/passings" && r.status == 200 && r.at >= resumed)
+                .filter(|r| r.path == "/passings" && r.status == 200 && r.at >= from && to.is_none_or(|t| r.at < t))
                 .map(|r| r.at)
-                .collect();
-            let (first, last) = (ok[0], ok[ok.len() - 1]);
-            // Add one request's worth, as the bare client's timing includes its first request.
-            (last - first).as_secs_f64() * ok.len() as f64 / (ok.len() - 1).max(1) as f64
+                .collect()
         };
-        let in_process = bare_drain(&http, &bare_fake, &bare_device, n, round).await;
-        let bare_from = Instant::now();
-        let bare = bare_process(&fake, &device, n).await;
-        {
-            let state = fake.state();
-            let gaps = |from: Instant, to: Option<Instant>| {
-                let at: Vec<Instant> = state
-                    .requests
-                    .iter()
-                    .filter(|r| r.path == "/passings" && r.status == 200 && r.at >= from && to.is_none_or(|t| r.at < t))
-                    .map(|r| r.at)
-                    .collect();
-                let mut g: Vec<f64> = at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
-                g.sort_by(f64::total_cmp);
-                let q = |f: f64| g[((g.len() - 1) as f64 * f) as usize];
-                format!(
-                    "p10 {:.3} p50 {:.3} p90 {:.3} max {:.3} sum {:.1}",
-                    q(0.1),
-                    q(0.5),
-                    q(0.9),
-                    q(1.0),
-                    g.iter().sum::<f64>()
-                )
-            };
-            eprintln!("      gaps ms: gateway {}", gaps(resumed, Some(bare_from)));
-            eprintln!("      gaps ms: bare    {}", gaps(bare_from, None));
-        }
-        rounds.push((gateway, bare, in_process));
+        let gap = |at: &[Instant]| median(at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect());
+        let (ok, bare_ok) = (accepted(resumed, Some(bare_from)), accepted(bare_from, None));
+        // From the first accepted batch to the last: the retry delay before the first is the
+        // backoff (up to api.retry_max_delay), a setting, not throughput. One request's worth is
+        // added, as the bare client's timing includes its first request.
+        let (first, last) = (ok[0], ok[ok.len() - 1]);
+        let gateway = (last - first).as_secs_f64() * ok.len() as f64 / (ok.len() - 1).max(1) as f64;
+        rounds.push(DrainRound {
+            gateway,
+            bare,
+            gateway_cpu,
+            bare_cpu,
+            gateway_gap: gap(&ok),
+            bare_gap: gap(&bare_ok),
+            threads,
+        });
     }
     rounds
 }
 
 /// The yardstick: `examples/bare-client`, a process of its own (like the gateway), posting the
-/// same batches to the gateway's fake server.
-async fn bare_process(fake: &FakeApi, device: &str, n: u32) -> f64 {
+/// same batches to the gateway's fake server. Returns its wall and CPU seconds.
+async fn bare_process(fake: &FakeApi, device: &str, n: u32) -> (f64, f64) {
     let exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/examples/bare-client");
     let (base, device) = (fake.base_url(), device.to_string());
     let out = tokio::task::spawn_blocking(move || {
@@ -304,50 +324,9 @@ async fn bare_process(fake: &FakeApi, device: &str, n: u32) -> f64 {
     .await
     .unwrap();
     assert!(out.status.success(), "bare client: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-/// The same client inside the load tool's process, next to its server (for comparison only: a
-/// client sharing the server's runtime skips the cross-process wake-ups a real uplink pays).
-/// The bare client: the gateway's batches (api.batch_size 200, the same encoder), one request at
-/// a time, to a fake server of its own.
-async fn bare_drain(http: &reqwest::Client, fake: &FakeApi, device: &str, n: u32, round: usize) -> f64 {
-    let reply: serde_json::Value = http
-        .post(format!("{}/sessions", fake.base_url()))
-        .header("api_key", FAKE_KEY)
-        .json(&serde_json::json!({ "deviceid": device, "alias": format!("BARE{round}") }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = reply["token_session"].as_str().unwrap().to_string();
-    let passings: Vec<rufus_gateway::store::query::Outgoing> = (0..n as i64)
-        .map(|i| rufus_gateway::store::query::Outgoing {
-            id: i,
-            num_passing: i + 1,
-            bib: format!("{:08X}", 0xA000_0000u32 as i64 + i),
-            chip: format!("{:08X}", 0xA000_0000u32 as i64 + i),
-            timestamp_us: rufus_gateway::clock::now_us(),
-            held: None,
-        })
-        .collect();
-    let start = Instant::now();
-    for batch in passings.chunks(200) {
-        let body = rufus_gateway::uplink::api::batch_body(&token, batch);
-        let r = http
-            .post(format!("{}/passings", fake.base_url()))
-            .header("api_key", FAKE_KEY)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        let _ = r.bytes().await;
-    }
-    start.elapsed().as_secs_f64()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+    (fields.next().unwrap(), fields.next().unwrap())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -356,21 +335,40 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Print the rounds and their medians; returns the median of the per-round ratios.
-fn report_drain(rounds: &[(f64, f64, f64)]) -> f64 {
-    for (i, (g, b, p)) in rounds.iter().enumerate() {
+fn report_drain(rounds: &[DrainRound], n: u32) -> f64 {
+    for (i, r) in rounds.iter().enumerate() {
         println!(
-            "    round {}: gateway {g:.3} s, bare client {b:.3} s (in the server's process {p:.3} s), ratio {:.2}",
+            "    round {:2}: gateway {:.3} s, bare client {:.3} s, ratio {:.2} | per batch {:.2} / {:.2} ms | CPU {:.3} / {:.3} s",
             i + 1,
-            g / b
+            r.gateway,
+            r.bare,
+            r.gateway / r.bare,
+            r.gateway_gap * 1e3,
+            r.bare_gap * 1e3,
+            r.gateway_cpu,
+            r.bare_cpu,
         );
     }
-    let ratio = median(rounds.iter().map(|(g, b, _)| g / b).collect());
+    let m = |f: &dyn Fn(&DrainRound) -> f64| median(rounds.iter().map(f).collect());
+    let names: std::collections::BTreeSet<&String> = rounds.iter().flat_map(|r| r.threads.keys()).collect();
+    let threads: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let ms = m(&|r| r.threads.get(*name).copied().unwrap_or(0.0)) * 1e3;
+            format!("{name} {ms:.1} ms")
+        })
+        .collect();
+    println!("    gateway CPU by thread (medians): {}", threads.join(", "));
+    let ratio = m(&|r| r.gateway / r.bare);
     println!(
-        "    median: gateway {:.3} s, bare client {:.3} s, ratio {ratio:.2}; in-process client {:.3} s, ratio {:.2}",
-        median(rounds.iter().map(|r| r.0).collect()),
-        median(rounds.iter().map(|r| r.1).collect()),
-        median(rounds.iter().map(|r| r.2).collect()),
-        median(rounds.iter().map(|(g, _, p)| g / p).collect()),
+        "    median: gateway {:.3} s, bare client {:.3} s, ratio {ratio:.2}; time per batch {:.2} / {:.2} ms (ratio {:.2}); CPU per passing {:.1} / {:.1} µs",
+        m(&|r| r.gateway),
+        m(&|r| r.bare),
+        m(&|r| r.gateway_gap) * 1e3,
+        m(&|r| r.bare_gap) * 1e3,
+        m(&|r| r.gateway_gap / r.bare_gap),
+        m(&|r| r.gateway_cpu) * 1e6 / n as f64,
+        m(&|r| r.bare_cpu) * 1e6 / n as f64,
     );
     ratio
 }
@@ -467,7 +465,7 @@ async fn main() {
     }
     if args.iter().any(|a| a == "--drain-only") {
         println!("\n## backlog drain ({rounds} rounds of {n})");
-        report_drain(&drain_run(&binary, n, rounds).await);
+        report_drain(&drain_run(&binary, n, rounds).await, n);
         return;
     }
     println!("\n## flood, dashboard and feed off");
@@ -495,7 +493,7 @@ async fn main() {
     );
 
     println!("\n## backlog drain ({rounds} rounds of {n})");
-    report_drain(&drain_run(&binary, n, rounds).await);
+    report_drain(&drain_run(&binary, n, rounds).await, n);
 
     if scale {
         println!("\n## scale: delivered rows already in the store");

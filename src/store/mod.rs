@@ -961,9 +961,9 @@ impl Store {
                 // go again (same numbers; the API counts duplicates), and the next commit of reads
                 // syncs it anyway. The reads' commits keep `synchronous = FULL`.
                 let conn = db(&mut self.conn)?;
-                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                conn.prepare_cached("PRAGMA synchronous = NORMAL")?.execute([])?;
                 let recorded = record_delivery(conn, session_id, &token, last);
-                conn.pragma_update(None, "synchronous", "FULL")?;
+                conn.prepare_cached("PRAGMA synchronous = FULL")?.execute([])?;
                 if recorded?.is_none() {
                     warn!(
                         session_id,

@@ -176,8 +176,8 @@ impl RufusClient {
         }
     }
 
-    pub async fn post_passings(&self, token: &str, passings: &[Outgoing]) -> Result<PostReply, ApiError> {
-        let body = batch_body(token, passings);
+    /// `POST /passings` with a batch encoded by [`batch_body`].
+    pub async fn post_passings(&self, body: Vec<u8>) -> Result<PostReply, ApiError> {
         let request =
             self.http.post(format!("{}/passings", self.base)).header("content-type", "application/json").body(body);
         let reply = self.send(Call::PostPassings, request).await?;

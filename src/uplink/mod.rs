@@ -103,8 +103,8 @@ pub struct Uplink {
     /// The read-side connection (used from blocking threads), with the writer's generation it
     /// was opened at: reopened when the writer reopens the database.
     db: Arc<Mutex<Option<(u64, Db)>>>,
-    /// The next piece of work, read while the previous request was in flight.
-    prefetched: Option<Work>,
+    /// The next piece of work, read (and a batch encoded) while the previous request was in flight.
+    prefetched: Option<Prefetched>,
     /// The last (session, num_passing) delivered: the next batch starts after it.
     sent: Option<(i64, String, i64)>,
     /// Deliveries the store could not record yet (disk full, read-only storage), as
@@ -126,6 +126,13 @@ struct Delivery {
     first: i64,
     last: i64,
     token: String,
+}
+
+/// Work read ahead on a blocking thread; a batch with nothing held for the clock comes encoded,
+/// so the request that follows an accepted one goes out at once.
+struct Prefetched {
+    work: Work,
+    body: Option<Vec<u8>>,
 }
 
 /// What one step did, for the loop's bookkeeping.
@@ -193,10 +200,10 @@ impl Uplink {
                 self.prefetched = None;
             }
             let work = match self.prefetched.take() {
-                Some(work) => Ok(work),
-                None => self.query(limit, self.sent.clone()).await?,
+                Some(ahead) => Ok(ahead),
+                None => self.query(limit, self.sent.clone(), false).await?,
             };
-            let work = match work {
+            let Prefetched { work, mut body } = match work {
                 Ok(w) => {
                     if queue_failing {
                         info!("the queue can be read again");
@@ -215,17 +222,25 @@ impl Uplink {
                 }
             };
             let work = match work {
-                Work::Send { session_id, token, passings } => match self.hold_for_clock(passings, &cancel).await? {
-                    Some(passings) => Work::Send { session_id, token, passings },
-                    None => continue,
-                },
+                Work::Send { session_id, token, passings } => {
+                    let read = passings.len();
+                    match self.hold_for_clock(passings, &cancel).await? {
+                        Some(passings) => {
+                            if passings.len() != read {
+                                body = None;
+                            }
+                            Work::Send { session_id, token, passings }
+                        }
+                        None => continue,
+                    }
+                }
                 other => other,
             };
             let sent = match &work {
                 Work::Send { passings, .. } => passings.len(),
                 _ => 0,
             };
-            match self.step(work).await {
+            match self.step(work, body).await {
                 Ok(Step::Idle) => {
                     self.update(|s| {
                         if s.state != UplinkState::AuthFailed {
@@ -321,7 +336,7 @@ impl Uplink {
         Ok(())
     }
 
-    async fn step(&mut self, work: Work) -> Result<Step, Failure> {
+    async fn step(&mut self, work: Work, body: Option<Vec<u8>>) -> Result<Step, Failure> {
         match work {
             Work::Idle => Ok(Step::Idle),
             Work::Create { session_id, alias } => {
@@ -335,11 +350,12 @@ impl Uplink {
                 let last = passings.last().map(|p| p.num_passing).unwrap_or(0);
                 // Read the batch after this one while the request is in flight (used only if
                 // this one is accepted): the database round trip overlaps the network's.
-                let next = self.spawn_query(self.batch_size, Some((session_id, token.clone(), last)));
-                match self.client.post_passings(&token, &passings).await {
+                let next = self.spawn_query(self.batch_size, Some((session_id, token.clone(), last)), true);
+                let body = body.unwrap_or_else(|| api::batch_body(&token, &passings));
+                match self.client.post_passings(body).await {
                     Ok(reply) => {
-                        if let Ok(Ok(Ok(work))) = next.await {
-                            self.prefetched = Some(work);
+                        if let Ok(Ok(Ok(ahead))) = next.await {
+                            self.prefetched = Some(ahead);
                         }
                         let duplicates = reply.duplicates.unwrap_or(0);
                         debug!(session_id, first, last, inserted = reply.inserted, duplicates, "passings delivered");
@@ -388,11 +404,14 @@ impl Uplink {
         }
     }
 
+    /// Read the next piece of work on a blocking thread; with `encode`, a batch that can go as
+    /// it is (nothing held for the clock) is encoded there too.
     fn spawn_query(
         &self,
         limit: usize,
         sent: Option<(i64, String, i64)>,
-    ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Work>>> {
+        encode: bool,
+    ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Prefetched>>> {
         let (db, path, generation) = (self.db.clone(), self.db_path.clone(), self.store.generation());
         tokio::task::spawn_blocking(move || {
             let mut db = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
@@ -404,12 +423,25 @@ impl Uplink {
                 }
             }
             let (_, db) = db.as_ref().expect("opened above");
-            Ok(db.next_work(limit, sent.as_ref().map(|(s, t, n)| (*s, t.as_str(), *n))))
+            Ok(db.next_work(limit, sent.as_ref().map(|(s, t, n)| (*s, t.as_str(), *n))).map(|work| {
+                let body = match &work {
+                    Work::Send { token, passings, .. } if encode && passings.iter().all(|p| p.held.is_none()) => {
+                        Some(api::batch_body(token, passings))
+                    }
+                    _ => None,
+                };
+                Prefetched { work, body }
+            }))
         })
     }
 
-    async fn query(&self, limit: usize, sent: Option<(i64, String, i64)>) -> anyhow::Result<rusqlite::Result<Work>> {
-        self.spawn_query(limit, sent).await?
+    async fn query(
+        &self,
+        limit: usize,
+        sent: Option<(i64, String, i64)>,
+        encode: bool,
+    ) -> anyhow::Result<rusqlite::Result<Prefetched>> {
+        self.spawn_query(limit, sent, encode).await?
     }
 
     /// Passings stamped by the host before its clock synchronised wait (in order, so everything
