@@ -66,6 +66,8 @@ async fn api_endpoints_and_the_token() {
 
     write_lines(&mut pty, &chips(0..12));
     wait_fake(&fake, &gw, "12 delivered", |s| s.total_passings() == 12).await;
+    // Deliveries are recorded at the next group commit, not the moment the API answers.
+    gw.wait_status("12 recorded as delivered", |s| s["queue"]["delivered"] == 12).await;
     let page: serde_json::Value =
         http.get(format!("{url}/api/passings?since=5")).send().await.unwrap().json().await.unwrap();
     let nums: Vec<i64> =

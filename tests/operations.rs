@@ -77,6 +77,8 @@ async fn resend_moves_the_held_passings_into_a_new_session_numbered_from_one() {
     // Reads after the resend continue the new session's numbering.
     write_lines(&mut pty, &["ABCDEF01".to_string()]);
     wait_fake(&fake, &gw, "a live passing #16", |s| s.sessions[1].passings.contains_key(&16)).await;
+    // Deliveries are recorded at the next group commit, not the moment the API answers.
+    gw.wait_status("#16 recorded as delivered", |s| s["queue"]["pending"] == 0).await;
 
     let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
     let rows = list.as_array().unwrap();

@@ -186,6 +186,21 @@ pub struct Store {
     prune_every: Duration,
     last_prune: Instant,
     open: Option<OpenSession>,
+    /// Delivery records waiting to be written (see `DeferredDelivery`).
+    deferred: Option<DeferredDelivery>,
+}
+
+/// Delivery records of one session, merged until the next group commit (`storage.commit_interval`):
+/// a fast link answers a batch every millisecond, far more often than a commit is worth, and a
+/// record lost to a crash only makes its batches go again (same numbers). Written before any
+/// other change, so a change never sees the queue older than the uplink left it.
+struct DeferredDelivery {
+    session_id: i64,
+    token: String,
+    first: i64,
+    last: i64,
+    replies: Vec<oneshot::Sender<Reply>>,
+    due: Instant,
 }
 
 /// De-duplication state, per `passings.dedup_keep`.
@@ -418,6 +433,7 @@ impl Store {
             prune_every: PRUNE_EVERY.min(cfg.storage.retention / 4),
             // Prune soon after start (a box that was off for weeks).
             last_prune: Instant::now() - PRUNE_EVERY,
+            deferred: None,
             open: None,
         };
         // Storage that cannot be opened does not stop the gateway: it reads into memory, says so,
@@ -612,10 +628,13 @@ impl Store {
             // The loop wakes at least every HOUSEKEEPING; a commit may take a while on an SD card.
             self.stats.live.beat(HOUSEKEEPING + COMMIT_PATIENCE);
             let draining = !reads_open && !commands_open;
+            let now = Instant::now();
+            if self.deferred.as_ref().is_some_and(|d| draining || now >= d.due) {
+                self.record_deferred();
+            }
             if draining && batch.is_empty() {
                 break;
             }
-            let now = Instant::now();
             let full = batch.len() >= MAX_GROUP && !failing;
             if draining || full || deadline.is_some_and(|d| now >= d) {
                 failing = !self.flush(&mut batch);
@@ -635,6 +654,9 @@ impl Store {
             if let Some(d) = deadline {
                 wake = wake.min(d);
             }
+            if let Some(d) = &self.deferred {
+                wake = wake.min(d.due);
+            }
             if let Windows::Strongest(w) = &self.windows
                 && let Some(due) = w.next_due()
             {
@@ -650,17 +672,15 @@ impl Store {
                     Err(_) => { reads_open = false; reads = crossbeam_channel::never(); }
                 },
                 recv(commands) -> msg => match msg {
+                    Ok(Command { op: Op::Delivered { session_id, token, first, last }, reply }) => {
+                        self.defer_delivery(session_id, token, first, last, reply);
+                    }
                     Ok(cmd) => {
-                        // Keep order: reads that arrived before the command are committed first.
+                        // Keep order: deliveries and reads that arrived before the command are
+                        // written first.
+                        self.record_deferred();
                         if self.flush(&mut batch) { deadline = None; }
-                        let result = self.apply(cmd.op);
-                        if let Err(e) = &result {
-                            self.storage_failed(e);
-                        }
-                        let result = result.map_err(|e| format!("{e:#}"));
-                        if let Err(e) = &result {
-                            warn!(error = %e, "a requested change could not be written");
-                        }
+                        let result = self.execute(cmd.op);
                         let _ = cmd.reply.send(result);
                         self.notify.notify_one();
                     }
@@ -671,6 +691,46 @@ impl Store {
         }
         info!(path = %self.path.display(), "store closed");
         Ok(())
+    }
+
+    /// Apply a change; a failure is reported in status (and logged) and returned as text.
+    fn execute(&mut self, op: Op) -> Reply {
+        let result = self.apply(op);
+        if let Err(e) = &result {
+            self.storage_failed(e);
+        }
+        let result = result.map_err(|e| format!("{e:#}"));
+        if let Err(e) = &result {
+            warn!(error = %e, "a requested change could not be written");
+        }
+        result
+    }
+
+    /// Hold a delivery record for the next group commit, merged with the ones before it.
+    fn defer_delivery(&mut self, session_id: i64, token: String, first: i64, last: i64, reply: oneshot::Sender<Reply>) {
+        match &mut self.deferred {
+            Some(d) if d.session_id == session_id && d.token == token => {
+                d.first = d.first.min(first);
+                d.last = d.last.max(last);
+                d.replies.push(reply);
+            }
+            _ => {
+                self.record_deferred();
+                let due = Instant::now() + self.commit_interval;
+                self.deferred = Some(DeferredDelivery { session_id, token, first, last, replies: vec![reply], due });
+            }
+        }
+    }
+
+    /// Write the held delivery records, if any, and answer each of them.
+    fn record_deferred(&mut self) {
+        let Some(d) = self.deferred.take() else { return };
+        let result =
+            self.execute(Op::Delivered { session_id: d.session_id, token: d.token, first: d.first, last: d.last });
+        for reply in d.replies {
+            let _ = reply.send(result.clone());
+        }
+        self.notify.notify_one();
     }
 
     /// Periodic work; returns true when strongest windows are due (commit them now).
