@@ -817,9 +817,10 @@ impl Store {
                 )?;
                 tx.execute("DELETE FROM deliveries WHERE session_id = ?1 AND last = ?2", params![session_id, last])?;
             }
-            // Rows a version-1 database marked delivered one by one.
+            // Rows a version-1 database marked delivered one by one (on their own partial index).
             passings += tx.execute(
-                "DELETE FROM passings WHERE id IN (SELECT id FROM passings WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
+                "DELETE FROM passings WHERE id IN (SELECT id FROM passings INDEXED BY passings_delivered_v1
+                    WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
                 params![cutoff, PRUNE_STEP],
             )?;
             // Reads of sessions finished remotely (or of no session), not used by a passing left.

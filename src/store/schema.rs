@@ -91,9 +91,12 @@ const MIGRATIONS: &[&str] = &[
         at            INTEGER NOT NULL,      -- host UTC µs when the API accepted first..=last
         PRIMARY KEY (session_id, last)
     ) WITHOUT ROWID;
+    CREATE INDEX deliveries_at ON deliveries(at);
     DROP INDEX passings_pending;
     -- Passings stamped before the clock synchronised, waiting for correction (few, if any).
     CREATE INDEX passings_held ON passings(read_id) WHERE clock_synced = 0;
+    -- Rows version 1 marked delivered, for retention (empty in a database created since).
+    CREATE INDEX passings_delivered_v1 ON passings(delivered_at) WHERE state = 'delivered';
     "#,
 ];
 
