@@ -69,6 +69,8 @@ pub enum Op {
     },
     /// The API confirmed the session's pending passings numbered `first..=last`, sent under the
     /// remote session `token` (a database opened afresh may hold another session by that id).
+    /// Written at the next group commit, merged with the records before it (`DeferredDelivery`);
+    /// answered then.
     Delivered {
         session_id: i64,
         token: String,
