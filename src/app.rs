@@ -19,6 +19,7 @@ use crate::control::ControlServer;
 use crate::feed::FeedServer;
 use crate::http::HttpServer;
 use crate::logging::LogHandle;
+use crate::optional::Optional;
 use crate::reader::{Reader, ReaderStats};
 use crate::reload::Reloader;
 use crate::status::StatusSource;
@@ -50,6 +51,8 @@ pub struct Options {
     pub log: Option<LogHandle>,
     /// Handle SIGTERM/SIGINT/SIGHUP (the daemon does; the demo leaves Ctrl-C alone).
     pub signals: bool,
+    /// The reader's port as a previous process left it in systemd's descriptor store.
+    pub kept_port: Option<std::os::fd::OwnedFd>,
 }
 
 /// Start every actor. Returns once the store is open, the reader started and the socket bound.
@@ -65,7 +68,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let store_stats_live = store_stats.live.clone();
     let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
 
-    let reader = Reader::new(cfg, reads_tx, reader_stats.clone())?;
+    let reader = Reader::new(cfg, reads_tx, reader_stats.clone())?.with_kept_port(options.kept_port);
     let reader_cancel = cancel.clone();
     let reader = std::thread::Builder::new().name("reader".into()).spawn(move || reader.run(reader_cancel))?;
 
@@ -91,20 +94,6 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     });
     let uplink = Uplink::new(cfg, api_rx, handle.clone(), notify, uplink_status)?;
     let uplink_live = uplink.live.clone();
-    let http = match &cfg.http.listen {
-        Some(listen) => Some(
-            HttpServer::bind(listen, cfg.http.token.clone(), status.clone(), handle.clone(), cfg.session.alias.clone())
-                .with_context(|| format!("http.listen: cannot listen on {listen}"))?,
-        ),
-        None => None,
-    };
-    let feed = match &cfg.feed.listen {
-        Some(listen) => Some(
-            FeedServer::bind(listen, events.clone(), cfg.storage.path.clone())
-                .with_context(|| format!("feed.listen: cannot listen on {listen}"))?,
-        ),
-        None => None,
-    };
 
     let mut tasks = JoinSet::new();
     let c = cancel.clone();
@@ -114,17 +103,22 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let c = cancel.clone();
     let s = status.clone();
     tasks.spawn(async move { ("status", report_status(s, c).await) });
-    if let Ok(mut l) = status.listening.lock() {
-        l.http = http.as_ref().and_then(|h| h.local_addr());
-        l.feed = feed.as_ref().and_then(|f| f.local_addr());
-    }
-    if let Some(http) = http {
+    // Optional listeners: one that cannot bind is reported and retried; the pipeline goes on.
+    if let Some(listen) = cfg.http.listen.clone() {
+        let (token, s, h, alias) = (cfg.http.token.clone(), status.clone(), handle.clone(), cfg.session.alias.clone());
+        let bind = move |addr: &str| HttpServer::bind(addr, token.clone(), s.clone(), h.clone(), alias.clone());
+        let listener = Optional { what: "http", listen, listening: status.listening.clone() };
+        let first = listener.bind(&bind);
         let c = cancel.clone();
-        tasks.spawn(async move { ("http", http.run(c).await) });
+        tasks.spawn(async move { ("http", listener.keep(first, bind, |server, c| server.run(c), c).await) });
     }
-    if let Some(feed) = feed {
+    if let Some(listen) = cfg.feed.listen.clone() {
+        let (events, db) = (events.clone(), cfg.storage.path.clone());
+        let bind = move |addr: &str| FeedServer::bind(addr, events.clone(), db.clone());
+        let listener = Optional { what: "feed", listen, listening: status.listening.clone() };
+        let first = listener.bind(&bind);
         let c = cancel.clone();
-        tasks.spawn(async move { ("feed", feed.run(c).await) });
+        tasks.spawn(async move { ("feed", listener.keep(first, bind, |server, c| server.run(c), c).await) });
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let c = cancel.clone();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH, Purpose};
 use crate::control::{self, NotRunning, Request};
@@ -114,6 +114,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => {
             let cfg = Config::load(&path, Purpose::Daemon)?;
             println!("{} is valid\n\n{}", path.display(), cfg.summary());
+            if let Some(warning) = crate::config::console_warning(&cfg.reader) {
+                println!("\nWARNING: {warning}");
+            }
             Ok(())
         }
         Command::Status { json } => {
@@ -155,9 +158,15 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Well under the unit's `TasksMax=64`, with the reader, store and main threads beside them.
+const BLOCKING_THREADS: usize = 16;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One worker: the async side (uplink, control socket) is light; blocking work has its own threads.
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    // Blocking work (SQLite reads for status, the uplink's batches, the dashboard) waits for one
+    // of a bounded set of threads rather than growing without limit under many clients: the unit
+    // caps the service's tasks (`TasksMax=`), and a thread it refuses would abort the process.
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(BLOCKING_THREADS).build()?)
 }
 
 fn open_db(cfg: &Config) -> anyhow::Result<Db> {
@@ -174,9 +183,17 @@ fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
     limit_malloc_arenas();
     let log = crate::logging::init(&cfg.log)?;
     info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), port = cfg.reader.port.as_deref().unwrap_or(""), "rufus-gateway starting");
+    if let Some(warning) = crate::config::console_warning(&cfg.reader) {
+        warn!("{warning}");
+    }
+    // What systemd kept for this unit (the reader's port, open across the restart).
+    let mut kept = crate::fdstore::Inherited::take();
+    let kept_port = kept.named(crate::fdstore::READER);
+    kept.forget_rest();
     runtime()?.block_on(async {
         let cancel = CancellationToken::new();
-        let options = crate::app::Options { config_path: Some(path.to_path_buf()), log: Some(log), signals: true };
+        let options =
+            crate::app::Options { config_path: Some(path.to_path_buf()), log: Some(log), signals: true, kept_port };
         let running = crate::app::start(&cfg, options, cancel)?;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         info!("ready");

@@ -555,6 +555,37 @@ impl Config {
 }
 
 /// Plain http is allowed only to a loopback address (tests, a local proxy): the key travels in a header.
+/// The reader's port is the kernel's console? On a Raspberry Pi `/dev/serial0` (`ttyS0` or
+/// `ttyAMA0`) carries the login console by default: a getty and kernel messages would share the
+/// reader's bytes. Says what to do about it, or `None` when the port is not a console.
+pub fn console_warning(reader: &ReaderConfig) -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    console_warning_for(reader.port.as_deref()?, &cmdline, Path::new("/dev"))
+}
+
+fn console_warning_for(port: &str, cmdline: &str, dev: &Path) -> Option<String> {
+    if port.starts_with("tcp://") {
+        return None;
+    }
+    // The device a name finally points at (`/dev/serial0` -> `ttyS0`), as a bare name.
+    let device = |path: &Path| -> Option<String> {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        real.file_name().map(|n| n.to_string_lossy().into_owned())
+    };
+    let port_device = device(Path::new(port))?;
+    cmdline.split_whitespace().filter_map(|arg| arg.strip_prefix("console=")).find_map(|value| {
+        let name = value.split(',').next().unwrap_or_default();
+        (!name.is_empty() && device(&dev.join(name)).as_deref() == Some(port_device.as_str())).then(|| {
+            format!(
+                "reader.port {port} is the kernel's console (console={value} in /proc/cmdline): a login prompt and \
+                 kernel messages share this port with the reader. Turn the console off: on a Raspberry Pi, \
+                 `raspi-config` > Interface Options > Serial Port: login shell No, hardware Yes (or remove \
+                 console={value} from /boot/firmware/cmdline.txt and `systemctl disable --now serial-getty@{port_device}`), then reboot"
+            )
+        })
+    })
+}
+
 fn validate_base_url(url: &str) -> Result<(), String> {
     let fix = "use https://…, or http:// only to 127.0.0.1, ::1 or localhost";
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("api.base_url: \"{url}\" is not a URL ({e}); {fix}"))?;
@@ -581,9 +612,35 @@ fn validate_base_url(url: &str) -> Result<(), String> {
 fn explain_serde(message: &str) -> String {
     if message.contains("unknown field") {
         format!("{message}; remove or correct the key (see the commented example config)")
+    } else if let Some(choices) = enum_choices(message) {
+        // The config crate says "enum Parity does not have variant constructor x for key …":
+        // name the values that are accepted instead.
+        format!("{message}; expected {choices}")
     } else {
         message.to_string()
     }
+}
+
+/// The accepted values of the enumeration a config error names, as serde's derive lists them
+/// ("`none`, `odd`, `even`"), so the list can never differ from what is accepted.
+fn enum_choices(message: &str) -> Option<String> {
+    use serde::de::IntoDeserializer;
+    use serde::de::value::{Error, StrDeserializer};
+    let name = message.strip_prefix("enum ")?.split_whitespace().next()?;
+    let probe: StrDeserializer<'_, Error> = "\u{0}".into_deserializer();
+    let refused = match name {
+        "Parity" => Parity::deserialize(probe).err(),
+        "FlowControl" => FlowControl::deserialize(probe).err(),
+        "Format" => Format::deserialize(probe).err(),
+        "TimestampSource" => TimestampSource::deserialize(probe).err(),
+        "DedupKeep" => DedupKeep::deserialize(probe).err(),
+        "ChipEncoding" => ChipEncoding::deserialize(probe).err(),
+        "Unmapped" => Unmapped::deserialize(probe).err(),
+        "ClockSource" => ClockSource::deserialize(probe).err(),
+        "LogTarget" => LogTarget::deserialize(probe).err(),
+        _ => None,
+    }?;
+    refused.to_string().split("expected ").nth(1).map(str::to_string)
 }
 
 /// Durations are strings such as "250ms", "3s", "30d" (humantime).
@@ -615,6 +672,28 @@ impl From<String> for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_on_the_kernel_console_is_warned_about() {
+        let dev = tempfile::tempdir().unwrap();
+        let tty = dev.path().join("ttyS0");
+        std::fs::write(&tty, "").unwrap();
+        std::os::unix::fs::symlink(&tty, dev.path().join("serial0")).unwrap();
+        std::fs::write(dev.path().join("ttyUSB0"), "").unwrap();
+        let serial0 = dev.path().join("serial0").display().to_string();
+        let usb = dev.path().join("ttyUSB0").display().to_string();
+        let pi = "coherent_pool=1M console=serial0,115200 console=tty1 root=PARTUUID=1 rootwait";
+        let kernel = "console=ttyS0,115200 root=/dev/mmcblk0p2";
+        // Through the symlink, either way round (the firmware may rewrite serial0 to ttyS0).
+        for cmdline in [pi, kernel] {
+            let warning = console_warning_for(&serial0, cmdline, dev.path()).expect(cmdline);
+            assert!(warning.contains("kernel's console") && warning.contains("serial-getty@ttyS0"), "{warning}");
+        }
+        assert!(console_warning_for(&tty.display().to_string(), pi, dev.path()).is_some());
+        assert_eq!(console_warning_for(&usb, pi, dev.path()), None);
+        assert_eq!(console_warning_for(&serial0, "console=tty1 quiet", dev.path()), None);
+        assert_eq!(console_warning_for("tcp://192.0.2.1:23", pi, dev.path()), None);
+    }
 
     #[test]
     fn mask_hides_most_of_a_key() {

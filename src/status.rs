@@ -30,8 +30,31 @@ pub struct Status {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Listening {
+    /// The address the dashboard listens on; null when off or not listening.
     pub http: Option<String>,
+    /// The address the live feed listens on; null when off or not listening.
     pub feed: Option<String>,
+    /// Listeners that are configured but cannot listen, by name (`http`, `feed`).
+    #[serde(default)]
+    pub failing: std::collections::BTreeMap<String, ListenFailure>,
+}
+
+impl Listening {
+    pub fn set_address(&mut self, what: &str, address: Option<String>) {
+        match what {
+            "http" => self.http = address,
+            "feed" => self.feed = address,
+            _ => {}
+        }
+    }
+}
+
+/// A listener that cannot listen: where it should, why it cannot, since when (it is retried).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenFailure {
+    pub listen: String,
+    pub error: String,
+    pub since: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +152,13 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             "READER NOT CONNECTED on {}: {}",
             s.reader.port,
             s.reader.last_error.as_deref().unwrap_or("waiting for the port")
+        ));
+    }
+    for (what, f) in &s.listening.failing {
+        let name = if what == "http" { "DASHBOARD" } else { "LIVE FEED" };
+        p.push(format!(
+            "{name} NOT LISTENING on {} since {}: {}; retrying (reading, storing and uploading are not affected)",
+            f.listen, f.since, f.error
         ));
     }
     if matches!(s.uplink.state, UplinkState::Offline | UplinkState::BackingOff) {

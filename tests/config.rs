@@ -115,3 +115,63 @@ fn an_instance_config_gets_its_own_database_and_socket() {
     let out = Command::new(BIN).arg("-c").arg(&path).arg("check-config").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("/srv/x.db"));
 }
+
+/// The example's comments list the choices of each enumerated key (`# a | b | c`): every listed
+/// choice must load, and where the code names what it accepts ("expected `a`, `b` or `c`"), the
+/// two lists must be the same, so the comments can neither promise a choice that does not exist
+/// nor hide one that does.
+#[test]
+fn the_example_lists_exactly_the_choices_the_code_accepts() {
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.toml")).unwrap();
+    let token =
+        |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let load = |section: &str, key: &str, value: &str| {
+        // VALID has [api] and [reader]; a key of another section goes in a section of its own.
+        let text = if VALID.contains(&format!("[{section}]\n")) {
+            VALID.replace(&format!("[{section}]\n"), &format!("[{section}]\n{key} = \"{value}\"\n"))
+        } else {
+            format!("{VALID}[{section}]\n{key} = \"{value}\"\n")
+        };
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path, Purpose::Daemon).map(|_| ()).map_err(|e| format!("{e:#}"))
+    };
+    let (mut section, mut listed_keys, mut compared) = (String::new(), 0, Vec::new());
+    for line in example.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            section = name.to_string();
+            continue;
+        }
+        let Some((assignment, comment)) = line.split_once('#') else { continue };
+        let Some((key, _)) = assignment.split_once('=') else { continue };
+        let key = key.trim();
+        // The choices: the comment up to its first parenthesis, if it is `a | b | …` and nothing else.
+        let head = comment.split('(').next().unwrap_or_default();
+        let listed: Vec<&str> = head.split('|').map(str::trim).collect();
+        if listed.len() < 2 || !listed.iter().all(|t| token(t)) {
+            continue;
+        }
+        listed_keys += 1;
+        for choice in &listed {
+            assert_eq!(load(&section, key, choice), Ok(()), "{section}.{key} = \"{choice}\" is listed but refused");
+        }
+        // A free-form key (log.level takes any tracing filter) has nothing more to compare.
+        let Err(refused) = load(&section, key, "no-such-choice") else { continue };
+        if let Some(expected) = refused.split("; expected ").nth(1) {
+            let mut accepted: Vec<&str> = expected.split('`').filter(|t| token(t)).collect();
+            let mut listed = listed.clone();
+            accepted.sort_unstable();
+            listed.sort_unstable();
+            assert_eq!(
+                listed, accepted,
+                "{section}.{key}: the comment lists {listed:?}, the code accepts {accepted:?}"
+            );
+            compared.push(format!("{section}.{key}"));
+        }
+    }
+    // parity, flow_control, format, timestamps, dedup_keep, chip_encoding, unmapped, clock.source,
+    // log.target are enumerations; log.level is a filter (checked for acceptance only).
+    assert!(listed_keys >= 10, "only {listed_keys} keys with listed choices found");
+    assert_eq!(compared.len(), 9, "enumerations compared: {compared:?}");
+}

@@ -292,3 +292,49 @@ async fn the_page_in_headless_chromium() {
     }
     assert!(!gw.logs().contains(TOKEN));
 }
+
+/// Only the pipeline is critical: a dashboard and a feed whose ports are taken are reported in
+/// status and retried, while reads are stored and delivered as usual; once the ports are free
+/// they listen, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_that_cannot_bind_never_stop_the_pipeline() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    // Someone else holds both ports.
+    let taken_http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_feed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (http_addr, feed_addr) = (taken_http.local_addr().unwrap(), taken_feed.local_addr().unwrap());
+    let extra = format!(
+        "reader.pattern = '^(?P<chip>[0-9A-F]{{8}})$'\nsession.auto_start = true\nhttp.listen = \"{http_addr}\"\nfeed.listen = \"{feed_addr}\""
+    );
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+
+    let status = gw
+        .wait_status("both listeners failing", |s| s["listening"]["failing"].as_object().is_some_and(|f| f.len() == 2))
+        .await;
+    assert!(status["listening"]["http"].is_null() && status["listening"]["feed"].is_null(), "{status}");
+    let failing = &status["listening"]["failing"];
+    assert_eq!(failing["http"]["listen"], http_addr.to_string());
+    assert!(failing["http"]["error"].as_str().unwrap().contains("in use"), "{failing}");
+    assert!(failing["feed"]["since"].as_str().unwrap().ends_with('Z'), "{failing}");
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("DASHBOARD NOT LISTENING") && problems.contains("LIVE FEED NOT LISTENING"), "{problems}");
+
+    // Reading, storing and uploading go on.
+    write_lines(&mut pty, &chips(0..20));
+    wait_fake(&fake, &gw, "20 passings", |s| s.total_passings() == 20).await;
+
+    // The ports are freed: both listen again, by themselves.
+    drop(taken_http);
+    drop(taken_feed);
+    let status = gw
+        .wait_status("both listening", |s| s["listening"]["http"].is_string() && s["listening"]["feed"].is_string())
+        .await;
+    assert_eq!(status["listening"]["http"], http_addr.to_string());
+    assert!(status["listening"]["failing"].as_object().unwrap().is_empty(), "{status}");
+    let page = http_client().get(format!("http://{http_addr}/api/status")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(gw.logs().contains("cannot listen; retrying"), "the failure is logged");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}

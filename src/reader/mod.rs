@@ -105,6 +105,8 @@ pub struct Reader {
     clock: ClockWatch,
     out: crossbeam_channel::Sender<Read>,
     stats: Arc<ReaderStats>,
+    /// The port a previous process kept open in systemd's descriptor store, to be taken back.
+    kept: Option<std::os::fd::OwnedFd>,
 }
 
 impl Reader {
@@ -125,19 +127,49 @@ impl Reader {
             clock: ClockWatch::new(&cfg.clock),
             out,
             stats,
+            kept: None,
         })
     }
 
+    /// Start from the port a previous process kept open (see [`crate::fdstore`]).
+    pub fn with_kept_port(mut self, fd: Option<std::os::fd::OwnedFd>) -> Self {
+        self.kept = fd;
+        self
+    }
+
+    /// The kept port if it is still the configured one, else a freshly opened port (then kept
+    /// in the store for the next process). The flag says whether the port was taken back.
+    fn open_port(&self, kept: Option<std::os::fd::OwnedFd>) -> std::io::Result<(Port, bool)> {
+        let port_name = self.cfg.port.as_deref().unwrap_or_default();
+        if let Some(fd) = kept {
+            match Port::adopt(fd, &self.cfg) {
+                Ok(port) => {
+                    info!(port = %port_name, "reader port taken back from systemd, open all along: what the reader sent meanwhile is read now");
+                    return Ok((port, true));
+                }
+                Err((fd, why)) => {
+                    info!(port = %port_name, reason = %why, "the port kept by systemd is not the configured one; opening the configured port");
+                    crate::fdstore::forget(crate::fdstore::READER);
+                    release(fd);
+                }
+            }
+        }
+        let port = Port::open(&self.cfg)?;
+        crate::fdstore::keep(crate::fdstore::READER, port.as_fd());
+        Ok((port, false))
+    }
+
     /// Blocking: run on a dedicated thread. Returns when cancelled or when the store is gone.
-    pub fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let _span = tracing::info_span!("reader").entered();
         let port_name = self.cfg.port.clone().unwrap_or_default();
+        let mut kept = self.kept.take();
         let mut session = ReadSession::new(&self);
         let mut attempt = 0usize;
         let mut last_open_error: Option<(String, Instant)> = None;
         while !cancel.is_cancelled() {
-            match Port::open(&self.cfg) {
-                Ok(mut port) => {
+            match self.open_port(kept.take()) {
+                Ok((mut port, _)) => {
                     attempt = 0;
                     last_open_error = None;
                     self.stats.connected.store(true, Ordering::Relaxed);
@@ -147,9 +179,11 @@ impl Reader {
                     self.stats.connected.store(false, Ordering::Relaxed);
                     session.framer.reset();
                     match outcome {
+                        // The port stays in systemd's store: the next process reads on.
                         Pump::Cancelled => break,
                         Pump::StoreGone => return Ok(()),
                         Pump::Lost(e) => {
+                            crate::fdstore::forget(crate::fdstore::READER);
                             warn!(port = %port_name, error = %e, "reader disconnected; reopening");
                             self.stats.set_error(Some(format!("disconnected: {e}")));
                         }
@@ -315,6 +349,15 @@ impl<'a> ReadSession<'a> {
             self.last_reject_log = Some(Instant::now());
         }
     }
+}
+
+/// Let go of a kept port that is not ours to use: lift its exclusive claims first, so opening
+/// the configured device is not refused while systemd still closes its copy.
+fn release(fd: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCNXCL takes no argument; on a descriptor that is not a tty it fails harmlessly.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCNXCL) };
+    let _ = nix::fcntl::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::Unlock);
 }
 
 /// Sleep up to `delay`, waking early on cancellation. Returns true when cancelled.

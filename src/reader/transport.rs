@@ -1,8 +1,11 @@
 //! Transports: a serial port, or a TCP connection to a networked reader (`tcp://host:port`).
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::time::Duration;
+
+use serialport::SerialPort;
 
 use crate::config::{FlowControl, Parity, ReaderConfig};
 
@@ -45,6 +48,47 @@ fn read_timeout(cfg: &ReaderConfig) -> Duration {
 }
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} does not resolve")))
+}
+
+fn configure_tcp(stream: &TcpStream, cfg: &ReaderConfig) -> io::Result<()> {
+    stream.set_read_timeout(Some(read_timeout(cfg)))?;
+    stream.set_nodelay(true)?;
+    enable_keepalive(stream)
+}
+
+fn data_bits(cfg: &ReaderConfig) -> serialport::DataBits {
+    match cfg.data_bits {
+        5 => serialport::DataBits::Five,
+        6 => serialport::DataBits::Six,
+        7 => serialport::DataBits::Seven,
+        _ => serialport::DataBits::Eight,
+    }
+}
+
+fn parity(cfg: &ReaderConfig) -> serialport::Parity {
+    match cfg.parity {
+        Parity::None => serialport::Parity::None,
+        Parity::Odd => serialport::Parity::Odd,
+        Parity::Even => serialport::Parity::Even,
+    }
+}
+
+fn stop_bits(cfg: &ReaderConfig) -> serialport::StopBits {
+    if cfg.stop_bits == 2 { serialport::StopBits::Two } else { serialport::StopBits::One }
+}
+
+fn flow_control(cfg: &ReaderConfig) -> serialport::FlowControl {
+    match cfg.flow_control {
+        FlowControl::None => serialport::FlowControl::None,
+        FlowControl::Software => serialport::FlowControl::Software,
+        FlowControl::Hardware => serialport::FlowControl::Hardware,
+    }
+}
+
 pub enum Port {
     Serial(serialport::TTYPort),
     Tcp(TcpStream),
@@ -61,38 +105,74 @@ impl Port {
     pub fn open(cfg: &ReaderConfig) -> io::Result<Port> {
         let path = cfg.port.as_deref().unwrap_or_default();
         if let Some(addr) = path.strip_prefix("tcp://") {
-            let target = addr
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} does not resolve")))?;
-            let stream = TcpStream::connect_timeout(&target, TCP_CONNECT_TIMEOUT)?;
-            stream.set_read_timeout(Some(read_timeout(cfg)))?;
-            stream.set_nodelay(true)?;
-            enable_keepalive(&stream)?;
+            let stream = TcpStream::connect_timeout(&resolve(addr)?, TCP_CONNECT_TIMEOUT)?;
+            configure_tcp(&stream, cfg)?;
             return Ok(Port::Tcp(stream));
         }
         let port = serialport::new(path, cfg.baud_rate)
-            .data_bits(match cfg.data_bits {
-                5 => serialport::DataBits::Five,
-                6 => serialport::DataBits::Six,
-                7 => serialport::DataBits::Seven,
-                _ => serialport::DataBits::Eight,
-            })
-            .parity(match cfg.parity {
-                Parity::None => serialport::Parity::None,
-                Parity::Odd => serialport::Parity::Odd,
-                Parity::Even => serialport::Parity::Even,
-            })
-            .stop_bits(if cfg.stop_bits == 2 { serialport::StopBits::Two } else { serialport::StopBits::One })
-            .flow_control(match cfg.flow_control {
-                FlowControl::None => serialport::FlowControl::None,
-                FlowControl::Software => serialport::FlowControl::Software,
-                FlowControl::Hardware => serialport::FlowControl::Hardware,
-            })
+            .data_bits(data_bits(cfg))
+            .parity(parity(cfg))
+            .stop_bits(stop_bits(cfg))
+            .flow_control(flow_control(cfg))
             .timeout(read_timeout(cfg))
             .open_native()
             .map_err(io::Error::from)?;
         Ok(Port::Serial(port))
+    }
+
+    /// Take back a port kept open by a previous process (systemd's descriptor store), if it is
+    /// still the configured one: the same device, or a connection to the configured reader. The
+    /// configured settings are applied again. `Err` gives the descriptor back, with the reason.
+    pub fn adopt(fd: OwnedFd, cfg: &ReaderConfig) -> Result<Port, (OwnedFd, String)> {
+        let path = cfg.port.as_deref().unwrap_or_default();
+        if let Some(addr) = path.strip_prefix("tcp://") {
+            let stream = TcpStream::from(fd);
+            let peer = match stream.peer_addr() {
+                Ok(peer) => peer,
+                Err(e) => return Err((stream.into(), format!("not a connected socket ({e})"))),
+            };
+            match resolve(addr) {
+                Ok(target) if target == peer => {}
+                Ok(target) => return Err((stream.into(), format!("connected to {peer}, not {target}"))),
+                Err(e) => return Err((stream.into(), format!("{addr} does not resolve ({e})"))),
+            }
+            return match configure_tcp(&stream, cfg) {
+                Ok(()) => Ok(Port::Tcp(stream)),
+                Err(e) => Err((stream.into(), format!("cannot apply the settings ({e})"))),
+            };
+        }
+        if !crate::fdstore::is_device(&fd, path) {
+            return Err((fd, format!("not the device {path}")));
+        }
+        // SAFETY: the descriptor is ours alone (taken from systemd), now owned by the port.
+        let mut port = unsafe { <serialport::TTYPort as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
+        let settings = (|| -> serialport::Result<()> {
+            port.set_baud_rate(cfg.baud_rate)?;
+            port.set_data_bits(data_bits(cfg))?;
+            port.set_parity(parity(cfg))?;
+            port.set_stop_bits(stop_bits(cfg))?;
+            port.set_flow_control(flow_control(cfg))?;
+            port.set_timeout(read_timeout(cfg))
+        })();
+        match settings {
+            Ok(()) => Ok(Port::Serial(port)),
+            Err(e) => {
+                // SAFETY: the port gives up its descriptor here and is not used again.
+                let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(port.into_raw_fd()) };
+                Err((fd, format!("cannot apply the settings ({e})")))
+            }
+        }
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Port::Serial(p) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: the port owns this descriptor for as long as the borrow of `self`.
+                unsafe { BorrowedFd::borrow_raw(p.as_raw_fd()) }
+            }
+            Port::Tcp(s) => s.as_fd(),
+        }
     }
 
     /// Read what is there. An error, or the end of a TCP stream, means the link is gone.
