@@ -150,6 +150,32 @@ async fn a_restart_resumes_the_open_session_and_its_numbering() {
     assert_eq!(state.sessions[0].passings.keys().copied().collect::<Vec<_>>(), (1..=50).collect::<Vec<i64>>());
 }
 
+/// A stop never splits a record: the port stays open across a restart (systemd's descriptor
+/// store), so half a line left behind would become two broken halves, one in each process.
+/// The stopping gateway waits for the rest of a record it has begun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_finishes_the_record_it_has_begun() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    gw.start().await;
+    // One whole read, then the first half of the next in the same write: once the whole one is
+    // counted, the half is in the gateway's framer.
+    pty.write(b"C0DE0001\r\nABCD").unwrap();
+    gw.wait_status("the whole read", |s| s["reader"]["reads_total"] == 1).await;
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + DEADLINE;
+    while !gw.logs().contains("finishing the record in flight before stopping") {
+        assert!(Instant::now() < deadline, "the stop did not wait for the record; log:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pty.write(b"1234\r\n").unwrap();
+    assert_eq!(gw.terminate().await.code(), Some(0), "log:\n{}", gw.logs());
+    let reads = gw.cli_ok(&["export", "--reads"]);
+    assert!(reads.contains("ABCD1234"), "the record split by the stop: {reads}");
+    assert!(!gw.logs().contains("rejected reader records"), "a half became a rejected record");
+}
+
 /// SIGTERM while a request is in flight: the request completes and is recorded, then exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_request_in_flight_and_exits_zero() {

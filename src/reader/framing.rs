@@ -123,6 +123,15 @@ impl<T: Copy> Framer<T> {
             Framer::Ultra(f) => f.reset(),
         }
     }
+
+    /// No record is half read: stopping here splits none between this process and the next.
+    pub fn between_records(&self) -> bool {
+        match self {
+            Framer::Lines(f) => f.at_line_start(),
+            Framer::Chafon(f) => f.at_record_start(),
+            Framer::Ultra(f) => f.at_record_start(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +181,24 @@ mod tests {
                 assert_eq!(got, whole, "cuts {cut} {cut2}");
             }
         }
+    }
+
+    #[test]
+    fn between_records_only_when_nothing_of_one_is_held() {
+        let mut out = Vec::new();
+        for format in [crate::config::Format::Regex, crate::config::Format::Ultra] {
+            let mut f: Framer<u32> = Framer::for_format(format);
+            assert!(f.between_records());
+            f.push(b"ABCD", 1, &mut out);
+            assert!(!f.between_records(), "{format:?}");
+            f.push(b"1234\r\n", 2, &mut out);
+            assert!(f.between_records(), "{format:?}");
+        }
+        let mut f: Framer<u32> = Framer::for_format(crate::config::Format::Chafon);
+        f.push(&[0x11, 0x00], 1, &mut out);
+        assert!(!f.between_records(), "a Chafon frame begun");
+        f.reset();
+        assert!(f.between_records());
     }
 
     #[test]

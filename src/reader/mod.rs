@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::clock::{ClockWatch, Stamp};
 use crate::config::{Config, ReaderConfig, TimestampSource};
@@ -26,6 +26,9 @@ use transport::{Port, Received};
 const REOPEN_DELAYS: [Duration; 3] = [Duration::from_millis(250), Duration::from_millis(500), Duration::from_secs(1)];
 /// At most one rejected-record warning per this interval (a wrong baud rate rejects everything).
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// At a stop, how long the rest of a half-read record is waited for (a 40-byte line takes 42 ms
+/// at 9600 baud; a reader that went silent mid-record costs the stop this much).
+const FINISH_RECORD: Duration = Duration::from_secs(1);
 /// How often the reader re-checks whether the system clock is synchronised.
 const CLOCK_RECHECK: Duration = Duration::from_secs(1);
 
@@ -243,11 +246,24 @@ impl<'a> ReadSession<'a> {
         let mut frames = Vec::new();
         let poll = self.reader.poll_command();
         let mut next_poll = Instant::now();
+        let mut stopping: Option<Instant> = None;
         loop {
             if cancel.is_cancelled() {
-                return Pump::Cancelled;
+                // A record whose first bytes were read is finished first: stopping now would
+                // split it between this process and the next (a restart keeps the port open),
+                // and neither half would be a read.
+                let since = *stopping.get_or_insert_with(|| {
+                    if !self.framer.between_records() {
+                        debug!("finishing the record in flight before stopping");
+                    }
+                    Instant::now()
+                });
+                if self.framer.between_records() || since.elapsed() >= FINISH_RECORD {
+                    return Pump::Cancelled;
+                }
             }
             if let Some((command, every)) = &poll
+                && stopping.is_none()
                 && Instant::now() >= next_poll
             {
                 if let Err(e) = port.send(command) {

@@ -106,6 +106,11 @@ impl<T: Copy> ChafonFramer<T> {
         self.stamp = None;
         self.garbage = 0;
     }
+
+    /// Nothing of a frame has arrived yet.
+    pub fn at_record_start(&self) -> bool {
+        self.buf.is_empty()
+    }
 }
 
 /// Antenna from the one-hot `Ant` byte (1, 2, 4, 8 → 1–4); other values are kept as they are.

@@ -58,6 +58,11 @@ impl<T: Copy> UltraFramer<T> {
         self.lines.reset();
         self.skip = None;
     }
+
+    /// Nothing of a line or of a binary record is held.
+    pub fn at_record_start(&self) -> bool {
+        self.lines.at_line_start() && self.skip.is_none()
+    }
 }
 
 pub struct UltraParser {
