@@ -27,9 +27,12 @@ pub fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
 
+/// Microseconds since boot. `time_t` and the nanoseconds are 32 bits wide on 32-bit ARM: widened
+/// before any arithmetic (68 years of uptime fit a 32-bit second count; the product does not).
+#[allow(clippy::useless_conversion)] // i64 already on 64-bit targets
 pub fn monotonic_us() -> i64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() * 1_000_000 + t.tv_nsec() / 1000)
+        .map(|t| i64::from(t.tv_sec()) * 1_000_000 + i64::from(t.tv_nsec()) / 1000)
         .unwrap_or(0)
 }
 

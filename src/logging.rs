@@ -60,11 +60,15 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
 }
 
 /// systemd sets `JOURNAL_STREAM=dev:inode` when stderr is connected to the journal.
+#[allow(clippy::useless_conversion)] // the inode number is 32 bits wide on 32-bit ARM
 fn stderr_is_journal() -> bool {
     let Ok(value) = std::env::var("JOURNAL_STREAM") else { return false };
     let Some((dev, ino)) = value.split_once(':') else { return false };
     match nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) {
-        Ok(st) => dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino),
+        Ok(st) => {
+            dev.parse::<u64>().ok() == Some(u64::from(st.st_dev))
+                && ino.parse::<u64>().ok() == Some(u64::from(st.st_ino))
+        }
         Err(_) => false,
     }
 }

@@ -268,6 +268,34 @@ async fn regex_csv_in_a_dst_zone() {
     }
 }
 
+/// Instants past 2038 (a 32-bit `time_t` overflows at 2038-01-19T03:14:07Z) and past 2106 (32-bit
+/// unsigned seconds) go through parsing, SQLite and the wire unchanged. The armhf build runs
+/// this under emulation (packaging/cross.sh): wall-clock time never goes through `time_t` there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_times_after_2038_keep_their_value() {
+    let tz: Tz = "UTC".parse().unwrap();
+    let mut reads = crowd(10, 3, 170, Utc.with_ymd_and_hms(2040, 2, 29, 23, 59, 58).unwrap(), |t| {
+        format!("{:08X}", 0x2040_0000 + t)
+    });
+    reads.extend(crowd(10, 3, 170, Utc.with_ymd_and_hms(2106, 2, 7, 6, 28, 15).unwrap(), |t| {
+        format!("{:08X}", 0x2106_0000 + t)
+    }));
+    let bytes: Vec<u8> = reads.iter().flat_map(|r| readers::csv(r, tz)).collect();
+    let extra = format!(
+        "reader.pattern = '{}'\nreader.timestamp_format = \"{}\"\nreader.timestamps = \"reader\"",
+        readers::CSV_PATTERN,
+        readers::CSV_TIME
+    );
+    let (passings, gw, _fake) = deliver("regex", &extra, bytes, 20).await;
+    for (chip, ts) in &passings {
+        assert_eq!(ts, &first_time(&reads, chip), "{chip}");
+    }
+    assert_eq!(passings["20400000"], "2040-02-29T23:59:58.000Z");
+    assert_eq!(passings["21060009"], "2106-02-07T06:28:19.500Z");
+    let export = gw.cli_ok(&["export"]);
+    assert!(export.contains("2040-02-29T23:59:58.000") && export.contains("2106-02-07T06:28:19.500"), "{export}");
+}
+
 /// Chafon, host time: ASCII chips mapped to bibs through a bib map; chips not in it skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chafon_ascii_chips_bib_map_and_unmapped_skipped() {

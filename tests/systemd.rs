@@ -241,3 +241,51 @@ async fn journald_gets_structured_fields() {
     assert!(token.ends_with('…') && token.len() < 20, "the token is masked: {token}");
     println!("journald entry: {}", serde_json::to_string(created).unwrap());
 }
+
+/// The reader's port through systemd's descriptor store: a new port is handed to the store
+/// (`FDSTORE=1`, `FDNAME=reader`); the one handed back at start is used when it is still the
+/// configured device; one that is not (the config now names another port) is dropped from the
+/// store and the configured port opened instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kept_reader_port_is_taken_back_only_when_it_is_the_configured_one() {
+    use std::os::fd::OwnedFd;
+    let open = |path: &Path| -> OwnedFd {
+        std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open the pty's slave").into()
+    };
+    let (fake, device) = fake().await;
+    let mut configured = pty();
+    let other = pty();
+    let extra = format!("{STRICT_CHIP}\nsession.auto_start = true");
+
+    // Started fresh: the port it opens goes to the store.
+    let mut gw = Gateway::new(&fake, &device, &configured.path.display().to_string(), &extra);
+    let (notify, path) = NotifySocket::bind(gw.dir.path());
+    gw.env = vec![("NOTIFY_SOCKET".into(), path)];
+    gw.start().await;
+    notify.wait_for("FDSTORE=1\nFDNAME=reader", 1).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Handed back the configured port: taken back, nothing new stored.
+    gw.listen_fds = vec![("reader".into(), open(&configured.path))];
+    gw.start().await;
+    let deadline = Instant::now() + DEADLINE;
+    while !gw.logs().contains("reader port taken back from systemd") {
+        assert!(Instant::now() < deadline, "{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write_lines(&mut configured, &chips(0..5));
+    wait_fake(&fake, &gw, "5 passings", |s| s.total_passings() == 5).await;
+    assert_eq!(notify.count("FDSTORE=1"), 1, "the kept port was stored again: {:?}", notify.all());
+    assert_eq!(gw.terminate().await.code(), Some(0));
+
+    // Handed back another device: dropped from the store, the configured port opened and stored.
+    gw.listen_fds = vec![("reader".into(), open(&other.path))];
+    gw.start().await;
+    notify.wait_for("FDSTOREREMOVE=1\nFDNAME=reader", 1).await;
+    notify.wait_for("FDSTORE=1\nFDNAME=reader", 2).await;
+    assert!(gw.logs().contains("not the configured one"), "{}", gw.logs());
+    write_lines(&mut configured, &chips(5..10));
+    wait_fake(&fake, &gw, "10 passings", |s| s.total_passings() == 10).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    drop(other);
+}

@@ -33,6 +33,9 @@ pub struct Gateway {
     starts: u32,
     /// Extra environment for the daemon (NOTIFY_SOCKET, WATCHDOG_USEC, …).
     pub env: Vec<(String, String)>,
+    /// Descriptors handed over at start as systemd does (`LISTEN_FDS`, fd 3 on), by name: the
+    /// descriptor store's return at a restart.
+    pub listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
 /// The config used by most tests: host-trusted clock, quick retries, stderr logging.
@@ -83,6 +86,7 @@ impl Gateway {
             child: None,
             starts: 0,
             env: Vec::new(),
+            listen_fds: Vec::new(),
         }
     }
 
@@ -90,7 +94,31 @@ impl Gateway {
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        if !self.listen_fds.is_empty() {
+            // LISTEN_PID must be the daemon's own: a shell sets it to its PID, then becomes it.
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            command = Command::new("/bin/sh");
+            command.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\"", BIN]);
+            let names: Vec<&str> = self.listen_fds.iter().map(|(n, _)| n.as_str()).collect();
+            command.env("LISTEN_FDS", names.len().to_string()).env("LISTEN_FDNAMES", names.join(":"));
+            let fds: Vec<i32> = self.listen_fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            // SAFETY: only dup2 and fcntl between fork and exec (async-signal-safe); the source
+            // descriptors are ours and stay open until the child has started.
+            unsafe {
+                command.pre_exec(move || {
+                    for (i, fd) in fds.iter().enumerate() {
+                        let target = 3 + i as i32;
+                        if libc::dup2(*fd, target) < 0 || libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(["-c", self.config.to_str().unwrap(), "run"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
