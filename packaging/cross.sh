@@ -133,12 +133,12 @@ for target in $targets; do
     echo "$target: release build ${built}s"
     if $test; then
         say "$target: the demo under emulation"
-        inside sh -c "cd /src && target/cross/$target/release/rufus-gateway demo --duration 12s" > "$repo/target/cross/$target/demo.log" 2>&1 || {
+        inside sh -c "cd /src && target/cross/$target/release/rufus-gateway demo --duration 12" > "$repo/target/cross/$target/demo.log" 2>&1 || {
             cat "$repo/target/cross/$target/demo.log"; exit 1; }
         tail -n 12 "$repo/target/cross/$target/demo.log"
         say "$target: the test suite under emulation"
         start=$(date +%s)
-        inside sh -c "cd /src && cargo test --locked --target $target"
+        inside sh -c "cd /src && cargo test --locked --no-fail-fast --target $target"
         echo "$target: emulated suite $(( $(date +%s) - start ))s"
     fi
 done

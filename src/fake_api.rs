@@ -16,7 +16,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post};
+use axum::routing::{get, patch, post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// Which requests a scripted fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
+    /// Any route but `ActiveSession` (a look-up the gateway makes before creating a session).
     Any,
+    ActiveSession,
     CreateSession,
     Passings,
     CloseSession,
@@ -98,7 +100,8 @@ impl FakeState {
     }
 
     fn take_fault(&mut self, route: Route) -> Option<Fault> {
-        let i = self.faults.iter().position(|(r, _)| *r == Route::Any || *r == route)?;
+        let i =
+            self.faults.iter().position(|(r, _)| *r == route || (*r == Route::Any && route != Route::ActiveSession))?;
         self.faults.remove(i).map(|(_, f)| f)
     }
 }
@@ -191,6 +194,7 @@ impl FakeApi {
         let app = Router::new()
             .route("/v0/devices", post(bind_device))
             .route("/v0/sessions", post(create_session))
+            .route("/v0/sessions/device/{deviceid}/active", get(active_session))
             .route("/v0/sessions/close/{token}", patch(close_session))
             .route("/v0/passings", post(insert_passings))
             .with_state(self.state.clone());
@@ -337,6 +341,32 @@ async fn bind_device(State(shared): Shared, headers: HeaderMap, axum::Json(body)
     let id = hex_id(&format!("{model}/{serial}"));
     s.devices.insert(id.clone(), (model.into(), serial.into()));
     reply(&s, StatusCode::OK, json!({ "description": "Device binded succesfully", "deviceid": id }))
+}
+
+/// The documented shape: `result` an array of at most one session; "Sessions not found" without.
+async fn active_session(State(shared): Shared, headers: HeaderMap, Path(deviceid): Path<String>) -> Response {
+    let path = format!("/sessions/device/{deviceid}/active");
+    let lose_reply = match prologue(&shared, &headers, Route::ActiveSession, "GET", path, 0).await {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let s = lock(&shared);
+    if lose_reply {
+        return dropped();
+    }
+    match s.sessions.iter().find(|x| x.deviceid == deviceid && x.active) {
+        Some(active) => reply(
+            &s,
+            StatusCode::OK,
+            json!({ "description": "Success", "result": [{
+                "token_session": active.token,
+                "alias": active.alias,
+                "active": true,
+                "passings": active.passings.len(),
+            }] }),
+        ),
+        None => reply(&s, StatusCode::NOT_FOUND, json!({ "description": "Sessions not found", "deviceid": deviceid })),
+    }
 }
 
 async fn create_session(State(shared): Shared, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {

@@ -170,3 +170,32 @@ async fn a_wrong_key_pauses_the_uplink_and_loses_nothing() {
     assert_eq!(nums(&fake), (1..=10).collect::<Vec<_>>());
     assert_no_secrets(&fake, &gw);
 }
+
+/// `POST /sessions` committed but its reply lost: the retry finds the session the server made
+/// (the device's active one, same alias, no passings) and uses it, instead of leaving an empty
+/// twin behind. A session that already holds passings is never taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_creation_reply_was_lost_is_taken_over_not_made_twice() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
+    fake.push_fault(Route::CreateSession, Fault::CommitThenDrop);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "LOST-REPLY"]);
+    write_lines(&mut pty, &chips(0..10));
+    wait_fake(&fake, &gw, "10 passings", |s| s.total_passings() == 10).await;
+    {
+        let state = fake.state();
+        assert_eq!(state.sessions.len(), 1, "a second remote session was made");
+        assert!(state.requests.iter().any(|r| r.method == "POST" && r.path == "/sessions" && r.status == 0));
+    }
+    assert!(gw.logs().contains("remote session taken over"), "{}", gw.logs());
+
+    // The next session, same alias: the active one now holds passings, so a new one is made.
+    gw.cli_ok(&["session", "start", "--alias", "LOST-REPLY"]);
+    write_lines(&mut pty, &chips(10..15));
+    wait_fake(&fake, &gw, "15 passings", |s| s.total_passings() == 15).await;
+    let state = fake.state();
+    assert_eq!(state.sessions.len(), 2);
+    assert_eq!(state.sessions[1].passings.len(), 5);
+}

@@ -45,6 +45,7 @@ impl ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     BindDevice,
+    ActiveSession,
     CreateSession,
     PostPassings,
     CloseSession,
@@ -92,6 +93,30 @@ pub fn classify(call: Call, status: u16, body: &Value, retry_after: Option<Durat
 /// A field at the top level, or inside a `body` object (the newer envelope).
 pub fn field<'a>(reply: &'a Value, name: &str) -> Option<&'a Value> {
     reply.get(name).or_else(|| reply.get("body").filter(|b| b.is_object()).and_then(|b| b.get(name)))
+}
+
+/// A remote session as `GET /sessions/device/{id}/active` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSession {
+    pub token: String,
+    pub alias: String,
+    /// How many passings it holds, when the reply says (a count, or the list itself).
+    pub passings: Option<u64>,
+}
+
+/// `result` is documented as an array of at most one item; an object alone is accepted too,
+/// and so are flat and enveloped replies.
+pub fn parse_active_session(reply: &Value) -> Option<RemoteSession> {
+    let result = field(reply, "result")?;
+    let item = match result {
+        Value::Array(items) => items.first()?,
+        Value::Object(_) => result,
+        _ => return None,
+    };
+    let token = item.get("token_session")?.as_str().filter(|t| !t.is_empty())?.to_string();
+    let alias = item.get("alias").and_then(Value::as_str).unwrap_or_default().to_string();
+    let passings = item.get("passings").and_then(|p| p.as_u64().or_else(|| p.as_array().map(|a| a.len() as u64)));
+    Some(RemoteSession { token, alias, passings })
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date.
@@ -174,6 +199,12 @@ impl RufusClient {
                 offline: false,
             }),
         }
+    }
+
+    /// The device's active remote session, if it has one (`GET /sessions/device/{id}/active`).
+    pub async fn active_session(&self, deviceid: &str) -> Result<Option<RemoteSession>, ApiError> {
+        let url = format!("{}/sessions/device/{deviceid}/active", self.base);
+        Ok(parse_active_session(&self.send(Call::ActiveSession, self.http.get(url)).await?))
     }
 
     /// `POST /passings` with a batch encoded by [`batch_body`].
@@ -282,6 +313,21 @@ mod tests {
         assert_eq!(field(&flat, "token_session"), Some(&json!("AB")));
         assert_eq!(field(&wrapped, "token_session"), Some(&json!("AB")));
         assert_eq!(field(&json!({"body": null}), "token_session"), None);
+    }
+
+    #[test]
+    fn the_active_session_in_every_shape() {
+        let one = json!({"token_session": "T1", "alias": "FINISH", "active": true, "passings": 0});
+        let expected = Some(RemoteSession { token: "T1".into(), alias: "FINISH".into(), passings: Some(0) });
+        assert_eq!(parse_active_session(&json!({"description": "Success", "result": [one.clone()]})), expected);
+        assert_eq!(parse_active_session(&json!({"body": {"result": [one.clone()]}})), expected);
+        assert_eq!(parse_active_session(&json!({"result": one})), expected);
+        let listed = json!({"result": [{"token_session": "T2", "alias": "A", "passings": [{}, {}]}]});
+        assert_eq!(parse_active_session(&listed).unwrap().passings, Some(2));
+        let unknown = json!({"result": [{"token_session": "T3", "alias": "A"}]});
+        assert_eq!(parse_active_session(&unknown).unwrap().passings, None);
+        assert_eq!(parse_active_session(&json!({"result": []})), None);
+        assert_eq!(parse_active_session(&json!({"description": "Sessions not found", "deviceid": "X"})), None);
     }
 
     #[test]

@@ -340,7 +340,29 @@ impl Uplink {
         match work {
             Work::Idle => Ok(Step::Idle),
             Work::Create { session_id, alias } => {
-                let token = self.client.create_session(&self.deviceid, &alias).await?;
+                // A create whose reply was lost (the link dropped, or the gateway died before
+                // storing the token) made the session all the same; creating again would leave
+                // an empty twin. The device's active session is that one when it has this alias
+                // and no passings yet (a new session is made only once the one before is closed
+                // remotely, so no other of ours can be active).
+                let adopted = match self.client.active_session(&self.deviceid).await {
+                    Ok(Some(active)) if active.alias == alias && active.passings == Some(0) => Some(active.token),
+                    Ok(_) => None,
+                    // Offline: the create would fail the same way; retry both later.
+                    Err(e @ ApiError::Transient { offline: true, .. }) => return Err(e.into()),
+                    // The key may not read (a WRITE-only key), or the call is unknown: create.
+                    Err(e) => {
+                        debug!(error = %e, "cannot ask for the device's active session; creating one");
+                        None
+                    }
+                };
+                let token = match adopted {
+                    Some(token) => {
+                        info!(session_id, alias = %alias, token = %short_token(&token), "remote session taken over: made by an earlier attempt whose reply was lost");
+                        token
+                    }
+                    None => self.client.create_session(&self.deviceid, &alias).await?,
+                };
                 info!(session_id, alias = %alias, token = %short_token(&token), "remote session created");
                 self.store.call(Op::RemoteOpened { session_id, token }).await?;
                 Ok(Step::Done)
