@@ -564,7 +564,14 @@ async fn a_flood_is_absorbed_with_bounded_memory() {
     );
     let nums: Vec<i64> = fake.state().sessions[0].passings.keys().copied().collect();
     assert_eq!(nums, (1..=20_000).collect::<Vec<_>>());
-    assert!(peak < 64 * 1024, "peak RSS {peak} kB: memory must stay bounded");
+    // Under qemu-user (packaging/cross.sh --test) the process the kernel measures is the
+    // emulator: its translation cache and its own heap are in that figure, so it says nothing
+    // about the gateway's memory.
+    if std::env::var_os("RUFUS_GATEWAY_EMULATED").is_some() {
+        println!("peak RSS not checked under emulation (qemu's own memory is counted in it)");
+    } else {
+        assert!(peak < 64 * 1024, "peak RSS {peak} kB: memory must stay bounded");
+    }
 }
 
 /// Retention: delivered rows of a finished session are pruned; undelivered ones never are.

@@ -60,8 +60,13 @@ async fn hundreds_of_chips_become_numbered_passings_in_one_remote_session() {
     let median = lags_ms[lags_ms.len() / 2];
     let max = *lags_ms.last().unwrap();
     println!("host timestamp minus write time: median {median} ms, min {} ms, max {max} ms", lags_ms[0]);
-    assert!((-1..=5).contains(&median), "median lag {median} ms");
-    assert!(lags_ms[0] >= -1 && max <= 250, "lags {lags_ms:?}");
+    assert!(lags_ms[0] >= -1, "a timestamp before its line was written: {lags_ms:?}");
+    // How soon a line is stamped is the speed of the machine: under qemu-user (packaging/cross.sh
+    // --test) every instruction is translated, so only the order above is checked there.
+    if std::env::var_os("RUFUS_GATEWAY_EMULATED").is_none() {
+        assert!((-1..=5).contains(&median), "median lag {median} ms");
+        assert!(max <= 250, "lags {lags_ms:?}");
+    }
 
     let out = gw.cli_ok(&["session", "close"]);
     assert!(out.contains("closing"), "{out}");
