@@ -23,7 +23,9 @@ pub async fn watch_signals(cancel: CancellationToken, reloader: Option<Reloader>
             _ = int.recv() => { info!(signal = "SIGINT", "stopping"); break; }
             _ = hup.recv() => {
                 let Some(reloader) = &reloader else { continue };
-                let now = sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::MonotonicUsec(0));
+                // Not sd-notify's `monotonic_usec_now`: it multiplies a 32-bit `time_t` on 32-bit
+                // ARM, which overflows after 36 minutes of uptime (a panic, or a wrong value).
+                let now = sd_notify::NotifyState::MonotonicUsec(i128::from(crate::clock::monotonic_us()));
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, now]);
                 info!(signal = "SIGHUP", "reloading the configuration");
                 reloader.reload_and_report().await;

@@ -78,7 +78,16 @@ async fn the_notify_protocol() {
     notify.wait_for("READY=1", 2).await;
     let messages = notify.all();
     let reloading = messages.iter().find(|(_, m)| m.contains("RELOADING=1")).unwrap();
-    assert!(reloading.1.contains("MONOTONIC_USEC="), "{}", reloading.1);
+    // The reload's time on CLOCK_MONOTONIC, in µs (this test's clock: same boot, a moment ago).
+    let sent: i64 = reloading
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("{}", reloading.1))
+        .parse()
+        .unwrap();
+    let now = rufus_gateway::clock::monotonic_us();
+    assert!(sent > 0 && sent <= now && now - sent < 60_000_000, "MONOTONIC_USEC={sent}, now {now}");
     let ready_again = messages.iter().filter(|(_, m)| m.contains("READY=1")).nth(1).unwrap();
     assert!(ready_again.0 >= reloading.0);
     let logs = gw.logs();
