@@ -141,14 +141,14 @@ impl Reader {
     }
 
     /// The kept port if it is still the configured one, else a freshly opened port (then kept
-    /// in the store for the next process). The flag says whether the port was taken back.
-    fn open_port(&self, kept: Option<std::os::fd::OwnedFd>) -> std::io::Result<(Port, bool)> {
+    /// in the store for the next process).
+    fn open_port(&self, kept: Option<std::os::fd::OwnedFd>) -> std::io::Result<Port> {
         let port_name = self.cfg.port.as_deref().unwrap_or_default();
         if let Some(fd) = kept {
             match Port::adopt(fd, &self.cfg) {
                 Ok(port) => {
                     info!(port = %port_name, "reader port taken back from systemd, open all along: what the reader sent meanwhile is read now");
-                    return Ok((port, true));
+                    return Ok(port);
                 }
                 Err((fd, why)) => {
                     info!(port = %port_name, reason = %why, "the port kept by systemd is not the configured one; opening the configured port");
@@ -159,7 +159,7 @@ impl Reader {
         }
         let port = Port::open(&self.cfg)?;
         crate::fdstore::keep(crate::fdstore::READER, port.as_fd());
-        Ok((port, false))
+        Ok(port)
     }
 
     /// Blocking: run on a dedicated thread. Returns when cancelled or when the store is gone.
@@ -172,7 +172,7 @@ impl Reader {
         let mut last_open_error: Option<(String, Instant)> = None;
         while !cancel.is_cancelled() {
             match self.open_port(kept.take()) {
-                Ok((mut port, _)) => {
+                Ok(mut port) => {
                     attempt = 0;
                     last_open_error = None;
                     self.stats.connected.store(true, Ordering::Relaxed);
