@@ -78,6 +78,8 @@ mount -t proc proc "$root/proc"; mounted="$root/proc $mounted"
 bind /dev /dev
 bind /dev/pts /dev/pts
 bind "$repo" /src
+# The reader fixtures beside the checkout, for the optional checks that read them.
+if [ -d "$repo/../shared" ]; then bind "$repo/../shared" /shared; fi
 bind "$cargo_home/registry" /cargo/registry
 cp "$cabundle" "$root/etc/ssl/certs/host-ca.crt"
 

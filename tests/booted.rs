@@ -12,6 +12,9 @@
 //! (a test drop-in allows the unit that device, `char-pts`): distinct chips at a steady rate,
 //! and what it sends while no process holds the port open is lost, as on a real UART. So the
 //! reads lost to a restart are measured, not assumed.
+//!
+//! Debugging: with `RUFUS_GATEWAY_BOOTED_KEEP=1`, a wait that times out prints the `nsenter`
+//! command for the container and keeps it running for an hour instead of failing at once.
 
 mod common;
 
