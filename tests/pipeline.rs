@@ -193,11 +193,16 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_zero() {
     fake.push_fault(Route::Passings, Fault::Delay(Duration::from_millis(800)));
     write_lines(&mut pty, &chips(0..10));
     wait_fake(&fake, &gw, "the slow request to arrive", |s| s.requests.iter().any(|r| r.path == "/passings")).await;
+    // The batch in flight holds what was committed when it left: all 10 here as a rule, fewer
+    // on a slow machine (under emulation the first read can go out alone).
+    let in_flight = fake.state().requests.iter().find(|r| r.path == "/passings").unwrap().batch;
+    assert!(in_flight >= 1);
     let status = gw.terminate().await;
     assert_eq!(status.code(), Some(0), "log:\n{}", gw.logs());
-    assert_eq!(fake.state().total_passings(), 10, "the in-flight batch was delivered");
+    assert_eq!(fake.state().total_passings(), in_flight, "the in-flight batch was delivered");
     let sessions = gw.db().sessions().unwrap();
-    assert_eq!(sessions[0].delivered, 10, "and recorded as delivered before exiting");
+    assert_eq!(sessions[0].delivered, in_flight as i64, "and recorded as delivered before exiting");
+    assert_eq!(sessions[0].delivered + sessions[0].pending, 10, "the rest kept for the next start");
 }
 
 /// Enveloped (`{"body": …}`) replies work like flat ones.
