@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Context;
 use std::path::PathBuf;
 
 use tokio::sync::{Notify, broadcast, watch};
@@ -17,7 +16,7 @@ use crate::clock::ClockWatch;
 use crate::config::Config;
 use crate::control::ControlServer;
 use crate::feed::FeedServer;
-use crate::http::HttpServer;
+use crate::http::{HttpOptions, HttpServer};
 use crate::logging::LogHandle;
 use crate::optional::Optional;
 use crate::reader::{Reader, ReaderStats};
@@ -81,8 +80,6 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         clock: ClockWatch::new(&cfg.clock),
         listening: Arc::default(),
     };
-    let control = ControlServer::bind(&cfg.control.socket, handle.clone(), status.clone(), cfg.session.alias.clone())
-        .with_context(|| format!("control.socket: cannot bind {}", cfg.control.socket.display()))?;
     let (api_tx, api_rx) = watch::channel(cfg.api.clone());
     let reloader = options.config_path.map(|path| Reloader {
         path,
@@ -96,8 +93,28 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let uplink_live = uplink.live.clone();
 
     let mut tasks = JoinSet::new();
-    let c = cancel.clone();
-    tasks.spawn(async move { ("control", control.run(c).await) });
+    // The control socket: a second gateway on the same socket is refused at start; anything else
+    // that stops it binding (a stray file at its path) is reported and retried like the optional
+    // listeners, and the pipeline goes on.
+    if crate::control::another_running(&cfg.control.socket) {
+        anyhow::bail!(
+            "control.socket: another rufus-gateway is already running with control socket {}",
+            cfg.control.socket.display()
+        );
+    }
+    {
+        let (h, s, alias, path) =
+            (handle.clone(), status.clone(), cfg.session.alias.clone(), cfg.control.socket.clone());
+        let bind = move |_: &str| ControlServer::bind(&path, h.clone(), s.clone(), alias.clone());
+        let listener = Optional {
+            what: "control",
+            listen: cfg.control.socket.display().to_string(),
+            listening: status.listening.clone(),
+        };
+        let first = listener.bind(&bind);
+        let c = cancel.clone();
+        tasks.spawn(async move { ("control", listener.keep(first, bind, |server, c| server.run(c), c).await) });
+    }
     let c = cancel.clone();
     tasks.spawn(async move { ("uplink", uplink.run(c).await) });
     let c = cancel.clone();
@@ -105,16 +122,21 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     tasks.spawn(async move { ("status", report_status(s, c).await) });
     // Optional listeners: one that cannot bind is reported and retried; the pipeline goes on.
     if let Some(listen) = cfg.http.listen.clone() {
-        let (token, s, h, alias) = (cfg.http.token.clone(), status.clone(), handle.clone(), cfg.session.alias.clone());
-        let bind = move |addr: &str| HttpServer::bind(addr, token.clone(), s.clone(), h.clone(), alias.clone());
+        let options = HttpOptions {
+            token: cfg.http.token.clone(),
+            hosts: cfg.http.hosts.clone(),
+            default_alias: cfg.session.alias.clone(),
+        };
+        let (s, h, cap) = (status.clone(), handle.clone(), HttpServer::cap(status.listening.clone()));
+        let bind = move |addr: &str| HttpServer::bind(addr, &options, s.clone(), h.clone(), cap.clone());
         let listener = Optional { what: "http", listen, listening: status.listening.clone() };
         let first = listener.bind(&bind);
         let c = cancel.clone();
         tasks.spawn(async move { ("http", listener.keep(first, bind, |server, c| server.run(c), c).await) });
     }
     if let Some(listen) = cfg.feed.listen.clone() {
-        let (events, db) = (events.clone(), cfg.storage.path.clone());
-        let bind = move |addr: &str| FeedServer::bind(addr, events.clone(), db.clone());
+        let (events, db, cap) = (events.clone(), cfg.storage.path.clone(), FeedServer::cap(status.listening.clone()));
+        let bind = move |addr: &str| FeedServer::bind(addr, events.clone(), db.clone(), cap.clone());
         let listener = Optional { what: "feed", listen, listening: status.listening.clone() };
         let first = listener.bind(&bind);
         let c = cancel.clone();

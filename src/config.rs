@@ -304,6 +304,42 @@ pub struct HttpConfig {
     pub listen: Option<String>,
     #[serde(deserialize_with = "empty_is_none")]
     pub token: Option<Secret>,
+    /// Extra `Host` names the dashboard answers to, besides its own address and `localhost`
+    /// (a name in the tent's DNS, `rufus-box.local`). Any other `Host` is refused: DNS rebinding.
+    pub hosts: Vec<String>,
+}
+
+/// The shortest `http.token` accepted for a listen address reachable from the network.
+pub const TOKEN_MIN: usize = 24;
+/// The longest session alias, in characters.
+pub const ALIAS_MAX: usize = 64;
+
+/// The alias a session start asked for (checked by [`check_alias`]), or the configured one.
+pub fn alias_or_default(given: Option<&str>, default: &str) -> Result<String, String> {
+    match given.filter(|a| !a.trim().is_empty()) {
+        Some(alias) => check_alias(alias).map_err(|e| format!("alias refused: {e}")),
+        None => Ok(default.to_string()),
+    }
+}
+
+/// A session alias as given (trimmed), or why it is refused: 1 to [`ALIAS_MAX`] characters,
+/// letters (any script), digits, spaces and `- _ . , : / ( ) # & + ' !`. It is shown on the RUFUS
+/// side, in logs and in CSV files; nothing else is needed for "FINISH", "Meta 10K" or "Línea 2".
+pub fn check_alias(alias: &str) -> Result<String, String> {
+    let alias = alias.trim();
+    if alias.is_empty() {
+        return Err("the alias is empty, e.g. \"FINISH\"".into());
+    }
+    if alias.chars().count() > ALIAS_MAX {
+        return Err(format!("the alias is longer than {ALIAS_MAX} characters"));
+    }
+    if let Some(bad) = alias.chars().find(|c| !(c.is_alphanumeric() || " -_.,:/()#&+'!".contains(*c))) {
+        return Err(format!(
+            "the alias may hold letters, digits, spaces and - _ . , : / ( ) # & + ' ! only, not {:?}",
+            bad.escape_default().to_string()
+        ));
+    }
+    Ok(alias.to_string())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -463,9 +499,7 @@ impl Config {
         {
             return Err(format!("passings.bib_map: {} does not exist; fix the path or remove the key", map.display()));
         }
-        if self.session.alias.trim().is_empty() {
-            return Err("session.alias: must not be empty, e.g. \"FINISH\"".into());
-        }
+        check_alias(&self.session.alias).map_err(|e| format!("session.alias: {e}"))?;
         if self.storage.commit_interval.is_zero() || self.storage.commit_interval > Duration::from_secs(1) {
             return Err("storage.commit_interval: use a value between 1ms and 1s (default \"50ms\")".into());
         }
@@ -473,11 +507,24 @@ impl Config {
             let addr: std::net::SocketAddr = listen
                 .parse()
                 .map_err(|_| format!("http.listen: \"{listen}\" is not an address:port, e.g. \"127.0.0.1:8080\""))?;
-            if !addr.ip().is_loopback() && self.http.token.is_none() {
-                return Err(format!(
-                    "http.token: required because http.listen = \"{listen}\" is reachable from the network; set a long random token"
-                ));
+            if !addr.ip().is_loopback() {
+                match &self.http.token {
+                    None => {
+                        return Err(format!(
+                            "http.token: required because http.listen = \"{listen}\" is reachable from the network; set a random token of {TOKEN_MIN} characters or more (e.g. from `openssl rand -hex 16`)"
+                        ));
+                    }
+                    Some(token) if token.expose().chars().count() < TOKEN_MIN => {
+                        return Err(format!(
+                            "http.token: too short for http.listen = \"{listen}\", which is reachable from the network: use {TOKEN_MIN} characters or more (e.g. from `openssl rand -hex 16`)"
+                        ));
+                    }
+                    Some(_) => {}
+                }
             }
+        }
+        if let Some(bad) = self.http.hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', '@'])) {
+            return Err(format!("http.hosts: \"{bad}\" is not a host name, e.g. \"rufus-box.local\""));
         }
         if let Some(listen) = &self.feed.listen {
             listen
@@ -561,6 +608,26 @@ impl Config {
 pub fn console_warning(reader: &ReaderConfig) -> Option<String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     console_warning_for(reader.port.as_deref()?, &cmdline, Path::new("/dev"))
+}
+
+/// What is valid but unwise: printed by `check-config`, logged at start.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut out: Vec<String> = console_warning(&cfg.reader).into_iter().collect();
+    if let Some(file) = &cfg.api.api_key_file
+        && let Ok(meta) = std::fs::metadata(file)
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            out.push(format!(
+                "api.api_key_file: {} can be read by others than its owner (mode {:o}): members of the \
+                 rufus-gateway group may use the control socket, but should not read the API key. \
+                 Run `chown rufus-gateway: {0} && chmod 600 {0}`",
+                file.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+    }
+    out
 }
 
 fn console_warning_for(port: &str, cmdline: &str, dev: &Path) -> Option<String> {

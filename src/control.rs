@@ -1,19 +1,26 @@
 //! The control socket: one JSON request per line, one JSON answer per line. The CLI's `status`
 //! and `session start|close` talk to the daemon through it.
+//!
+//! Who may use it: root and the `rufus-gateway` group (mode 0660 in a 0750 directory), which can
+//! read status and start and close sessions. Bounds: a request is one line of at most
+//! [`REQUEST_MAX`] bytes that must arrive within [`REQUEST_WAIT`]; at most
+//! [`CONTROL_CONNECTIONS`] clients at once; only a socket is ever replaced at its path.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::{AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
+use crate::config::alias_or_default;
+use crate::limits::{AcceptPause, CONTROL_CONNECTIONS, ConnectionCap};
 use crate::status::StatusSource;
 use crate::store::query::Db;
 use crate::store::{Op, StoreHandle};
@@ -46,59 +53,112 @@ pub struct Response {
     pub error: Option<String>,
 }
 
+/// The longest request line: requests are a few dozen bytes, an alias at most 64 characters.
+pub const REQUEST_MAX: usize = 4096;
+/// How long a client has to send its request.
+pub const REQUEST_WAIT: Duration = Duration::from_secs(5);
+/// How long an answer may wait on a client that does not read it.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     store: StoreHandle,
     status: StatusSource,
     default_alias: String,
+    cap: ConnectionCap,
 }
 
 impl ControlServer {
-    /// Bind now (so readiness means the socket answers). A stale socket file is replaced.
+    /// The path's local address, for `status.listening.control`.
+    pub fn local_addr(&self) -> Option<String> {
+        Some(self.path.display().to_string())
+    }
+
+    /// Bind now (so readiness means the socket answers). A stale socket is replaced; anything
+    /// else at the path (a regular file, a directory) is left alone and refused.
     pub fn bind(path: &Path, store: StoreHandle, status: StatusSource, default_alias: String) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                anyhow::bail!("another rufus-gateway is already running with control socket {}", path.display());
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    anyhow::bail!("another rufus-gateway is already running with control socket {}", path.display());
+                }
+                std::fs::remove_file(path)?;
             }
-            std::fs::remove_file(path)?;
+            Ok(_) => anyhow::bail!(
+                "{} exists and is not a socket; it is left alone: remove it or set control.socket to another path",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias })
+        let cap = ConnectionCap::new("control", CONTROL_CONNECTIONS, status.listening.clone());
+        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap })
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut pause = AcceptPause::new("control");
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = self.listener.accept() => {
-                    let (stream, _) = match accepted {
-                        Ok(s) => s,
-                        Err(e) => { warn!(error = %e, "control socket accept failed"); continue; }
+                    let stream = match accepted {
+                        Ok((stream, _)) => { pause.accepted(); stream }
+                        Err(e) => { pause.failed(&e).await; continue; }
                     };
+                    let Some(slot) = self.cap.admit() else { continue };
                     let store = self.store.clone();
                     let status = self.status.clone();
                     let alias = self.default_alias.clone();
+                    let cancel = cancel.clone();
                     tokio::spawn(async move {
-                        let (read, mut write) = stream.into_split();
-                        let mut lines = AsyncBufReader::new(read).lines();
-                        if let Ok(Some(line)) = lines.next_line().await {
-                            let response = handle(&line, &store, &status, &alias).await;
-                            let mut text = serde_json::to_string(&response).unwrap_or_default();
-                            text.push('\n');
-                            let _ = write.write_all(text.as_bytes()).await;
+                        let _slot = slot;
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = serve(stream, &store, &status, &alias) => {}
                         }
                     });
                 }
             }
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket is removed: the path may hold another process's by now.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
         Ok(())
     }
+}
+
+/// One client: one bounded request line within its deadline, one answer.
+async fn serve(stream: tokio::net::UnixStream, store: &StoreHandle, status: &StatusSource, alias: &str) {
+    let (read, mut write) = stream.into_split();
+    let mut read = AsyncBufReader::with_capacity(1024, read);
+    let response = match tokio::time::timeout(REQUEST_WAIT, crate::limits::read_line(&mut read, REQUEST_MAX)).await {
+        Ok(Ok(Some(line))) => match std::str::from_utf8(&line) {
+            Ok(line) => handle(line, store, status, alias).await,
+            Err(_) => refusal("bad request: not UTF-8".into()),
+        },
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => refusal(format!("bad request: {e}")),
+        Err(_) => refusal(format!("bad request: no request line within {REQUEST_WAIT:?}")),
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_default();
+    text.push('\n');
+    let _ = tokio::time::timeout(ANSWER_WAIT, write.write_all(text.as_bytes())).await;
+}
+
+fn refusal(error: String) -> Response {
+    Response { ok: false, result: None, error: Some(error) }
+}
+
+/// Whether a gateway answers on this socket already (a second one must not start).
+pub fn another_running(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) && UnixStream::connect(path).is_ok()
 }
 
 async fn handle(line: &str, store: &StoreHandle, status: &StatusSource, default_alias: &str) -> Response {
@@ -114,13 +174,13 @@ async fn handle(line: &str, store: &StoreHandle, status: &StatusSource, default_
                 Ok(serde_json::to_value(s)?)
             }
             Request::SessionStart { alias } => {
-                let alias = alias.filter(|a| !a.trim().is_empty()).unwrap_or_else(|| default_alias.to_string());
+                let alias = alias_or_default(alias.as_deref(), default_alias).map_err(anyhow::Error::msg)?;
                 let id = store.call(Op::StartSession { alias: alias.clone() }).await?.unwrap_or_default();
                 info!(session_id = id, alias = %alias, "session started from the control socket");
                 session_value(status, id).await
             }
             Request::SessionResend { alias } => {
-                let alias = alias.filter(|a| !a.trim().is_empty()).unwrap_or_else(|| default_alias.to_string());
+                let alias = alias_or_default(alias.as_deref(), default_alias).map_err(anyhow::Error::msg)?;
                 let id = store.call(Op::Resend { alias }).await?.unwrap_or_default();
                 session_value(status, id).await
             }

@@ -4,40 +4,62 @@
 //! Protocol: on connect, a client may send one line holding the last `num_passing` it has (within
 //! half a second); it first gets the open session's passings after that number, then every new
 //! passing as it is committed, one line each: `num_passing,bib,chip,timestamp\n`
-//! (timestamp `YYYY-MM-DDTHH:mm:ss.sssZ`). A client that reads slowly never slows the gateway: it
-//! falls behind the live stream and catches up from the database.
+//! (timestamp `YYYY-MM-DDTHH:mm:ss.sssZ`), written by a CSV writer (a bib with a comma is quoted;
+//! one that would start a spreadsheet formula is neutralised, see [`crate::export::cell`]). A
+//! client that reads slowly never slows the gateway: it falls behind the live stream and catches up
+//! from the database.
+//!
+//! Bounds: the first line is read up to 32 bytes (a number needs far fewer), at most
+//! [`FEED_CONNECTIONS`] clients at once, a client that takes no data for [`WRITE_STALL`] is
+//! dropped, and a stop never waits on a client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use crate::limits::{AcceptPause, ConnectionCap, FEED_CONNECTIONS};
 use crate::store::PassingEvent;
 use crate::store::query::Db;
 
 /// How long a new client has to say where it stopped.
 const HELLO_WAIT: Duration = Duration::from_millis(500);
+/// The longest first line: a `num_passing` and its line end.
+pub const HELLO_MAX: usize = 32;
+/// A client that accepts no data for this long is dropped (it reconnects and says where it stopped).
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
 const REPLAY_PAGE: i64 = 1000;
 
 pub struct FeedServer {
     listener: TcpListener,
     events: broadcast::Sender<PassingEvent>,
     db_path: PathBuf,
+    cap: ConnectionCap,
 }
 
 impl FeedServer {
-    pub fn bind(listen: &str, events: broadcast::Sender<PassingEvent>, db_path: PathBuf) -> anyhow::Result<Self> {
+    pub fn bind(
+        listen: &str,
+        events: broadcast::Sender<PassingEvent>,
+        db_path: PathBuf,
+        cap: ConnectionCap,
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = listen.parse()?;
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
         info!(listen = %listener.local_addr()?, "live feed listening");
-        Ok(Self { listener, events, db_path })
+        Ok(Self { listener, events, db_path, cap })
+    }
+
+    /// The cap every feed listener of this process shares (`status.listening.refused.feed`).
+    pub fn cap(listening: std::sync::Arc<std::sync::Mutex<crate::status::Listening>>) -> ConnectionCap {
+        ConnectionCap::new("feed", FEED_CONNECTIONS, listening)
     }
 
     pub fn local_addr(&self) -> Option<String> {
@@ -45,30 +67,55 @@ impl FeedServer {
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let mut pause = AcceptPause::new("feed");
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        pause.accepted();
+                        let Some(slot) = self.cap.admit() else { continue };
                         // Subscribe before the replay, so nothing falls between the two.
                         let live = self.events.subscribe();
                         let (db, cancel) = (self.db_path.clone(), cancel.clone());
                         tokio::spawn(async move {
+                            let _slot = slot;
                             debug!(%peer, "feed client connected");
-                            if let Err(e) = serve(stream, live, db, cancel).await {
-                                debug!(%peer, error = %e, "feed client gone");
+                            // A stop drops the client wherever it is (waiting, writing, replaying).
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                served = serve(stream, live, db) => if let Err(e) = served {
+                                    debug!(%peer, error = %e, "feed client gone");
+                                }
                             }
                         });
                     }
-                    Err(e) => warn!(error = %e, "feed accept failed"),
+                    Err(e) => pause.failed(&e).await,
                 }
             }
         }
     }
 }
 
-fn line(num: i64, bib: &str, chip: &str, timestamp: &str) -> String {
-    format!("{num},{bib},{chip},{timestamp}\n")
+/// One feed line: `num_passing,bib,chip,timestamp\n`, by the CSV writer.
+pub fn line(num: i64, bib: &str, chip: &str, timestamp: &str) -> String {
+    crate::export::csv_line(&[&num.to_string(), bib, chip, timestamp])
+}
+
+/// Write within [`WRITE_STALL`], or give the client up.
+async fn send(write: &mut (impl AsyncWriteExt + Unpin), text: &str) -> anyhow::Result<()> {
+    match tokio::time::timeout(WRITE_STALL, write.write_all(text.as_bytes())).await {
+        Ok(written) => Ok(written?),
+        Err(_) => anyhow::bail!("client took no data for {WRITE_STALL:?}"),
+    }
+}
+
+/// The client's first line, if it sends one in time: the last `num_passing` it has.
+pub async fn hello(read: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> Option<i64> {
+    match tokio::time::timeout(HELLO_WAIT, crate::limits::read_line(read, HELLO_MAX)).await {
+        Ok(Ok(Some(line))) => std::str::from_utf8(&line).ok()?.trim().parse::<i64>().ok(),
+        _ => None,
+    }
 }
 
 /// The open session and its last number.
@@ -96,7 +143,7 @@ async fn catch_up(
             return Ok(());
         }
         for (num, text) in lines {
-            write.write_all(text.as_bytes()).await?;
+            send(write, &text).await?;
             *last = num;
         }
     }
@@ -116,31 +163,20 @@ async fn replay(db: PathBuf, since: i64) -> anyhow::Result<(Option<i64>, Vec<(i6
     .await?
 }
 
-async fn serve(
-    stream: TcpStream,
-    mut live: broadcast::Receiver<PassingEvent>,
-    db: PathBuf,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
+async fn serve(stream: TcpStream, mut live: broadcast::Receiver<PassingEvent>, db: PathBuf) -> anyhow::Result<()> {
     // Where the live stream stands at connection: a client that names no number starts here.
     let (mut session, current) = position(db.clone()).await?;
     let (read, mut write) = stream.into_split();
-    let mut hello = String::new();
-    let mut reader = BufReader::new(read);
-    let since = match tokio::time::timeout(HELLO_WAIT, reader.read_line(&mut hello)).await {
-        Ok(Ok(_)) => hello.trim().parse::<i64>().ok(),
-        _ => None,
-    };
+    // A small buffer: the first line is all a client ever sends.
+    let mut reader = BufReader::with_capacity(64, read);
+    let since = hello(&mut reader).await;
+    drop(reader);
     let mut last = since.unwrap_or(current);
     if since.is_some() {
         catch_up(&mut write, &db, session, &mut last).await?;
     }
     loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            e = live.recv() => e,
-        };
-        match event {
+        match live.recv().await {
             Ok(p) => {
                 if session != Some(p.session_id) {
                     // A new session numbers from 1 again.
@@ -151,7 +187,7 @@ async fn serve(
                     continue; // already sent by the replay
                 }
                 let ts = crate::clock::api_timestamp(p.timestamp_us);
-                write.write_all(line(p.num_passing, &p.bib, &p.chip, &ts).as_bytes()).await?;
+                send(&mut write, &line(p.num_passing, &p.bib, &p.chip, &ts)).await?;
                 last = p.num_passing;
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {

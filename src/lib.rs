@@ -31,6 +31,7 @@ pub mod fake_api;
 pub mod fdstore;
 pub mod feed;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub mod optional;
 pub mod pty;

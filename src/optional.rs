@@ -27,6 +27,12 @@ impl Bound for crate::http::HttpServer {
     }
 }
 
+impl Bound for crate::control::ControlServer {
+    fn local_addr(&self) -> Option<String> {
+        crate::control::ControlServer::local_addr(self)
+    }
+}
+
 impl Bound for crate::feed::FeedServer {
     fn local_addr(&self) -> Option<String> {
         crate::feed::FeedServer::local_addr(self)
@@ -35,7 +41,7 @@ impl Bound for crate::feed::FeedServer {
 
 /// One optional listener: its name in `status.listening`, its configured address.
 pub struct Optional {
-    /// `http` or `feed`.
+    /// `http`, `feed` or `control`.
     pub what: &'static str,
     pub listen: String,
     pub listening: Arc<Mutex<Listening>>,

@@ -34,9 +34,16 @@ pub struct Listening {
     pub http: Option<String>,
     /// The address the live feed listens on; null when off or not listening.
     pub feed: Option<String>,
-    /// Listeners that are configured but cannot listen, by name (`http`, `feed`).
+    /// The control socket's path; null while it cannot listen.
+    #[serde(default)]
+    pub control: Option<String>,
+    /// Listeners that are configured but cannot listen, by name (`http`, `feed`, `control`).
     #[serde(default)]
     pub failing: std::collections::BTreeMap<String, ListenFailure>,
+    /// Connections refused since start because a listener had all the clients it takes, by
+    /// listener (`http`, `feed`, `control`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 impl Listening {
@@ -44,6 +51,7 @@ impl Listening {
         match what {
             "http" => self.http = address,
             "feed" => self.feed = address,
+            "control" => self.control = address,
             _ => {}
         }
     }

@@ -320,15 +320,14 @@ fn rescue(batch: &[Read]) {
     let mut csv = String::from("received_at,chip,antenna,rssi,timestamp,raw\n");
     for r in batch {
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
-        csv.push_str(&format!(
-            "{},{},{},{},{},{}\n",
-            clock::rfc3339(r.host.utc_us),
-            r.chip,
-            opt(r.antenna),
-            opt(r.rssi),
-            clock::rfc3339(r.timestamp_us),
-            String::from_utf8_lossy(&r.raw).trim_end().replace([',', '\n', '\r'], " ")
-        ));
+        csv.push_str(&crate::export::csv_line(&[
+            &clock::rfc3339(r.host.utc_us),
+            &r.chip,
+            &opt(r.antenna),
+            &opt(r.rssi),
+            &clock::rfc3339(r.timestamp_us),
+            String::from_utf8_lossy(&r.raw).trim_end(),
+        ]));
     }
     error!(
         lost = batch.len(),

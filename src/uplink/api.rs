@@ -11,6 +11,8 @@ use crate::store::query::Outgoing;
 
 /// The longest `Retry-After` obeyed; a server asking for more is retried sooner.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// The largest reply read: RUFUS answers with a few hundred bytes; more is not an answer.
+pub const REPLY_MAX: usize = 1024 * 1024;
 
 /// What went wrong, sorted by what the uplink must do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -179,6 +181,9 @@ impl RufusClient {
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("rufus-gateway/", env!("CARGO_PKG_VERSION")))
+            // The key goes to api.base_url and nowhere else: a redirect is an answer to report,
+            // never followed (it could lead to another host, or from https to http).
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
@@ -243,7 +248,10 @@ impl RufusClient {
             .await
             .map_err(transport_error)?;
         let status = response.status().as_u16();
-        let reply: Value = response.json().await.unwrap_or(Value::Null);
+        if let Some(redirect) = redirected(&response) {
+            return Err(redirect);
+        }
+        let reply: Value = serde_json::from_slice(&read_capped(response).await?).unwrap_or(Value::Null);
         let deviceid = field(&reply, "deviceid").and_then(Value::as_str).filter(|d| !d.is_empty()).map(String::from);
         match (status, deviceid) {
             (200..=299, Some(id)) => Ok((id, false)),
@@ -260,7 +268,10 @@ impl RufusClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-        let bytes = response.bytes().await.map_err(transport_error)?;
+        if let Some(redirect) = redirected(&response) {
+            return Err(redirect);
+        }
+        let bytes = read_capped(response).await?;
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             if body.is_null() && call != Call::CloseSession {
@@ -274,6 +285,43 @@ impl RufusClient {
         }
         Err(classify(call, status, &body, retry_after))
     }
+}
+
+/// A 3xx answer, as the configuration error it is (where it pointed: its host only, as the rest
+/// could carry a token).
+fn redirected(response: &reqwest::Response) -> Option<ApiError> {
+    let status = response.status();
+    if !status.is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let target = url::Url::parse(location)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| format!("{}://{h}", u.scheme())))
+        .unwrap_or_else(|| "another address".into());
+    Some(ApiError::Config {
+        status: status.as_u16(),
+        description: format!(
+            "the API answered with a redirect to {target}, which is not followed (the API key goes to api.base_url only); \
+             set api.base_url to the address the API really answers at"
+        ),
+    })
+}
+
+/// The reply's body, up to [`REPLY_MAX`] bytes; a longer one is a transient error.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > REPLY_MAX {
+            return Err(ApiError::Transient {
+                reason: format!("the reply is larger than {} KiB; not an API answer", REPLY_MAX / 1024),
+                retry_after: None,
+                offline: false,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn transport_error(e: reqwest::Error) -> ApiError {

@@ -49,10 +49,30 @@ pub enum Reject {
     BadChecksum,
     BadTime,
     BadField,
+    /// A chip code outside its format's alphabet (hex for hex formats; letters, digits, `-` and
+    /// `_` for ASCII-encoded chips), or longer than [`CHIP_MAX`]: tags anyone can program must
+    /// not carry a line end, a comma or a formula into the feed, a CSV file or the API.
+    BadChip,
+}
+
+/// The longest chip code: an EPC is at most 496 bits (124 hex digits).
+pub const CHIP_MAX: usize = 128;
+
+/// A hex chip code (IPICO, Chafon, Impinj): hex digits only.
+pub fn is_hex_chip(chip: &str) -> bool {
+    !chip.is_empty() && chip.len() <= CHIP_MAX && chip.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Any other chip code: ASCII letters, digits, `-` and `_` (and, from a user's own `pattern`,
+/// spaces between groups, as some readers print hex in blocks).
+pub fn is_safe_chip(chip: &str, spaces: bool) -> bool {
+    !chip.is_empty()
+        && chip.len() <= CHIP_MAX
+        && chip.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (spaces && b == b' '))
 }
 
 impl Reject {
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 8] = [
         Reject::TooLong,
         Reject::InvalidUtf8,
         Reject::NoMatch,
@@ -60,6 +80,7 @@ impl Reject {
         Reject::BadChecksum,
         Reject::BadTime,
         Reject::BadField,
+        Reject::BadChip,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +92,7 @@ impl Reject {
             Reject::BadChecksum => "bad_checksum",
             Reject::BadTime => "bad_time",
             Reject::BadField => "bad_field",
+            Reject::BadChip => "bad_chip",
         }
     }
 
@@ -107,7 +129,26 @@ impl Parser {
     }
 
     /// Parse one record. `today` is the host's date, used only by time-of-day-only formats.
+    /// Every chip code is checked against the format's alphabet here, where it enters.
     pub fn parse(&self, record: &[u8], today: NaiveDate) -> Parsed {
+        match self.parse_record(record, today) {
+            Parsed::Read(r) if !self.chip_ok(&r.chip) => Parsed::Reject(Reject::BadChip),
+            Parsed::Reads(reads) if reads.iter().any(|r| !self.chip_ok(&r.chip)) => Parsed::Reject(Reject::BadChip),
+            parsed => parsed,
+        }
+    }
+
+    fn chip_ok(&self, chip: &str) -> bool {
+        match self {
+            Parser::Ipico(_) | Parser::Chafon(ChipEncoding::Hex) | Parser::ImpinjJson(ChipEncoding::Hex) => {
+                is_hex_chip(chip)
+            }
+            Parser::Regex(p) => is_safe_chip(chip, p.encoding() == ChipEncoding::Hex),
+            _ => is_safe_chip(chip, false),
+        }
+    }
+
+    fn parse_record(&self, record: &[u8], today: NaiveDate) -> Parsed {
         match self {
             Parser::Regex(p) => p.parse(record, today),
             Parser::Ipico(p) => p.parse(record),
@@ -200,10 +241,7 @@ pub fn decode_ascii_chip(hex: &str) -> Option<String> {
         (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
     let bytes = bytes?;
     let text: String = bytes.iter().skip_while(|b| **b == 0 || **b == b'0').map(|b| *b as char).collect();
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_graphic()) {
-        return None;
-    }
-    Some(text)
+    is_safe_chip(&text, false).then_some(text)
 }
 
 #[cfg(test)]
@@ -252,5 +290,21 @@ mod tests {
         assert_eq!(decode_ascii_chip("30303030304D433030393738").as_deref(), Some("MC00978"));
         assert_eq!(decode_ascii_chip("0001"), None);
         assert_eq!(decode_ascii_chip("abc"), None);
+        // ",9" and "=1": a comma or a formula is not a chip.
+        assert_eq!(decode_ascii_chip("2C39"), None);
+        assert_eq!(decode_ascii_chip("3D31"), None);
+    }
+
+    #[test]
+    fn chip_alphabets() {
+        assert!(is_hex_chip("E2000017221101441890ABcd"));
+        for bad in ["", "E2 00", "XYZ", "AB\n999", &"A".repeat(CHIP_MAX + 1)] {
+            assert!(!is_hex_chip(bad), "{bad:?}");
+        }
+        assert!(is_safe_chip("MC-00_978", false));
+        assert!(is_safe_chip("0102 0304", true) && !is_safe_chip("0102 0304", false));
+        for bad in ["", "=1+1", "A,B", "a\"b", "x\ny", "é"] {
+            assert!(!is_safe_chip(bad, true), "{bad:?}");
+        }
     }
 }

@@ -15,6 +15,10 @@ pub struct RegexParser {
 }
 
 impl RegexParser {
+    pub fn encoding(&self) -> ChipEncoding {
+        self.encoding
+    }
+
     pub fn new(
         pattern: &str,
         timestamp_format: TimestampFormat,
