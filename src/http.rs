@@ -42,7 +42,7 @@ pub const BODY_MAX: usize = 4096;
 /// At a stop, requests in flight get this long to finish; then their connections are dropped.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
 /// How long a status answer is reused: 200 pollers cost what one does.
-const STATUS_FRESH: Duration = Duration::from_millis(500);
+const STATUS_FRESH: Duration = Duration::from_millis(250);
 /// Wrong tokens a client may send per [`FAILURE_WINDOW`] before it is refused with 429 until
 /// the window ends.
 const FAILURES_ALLOWED: u32 = 5;

@@ -80,7 +80,16 @@ async fn api_endpoints_and_the_token() {
     assert_eq!(rpm["minutes"][59], 12, "this minute's reads in the last slot");
 
     // /metrics in the Prometheus text format.
-    let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    // Status answers are shared for a quarter of a second: wait for one taken after the deliveries.
+    let deadline = Instant::now() + DEADLINE;
+    let text = loop {
+        let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        if text.contains("rufus_queue_depth 0") && text.contains("\nrufus_reads_total 12\n") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "metrics never caught up:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format");
     let value = |name: &str, label: Option<(&str, &str)>| -> f64 {

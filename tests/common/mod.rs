@@ -36,6 +36,8 @@ pub struct Gateway {
     /// Descriptors handed over at start as systemd does (`LISTEN_FDS`, fd 3 on), by name: the
     /// descriptor store's return at a restart.
     pub listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// The daemon's descriptor limit (`RLIMIT_NOFILE`), when a test needs a low one.
+    pub nofile: Option<u64>,
 }
 
 /// The config used by most tests: host-trusted clock, quick retries, stderr logging.
@@ -87,6 +89,7 @@ impl Gateway {
             starts: 0,
             env: Vec::new(),
             listen_fds: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -113,6 +116,19 @@ impl Gateway {
                         if libc::dup2(*fd, target) < 0 || libc::fcntl(target, libc::F_SETFD, 0) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(limit) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit only, between fork and exec (async-signal-safe).
+            unsafe {
+                command.pre_exec(move || {
+                    let l = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) < 0 {
+                        return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
                 });
@@ -258,4 +274,33 @@ pub fn chips(range: std::ops::Range<u32>) -> Vec<String> {
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
+}
+
+/// What `/proc` says about a process: resident memory, threads, CPU time, open descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub rss_kb: u64,
+    pub threads: u64,
+    /// User + system time, in clock ticks (100 per second on Linux).
+    pub cpu_ticks: u64,
+    pub fds: usize,
+}
+
+pub fn usage(pid: i32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field, stime the 15th.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    Usage { rss_kb: field("VmRSS:"), threads: field("Threads:"), cpu_ticks: tick(11) + tick(12), fds }
 }
