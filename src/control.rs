@@ -209,6 +209,9 @@ pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Value> {
     let mut stream = UnixStream::connect(socket).map_err(not_running)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_string(request)?;
+    if line.len() > REQUEST_MAX {
+        anyhow::bail!("the request is longer than the daemon takes ({REQUEST_MAX} bytes): is the alias that long?");
+    }
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(not_running)?;
     let mut answer = String::new();

@@ -44,6 +44,10 @@ pub enum Fault {
     Hang,
     /// Wait this long, then answer normally (a slow request, still in flight).
     Delay(Duration),
+    /// Answer `307 Temporary Redirect` to this URL (another host, or plain http).
+    Redirect(String),
+    /// Answer 200 with a body of this many bytes (streamed: the fake holds 64 KiB of it).
+    Huge(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +290,23 @@ async fn prologue(
         Some(Fault::Delay(d)) => {
             log(200);
             tokio::time::sleep(d).await;
+        }
+        Some(Fault::Redirect(to)) => {
+            log(307);
+            let r = Response::builder().status(307).header("location", to).body(Body::empty()).unwrap();
+            return Err(r);
+        }
+        Some(Fault::Huge(size)) => {
+            log(200);
+            let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+            let chunks = size.div_ceil(chunk.len() as u64);
+            let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+            let r = Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap();
+            return Err(r);
         }
         None => {}
     }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use tracing::{debug, info};
 
 use crate::limits::{AcceptPause, ConnectionCap, FEED_CONNECTIONS};
 use crate::store::PassingEvent;
-use crate::store::query::Db;
+use crate::store::query::SharedDb;
 
 /// How long a new client has to say where it stopped.
 const HELLO_WAIT: Duration = Duration::from_millis(500);
@@ -38,7 +38,7 @@ const REPLAY_PAGE: i64 = 1000;
 pub struct FeedServer {
     listener: TcpListener,
     events: broadcast::Sender<PassingEvent>,
-    db_path: PathBuf,
+    db: SharedDb,
     cap: ConnectionCap,
 }
 
@@ -54,7 +54,7 @@ impl FeedServer {
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
         info!(listen = %listener.local_addr()?, "live feed listening");
-        Ok(Self { listener, events, db_path, cap })
+        Ok(Self { listener, events, db: SharedDb::new(&db_path), cap })
     }
 
     /// The cap every feed listener of this process shares (`status.listening.refused.feed`).
@@ -77,7 +77,7 @@ impl FeedServer {
                         let Some(slot) = self.cap.admit() else { continue };
                         // Subscribe before the replay, so nothing falls between the two.
                         let live = self.events.subscribe();
-                        let (db, cancel) = (self.db_path.clone(), cancel.clone());
+                        let (db, cancel) = (self.db.clone(), cancel.clone());
                         tokio::spawn(async move {
                             let _slot = slot;
                             debug!(%peer, "feed client connected");
@@ -119,26 +119,25 @@ pub async fn hello(read: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> Option<
 }
 
 /// The open session and its last number.
-async fn position(db: PathBuf) -> anyhow::Result<(Option<i64>, i64)> {
-    tokio::task::spawn_blocking(move || {
-        let db = Db::open_readonly(&db)?;
+async fn position(db: &SharedDb) -> anyhow::Result<(Option<i64>, i64)> {
+    db.run(|db| {
         Ok(match db.open_session()? {
             Some(s) => (Some(s.id), s.passings),
             None => (None, 0),
         })
     })
-    .await?
+    .await
 }
 
 /// Send the open session's passings after `last` (while it is still the client's session).
 async fn catch_up(
     write: &mut (impl AsyncWriteExt + Unpin),
-    db: &std::path::Path,
+    db: &SharedDb,
     session: Option<i64>,
     last: &mut i64,
 ) -> anyhow::Result<()> {
     loop {
-        let (s, lines) = replay(db.to_path_buf(), *last).await?;
+        let (s, lines) = replay(db, *last).await?;
         if s != session || lines.is_empty() {
             return Ok(());
         }
@@ -150,9 +149,8 @@ async fn catch_up(
 }
 
 /// Lines for the open session's passings after `since`; returns them with the session and last number.
-async fn replay(db: PathBuf, since: i64) -> anyhow::Result<(Option<i64>, Vec<(i64, String)>)> {
-    tokio::task::spawn_blocking(move || {
-        let db = Db::open_readonly(&db)?;
+async fn replay(db: &SharedDb, since: i64) -> anyhow::Result<(Option<i64>, Vec<(i64, String)>)> {
+    db.run(move |db| {
         let Some(session) = db.open_session()? else { return Ok((None, Vec::new())) };
         let rows = db.passings_since(session.id, since, REPLAY_PAGE)?;
         Ok((
@@ -160,23 +158,31 @@ async fn replay(db: PathBuf, since: i64) -> anyhow::Result<(Option<i64>, Vec<(i6
             rows.into_iter().map(|p| (p.num_passing, line(p.num_passing, &p.bib, &p.chip, &p.timestamp))).collect(),
         ))
     })
-    .await?
+    .await
 }
 
-async fn serve(stream: TcpStream, mut live: broadcast::Receiver<PassingEvent>, db: PathBuf) -> anyhow::Result<()> {
+async fn serve(stream: TcpStream, mut live: broadcast::Receiver<PassingEvent>, db: SharedDb) -> anyhow::Result<()> {
     // Where the live stream stands at connection: a client that names no number starts here.
-    let (mut session, current) = position(db.clone()).await?;
+    let (mut session, current) = position(&db).await?;
     let (read, mut write) = stream.into_split();
     // A small buffer: the first line is all a client ever sends.
     let mut reader = BufReader::with_capacity(64, read);
     let since = hello(&mut reader).await;
-    drop(reader);
     let mut last = since.unwrap_or(current);
     if since.is_some() {
         catch_up(&mut write, &db, session, &mut last).await?;
     }
+    // Watch the client too: one that leaves frees its slot now, not at the next passing.
+    let mut ignored = [0u8; 1024];
     loop {
-        match live.recv().await {
+        let event = tokio::select! {
+            e = live.recv() => e,
+            read = reader.read(&mut ignored) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue, // nothing more is expected from a client: ignored
+            },
+        };
+        match event {
             Ok(p) => {
                 if session != Some(p.session_id) {
                     // A new session numbers from 1 again.

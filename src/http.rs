@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::Secret;
 use crate::limits::{AcceptPause, ConnectionCap, HTTP_CONNECTIONS, LOG_EVERY, Throttle};
 use crate::status::{Status, StatusSource};
-use crate::store::query::Db;
+use crate::store::query::SharedDb;
 use crate::store::{Op, StoreHandle};
 
 const DASHBOARD: &str = include_str!("dashboard/index.html");
@@ -77,8 +77,8 @@ struct Shared {
     /// The last status answer and when it was made; the lock also makes concurrent pollers wait
     /// for one snapshot instead of taking one each.
     status_cache: tokio::sync::Mutex<Option<(Instant, Arc<Status>)>>,
-    /// One read connection for every query the page makes, opened on first use.
-    db: Arc<tokio::sync::Mutex<Option<Db>>>,
+    /// One read connection for every query the page makes.
+    db: SharedDb,
     /// Wrong-token attempts per client address: (window start, count).
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     refused_log: Throttle,
@@ -115,13 +115,13 @@ impl HttpServer {
         let mut hosts = vec!["localhost".to_string()];
         hosts.extend(options.hosts.iter().map(|h| h.trim_end_matches('.').to_ascii_lowercase()));
         let shared = Shared {
+            db: SharedDb::new(&status.db_path),
             status,
             store,
             token: options.token.clone(),
             default_alias: options.default_alias.clone(),
             hosts,
             status_cache: tokio::sync::Mutex::new(None),
-            db: Arc::new(tokio::sync::Mutex::new(None)),
             failures: Mutex::new(HashMap::new()),
             refused_log: Throttle::new(LOG_EVERY),
             host_log: Throttle::new(LOG_EVERY),
@@ -287,28 +287,6 @@ async fn snapshot(shared: &Shared) -> anyhow::Result<Arc<Status>> {
     Ok(status)
 }
 
-/// Run a query on the dashboard's one read connection (opened on first use, reopened after an
-/// error). Queries queue on it, so the page never holds more than one blocking thread.
-async fn query<T: Send + 'static>(
-    shared: &Shared,
-    f: impl FnOnce(&Db) -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let mut slot = shared.db.clone().lock_owned().await;
-    let path = shared.status.db_path.clone();
-    tokio::task::spawn_blocking(move || {
-        if slot.is_none() {
-            *slot = Some(Db::open_readonly(&path)?);
-        }
-        let db = slot.as_ref().expect("opened above");
-        let result = f(db);
-        if result.is_err() {
-            *slot = None;
-        }
-        result
-    })
-    .await?
-}
-
 async fn status(State(shared): AppState) -> Response {
     match snapshot(&shared).await {
         Ok(s) => axum::Json(&*s).into_response(),
@@ -324,15 +302,17 @@ struct Since {
 
 /// Passings of the open session (or the one closing) with `num_passing > since`.
 async fn passings(State(shared): AppState, Query(q): Query<Since>) -> Response {
-    let result = query(&shared, move |db| {
-        let Some(session) = db.open_session()?.or(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
-        else {
-            return Ok(json!({ "session": null, "passings": [] }));
-        };
-        let list = db.passings_since(session.id, q.since, PASSINGS_PAGE)?;
-        Ok(json!({ "session": session.id, "alias": session.alias, "passings": list }))
-    })
-    .await;
+    let result = shared
+        .db
+        .run(move |db| {
+            let Some(session) = db.open_session()?.or(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
+            else {
+                return Ok(json!({ "session": null, "passings": [] }));
+            };
+            let list = db.passings_since(session.id, q.since, PASSINGS_PAGE)?;
+            Ok(json!({ "session": session.id, "alias": session.alias, "passings": list }))
+        })
+        .await;
     match result {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => internal(e),
@@ -340,7 +320,7 @@ async fn passings(State(shared): AppState, Query(q): Query<Since>) -> Response {
 }
 
 async fn reads_per_minute(State(shared): AppState) -> Response {
-    match query(&shared, |db| Ok(db.reads_per_minute(crate::clock::now_us(), 60)?)).await {
+    match shared.db.run(|db| Ok(db.reads_per_minute(crate::clock::now_us(), 60)?)).await {
         Ok(v) => axum::Json(json!({ "minutes": v })).into_response(),
         Err(e) => internal(e),
     }

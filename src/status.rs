@@ -163,7 +163,11 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
         ));
     }
     for (what, f) in &s.listening.failing {
-        let name = if what == "http" { "DASHBOARD" } else { "LIVE FEED" };
+        let name = match what.as_str() {
+            "http" => "DASHBOARD",
+            "control" => "CONTROL SOCKET (the command line's way in)",
+            _ => "LIVE FEED",
+        };
         p.push(format!(
             "{name} NOT LISTENING on {} since {}: {}; retrying (reading, storing and uploading are not affected)",
             f.listen, f.since, f.error

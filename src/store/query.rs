@@ -263,3 +263,38 @@ impl Db {
         &self.conn
     }
 }
+
+/// One read connection shared by every client of a listener (the dashboard's page, the live
+/// feed): opened on first use, reopened after an error. Queries queue on it, so a crowd of
+/// clients holds one connection and one blocking thread, never one each.
+#[derive(Clone)]
+pub struct SharedDb {
+    path: std::path::PathBuf,
+    connection: std::sync::Arc<tokio::sync::Mutex<Option<Db>>>,
+}
+
+impl SharedDb {
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), connection: Default::default() }
+    }
+
+    pub async fn run<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Db) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let mut slot = self.connection.clone().lock_owned().await;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = match slot.take() {
+                Some(db) => db,
+                None => Db::open_readonly(&path)?,
+            };
+            let result = query(&db);
+            if result.is_ok() {
+                *slot = Some(db);
+            }
+            result
+        })
+        .await?
+    }
+}

@@ -287,8 +287,8 @@ impl RufusClient {
     }
 }
 
-/// A 3xx answer, as the configuration error it is (where it pointed: its host only, as the rest
-/// could carry a token).
+/// A 3xx answer, as the configuration error it is (where it pointed: scheme, host and port only,
+/// as the path could carry a token).
 fn redirected(response: &reqwest::Response) -> Option<ApiError> {
     let status = response.status();
     if !status.is_redirection() {
@@ -297,7 +297,8 @@ fn redirected(response: &reqwest::Response) -> Option<ApiError> {
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let target = url::Url::parse(location)
         .ok()
-        .and_then(|u| u.host_str().map(|h| format!("{}://{h}", u.scheme())))
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
         .unwrap_or_else(|| "another address".into());
     Some(ApiError::Config {
         status: status.as_u16(),

@@ -95,6 +95,22 @@ impl Gateway {
 
     /// Start `rufus-gateway run` and wait until its control socket answers.
     pub async fn start(&mut self) {
+        self.spawn();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if self.try_status().is_some() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited during start-up ({status}); log:\n{}", self.logs());
+            }
+            assert!(Instant::now() < deadline, "gateway did not become ready; log:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start `rufus-gateway run` without waiting for anything.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut command = Command::new(BIN);
@@ -144,17 +160,6 @@ impl Gateway {
             .expect("spawn gateway");
         self.child = Some(child);
         self.starts += 1;
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if self.try_status().is_some() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("gateway exited during start-up ({status}); log:\n{}", self.logs());
-            }
-            assert!(Instant::now() < deadline, "gateway did not become ready; log:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     pub fn pid(&self) -> i32 {
