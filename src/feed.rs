@@ -9,7 +9,8 @@
 //! client that reads slowly never slows the gateway: it falls behind the live stream and catches up
 //! from the database.
 //!
-//! Bounds: the first line is read up to 32 bytes (a number needs far fewer), at most
+//! Bounds: the first line is read up to 32 bytes (a number needs far fewer), 4 KiB more ends a
+//! client (it is meant to listen), at most
 //! [`FEED_CONNECTIONS`] clients at once, a client that takes no data for [`WRITE_STALL`] is
 //! dropped, and a stop never waits on a client.
 
@@ -31,6 +32,8 @@ use crate::store::query::SharedDb;
 const HELLO_WAIT: Duration = Duration::from_millis(500);
 /// The longest first line: a `num_passing` and its line end.
 pub const HELLO_MAX: usize = 32;
+/// What a client may send after its first line before it is dropped (it is meant to listen).
+pub const EXTRA_MAX: usize = 4096;
 /// A client that accepts no data for this long is dropped (it reconnects and says where it stopped).
 pub const WRITE_STALL: Duration = Duration::from_secs(30);
 const REPLAY_PAGE: i64 = 1000;
@@ -172,14 +175,22 @@ async fn serve(stream: TcpStream, mut live: broadcast::Receiver<PassingEvent>, d
     if since.is_some() {
         catch_up(&mut write, &db, session, &mut last).await?;
     }
-    // Watch the client too: one that leaves frees its slot now, not at the next passing.
+    // Watch the client too: one that leaves frees its slot now, not at the next passing. Nothing
+    // more is expected from it: a few stray bytes are ignored, a stream of them ends the client.
     let mut ignored = [0u8; 1024];
+    let mut extra = 0usize;
     loop {
         let event = tokio::select! {
             e = live.recv() => e,
             read = reader.read(&mut ignored) => match read {
                 Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => continue, // nothing more is expected from a client: ignored
+                Ok(n) => {
+                    extra += n;
+                    if extra > EXTRA_MAX {
+                        anyhow::bail!("the client keeps sending; it is only expected to listen");
+                    }
+                    continue;
+                }
             },
         };
         match event {

@@ -234,7 +234,9 @@ pub fn local_to_utc(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
 
 /// `chip_encoding = "ascii"`: hex EPC bytes that spell the chip code; leading NULs and zeros dropped.
 pub fn decode_ascii_chip(hex: &str) -> Option<String> {
-    if !hex.len().is_multiple_of(2) {
+    // Hex digits only, checked first: slicing a multi-byte character below would panic (found by
+    // the fuzz target: a user pattern may capture any text).
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let bytes: Option<Vec<u8>> =
@@ -291,6 +293,7 @@ mod tests {
         assert_eq!(decode_ascii_chip("30303030304D433030393738").as_deref(), Some("MC00978"));
         assert_eq!(decode_ascii_chip("0001"), None);
         assert_eq!(decode_ascii_chip("abc"), None);
+        assert_eq!(decode_ascii_chip("\u{578}#"), None, "not hex, and not a panic");
         // ",9" and "=1" decode; the parser refuses them as chips (`chip_alphabets`).
         assert_eq!(decode_ascii_chip("2C39").as_deref(), Some(",9"));
     }

@@ -1,0 +1,149 @@
+//! Fuzz targets, bounded in time (a fixed number of cases each; `PROPTEST_CASES` raises it for a
+//! longer run): arbitrary bytes into the framing and every parser, and into the request readers
+//! of the feed, the control socket and the dashboard. Nothing may panic, nothing may buffer more
+//! than its bound, and whatever comes out as a chip or an alias is inside its alphabet.
+
+use proptest::prelude::*;
+use rufus_gateway::config::{ALIAS_MAX, ChipEncoding, Format, ReaderConfig, alias_or_default};
+use rufus_gateway::control::Request;
+use rufus_gateway::limits::{LineError, read_line};
+use rufus_gateway::reader::format::{CHIP_MAX, Parsed, Parser, is_safe_chip};
+use rufus_gateway::reader::framing::{Framed, Framer};
+
+const FORMATS: [Format; 5] = [Format::Regex, Format::Ipico, Format::Chafon, Format::Ultra, Format::ImpinjJson];
+
+fn parser(format: Format, encoding: ChipEncoding) -> Parser {
+    let mut cfg = ReaderConfig { format, timezone: "Europe/Madrid".into(), ..Default::default() };
+    if format == Format::Regex {
+        // A permissive user pattern: the alphabet check, not the pattern, must keep chips clean.
+        cfg.pattern = r"^(?P<chip>[^;]*);?(?P<bib>.*)$".into();
+    }
+    Parser::from_config(&cfg, encoding).unwrap()
+}
+
+/// Bytes that look a little like each format's records, with arbitrary bytes mixed in.
+fn stream() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..64),
+        "[ -~]{0,40}\r?\n".prop_map(String::into_bytes),
+        "aa[0-9a-f]{0,40}\r\n".prop_map(String::into_bytes),
+        "\\{\"epc\":\"[ -~\\\\n]{0,30}\",\"antennaPort\":1\\}\n".prop_map(String::into_bytes),
+        "0,[ -~]{0,20},[0-9]{1,10},[0-9]{1,3},1,1,0,[0-9]{1,5}\r\n".prop_map(String::into_bytes),
+        prop::collection::vec(any::<u8>(), 4..40).prop_map(|mut v| {
+            v[0] = (v.len() - 1) as u8; // a Chafon length byte that fits
+            v
+        }),
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn framing_and_parsers_take_any_bytes(bytes in stream(), cut in 1usize..97) {
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 6, 1).unwrap();
+        for format in FORMATS {
+            for encoding in [ChipEncoding::Hex, ChipEncoding::Ascii] {
+                let parser = parser(format, encoding);
+                let mut framer = Framer::<u32>::for_format(format);
+                let mut frames = Vec::new();
+                for chunk in bytes.chunks(cut) {
+                    framer.push(chunk, 0, &mut frames);
+                }
+                for frame in frames {
+                    let Framed::Record { bytes, .. } = frame else { continue };
+                    prop_assert!(bytes.len() <= 4096, "a record beyond the 4 KiB cap");
+                    let reads = match parser.parse(&bytes, today) {
+                        Parsed::Read(r) => vec![r],
+                        Parsed::Reads(rs) => rs,
+                        Parsed::Skip | Parsed::Reject(_) => vec![],
+                    };
+                    for r in reads {
+                        prop_assert!(is_safe_chip(&r.chip, true) && r.chip.len() <= CHIP_MAX, "{format:?}: chip {:?}", r.chip);
+                        prop_assert!(!r.chip.starts_with(' ') && !r.chip.contains([',', '\n', '"', '=']));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The line reader under the feed's first line and the control socket: never more than its
+    /// bound, whatever the bytes and however they are cut.
+    #[test]
+    fn bounded_lines_from_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..20_000), max in 1usize..5000) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut input: &[u8] = &bytes;
+            let mut consumed = 0usize;
+            loop {
+                let before = input.len();
+                match read_line(&mut input, max).await {
+                    Ok(Some(line)) => {
+                        prop_assert!(line.len() <= max);
+                        prop_assert!(!line.contains(&b'\n'));
+                    }
+                    Ok(None) => break,
+                    Err(LineError::TooLong(m)) => {
+                        prop_assert_eq!(m, max);
+                        prop_assert_eq!(before - input.len(), max + 1, "reads exactly max + 1 bytes, no more");
+                        break;
+                    }
+                    Err(LineError::Io(e)) => return Err(TestCaseError::fail(e.to_string())),
+                }
+                consumed += before - input.len();
+                prop_assert!(consumed <= bytes.len());
+            }
+            Ok(())
+        })?;
+    }
+
+    /// The feed's first line: a number or nothing, from at most 32 bytes.
+    #[test]
+    fn feed_hello_from_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let mut input: &[u8] = &bytes;
+        let since = runtime.block_on(rufus_gateway::feed::hello(&mut input));
+        prop_assert!(bytes.len() - input.len() <= rufus_gateway::feed::HELLO_MAX + 1);
+        // The oracle: a first line of at most 32 bytes, as text, trimmed, read as a number.
+        let expected = bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .filter(|end| *end <= rufus_gateway::feed::HELLO_MAX)
+            .or_else(|| (bytes.len() <= rufus_gateway::feed::HELLO_MAX && !bytes.is_empty()).then_some(bytes.len()))
+            .and_then(|end| std::str::from_utf8(&bytes[..end]).ok())
+            .and_then(|line| line.trim().parse::<i64>().ok());
+        prop_assert_eq!(since, expected, "{:?}", String::from_utf8_lossy(&bytes));
+    }
+
+    /// Control requests: any line is a request or a refusal; a session alias that gets through is
+    /// inside its alphabet and length.
+    #[test]
+    fn control_requests_and_aliases_from_any_text(line in ".{0,200}", alias in ".{0,100}") {
+        let _ = serde_json::from_str::<Request>(&line);
+        let request = serde_json::to_string(&Request::SessionStart { alias: Some(alias.clone()) }).unwrap();
+        let parsed: Request = serde_json::from_str(&request).unwrap();
+        let Request::SessionStart { alias: Some(given) } = parsed else { panic!("round trip") };
+        if let Ok(accepted) = alias_or_default(Some(&given), "GATEWAY") {
+            prop_assert!(!accepted.is_empty() && accepted.chars().count() <= ALIAS_MAX);
+            prop_assert!(!accepted.chars().any(|c| c.is_control() || "\"<>=@;\\".contains(c)), "{accepted:?}");
+        }
+    }
+
+    /// The dashboard's Host check: any header value is answered, never a panic; names are only
+    /// allowed when listed.
+    #[test]
+    fn host_check_from_any_text(host in ".{0,80}") {
+        let names = vec!["localhost".to_string()];
+        if rufus_gateway::http::host_allowed(&host, &names) {
+            let name = host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n);
+            prop_assert!(
+                host.is_empty()
+                    || host.starts_with('[')
+                    || name.parse::<std::net::Ipv4Addr>().is_ok()
+                    || name.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
+                "{host:?}"
+            );
+        }
+    }
+}
