@@ -15,6 +15,9 @@
 //!   [`store::query`].
 //! - [`uplink`]: the RUFUS client ([`uplink::api`]) and the replay loop with backoff.
 //! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports.
+//! - [`http`] (dashboard, JSON API, `/metrics`) and [`feed`] (passings as TCP lines): optional
+//!   listeners ([`optional`]); every listener's bounds (caps, deadlines, bounded lines) are in
+//!   [`limits`].
 //! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] the signals.
 //! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
 //!   with the test suite.

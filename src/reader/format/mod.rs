@@ -242,9 +242,9 @@ pub fn decode_ascii_chip(hex: &str) -> Option<String> {
     let bytes: Option<Vec<u8>> =
         (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
     let bytes = bytes?;
-    // Whatever the bytes spell: [`Parser::parse`] refuses what is not a safe chip (`bad_chip`).
+    // Printable text; [`Parser::parse`] then refuses what is not a safe chip (`bad_chip`).
     let text: String = bytes.iter().skip_while(|b| **b == 0 || **b == b'0').map(|b| *b as char).collect();
-    (!text.is_empty()).then_some(text)
+    (!text.is_empty() && text.chars().all(|c| c.is_ascii_graphic())).then_some(text)
 }
 
 #[cfg(test)]
