@@ -195,6 +195,7 @@ async fn idle_feed_clients_beyond_the_cap_are_refused() {
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra(""));
     gw.start().await;
     let feed = address(&gw, "feed");
+    raise_own_descriptor_limit(2048);
     let before = usage(gw.pid());
     let clients: Vec<TcpStream> = (0..1100).filter_map(|_| TcpStream::connect(&feed).ok()).collect();
     assert_eq!(clients.len(), 1100);
@@ -230,6 +231,18 @@ async fn idle_feed_clients_beyond_the_cap_are_refused() {
     assert!(warnings <= 2, "{warnings} refusal warnings: logged at most once a minute");
     drop(clients);
     assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// This test process needs a descriptor per client it opens.
+fn raise_own_descriptor_limit(want: u64) {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && (l.rlim_cur as u64) < want {
+            l.rlim_cur = (want as libc::rlim_t).min(l.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 /// Row 3b: out of descriptors (a limit far below the cap), the accept loop pauses instead of
