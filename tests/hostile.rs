@@ -234,6 +234,7 @@ async fn idle_feed_clients_beyond_the_cap_are_refused() {
 }
 
 /// This test process needs a descriptor per client it opens.
+#[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on 32-bit ARM
 fn raise_own_descriptor_limit(want: u64) {
     let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
