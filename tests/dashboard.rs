@@ -231,7 +231,7 @@ async fn the_feed_replays_from_a_number_and_slow_clients_do_not_slow_the_gateway
 /// The page in Debian's headless Chromium, driven by playwright-core (tests/browser/): it loads
 /// without console errors, a wrong token is refused, a session started from the page exists
 /// remotely, and passings read through the pseudo-terminal appear live. Screenshots at phone and
-/// laptop widths go to docs/screenshots/.
+/// laptop widths are taken (and copied to docs/screenshots/ with RUFUS_GATEWAY_UPDATE_SCREENSHOTS=1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_headless_chromium() {
     use std::io::{BufRead, Write};
@@ -253,7 +253,10 @@ async fn the_page_in_headless_chromium() {
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra(""));
     gw.start().await;
     let url = base(&gw);
-    let shots = root.join("docs/screenshots");
+    // Screenshots of this run go to its own directory (their sizes are checked there); the tracked
+    // ones in docs/screenshots/ are replaced only on request (RUFUS_GATEWAY_UPDATE_SCREENSHOTS=1).
+    let shots = gw.dir.path().join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
     let mut node = std::process::Command::new("node")
         .current_dir(&browser_dir)
         .arg("dashboard.mjs")
@@ -297,7 +300,10 @@ async fn the_page_in_headless_chromium() {
     assert_eq!(problems, "PROBLEMS []", "no console errors");
     assert!(node.wait().unwrap().success());
     for shot in ["dashboard-phone.png", "dashboard-laptop.png"] {
-        assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 10_000, "{shot} written");
+        assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 10_000, "{shot} written by this run");
+        if std::env::var_os("RUFUS_GATEWAY_UPDATE_SCREENSHOTS").is_some() {
+            std::fs::copy(shots.join(shot), root.join("docs/screenshots").join(shot)).unwrap();
+        }
     }
     assert!(!gw.logs().contains(TOKEN));
 }

@@ -130,7 +130,9 @@ async fn a_stuck_store_withholds_the_watchdog() {
     // SAFETY: plain ptrace calls on a thread of our own child process.
     let attached = unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) } == 0;
     if !attached {
-        println!("skipped: ptrace not permitted here ({})", std::io::Error::last_os_error());
+        let why = std::io::Error::last_os_error();
+        assert!(std::env::var_os("RUFUS_GATEWAY_REQUIRE_PTRACE").is_none(), "ptrace required but not permitted: {why}");
+        println!("skipped: ptrace not permitted here ({why})");
         return;
     }
     let mut wstatus = 0;
@@ -166,6 +168,10 @@ async fn journald_gets_structured_fields() {
     let running = std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(socket)).is_ok();
     if !running {
         if !journald.exists() || std::fs::create_dir_all("/run/systemd/journal").is_err() {
+            assert!(
+                std::env::var_os("RUFUS_GATEWAY_REQUIRE_JOURNALD").is_none(),
+                "journald required but cannot be started"
+            );
             println!("skipped: no journald and none can be started here");
             return;
         }
@@ -180,6 +186,10 @@ async fn journald_gets_structured_fields() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if !alive() {
+            assert!(
+                std::env::var_os("RUFUS_GATEWAY_REQUIRE_JOURNALD").is_none(),
+                "journald required but did not start"
+            );
             println!("skipped: journald did not start");
             return;
         }
