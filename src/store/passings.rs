@@ -1,0 +1,347 @@
+//! Writing reads and turning them into passings: the group commit, de-duplication windows, bib
+//! mapping, `num_passing`, and the delivery record the uplink's answers move.
+
+use super::*;
+
+/// Load a `chip,bib` CSV (an optional header row is recognised by its names).
+pub fn load_bib_map(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_path(path)?;
+    let mut map = HashMap::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        let (Some(chip), Some(bib)) = (rec.get(0), rec.get(1)) else { continue };
+        if i == 0 && chip.eq_ignore_ascii_case("chip") {
+            continue;
+        }
+        if !chip.is_empty() && !bib.is_empty() {
+            map.insert(chip.to_string(), bib.to_string());
+        }
+    }
+    Ok(map)
+}
+
+/// Emit every open strongest window into the session that is ending (inside its transaction).
+pub(super) fn drain_windows(
+    tx: &rusqlite::Transaction<'_>,
+    open: &mut Option<OpenSession>,
+    windows: &mut Windows,
+) -> anyhow::Result<Vec<PassingEvent>> {
+    let (Some(open), Windows::Strongest(w)) = (open.as_mut(), windows) else { return Ok(Vec::new()) };
+    let mut passings = PassingWriter::new(tx)?;
+    let mut events = Vec::new();
+    for ended in w.drain() {
+        events.push(passings.insert(open.id, &mut open.next_num, &ended.best, ended.start_us)?);
+    }
+    tx.execute("DELETE FROM windows WHERE session_id = ?1", [open.id])?;
+    tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![open.next_num, open.id])?;
+    Ok(events)
+}
+
+/// Inserts passings, numbering them.
+struct PassingWriter<'t> {
+    stmt: rusqlite::CachedStatement<'t>,
+}
+
+impl<'t> PassingWriter<'t> {
+    fn new(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            stmt: tx.prepare_cached(
+                "INSERT INTO passings (session_id, num_passing, read_id, chip, bib, timestamp, window_start, clock_synced)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?,
+        })
+    }
+
+    fn insert(
+        &mut self,
+        session_id: i64,
+        num: &mut i64,
+        c: &Candidate,
+        window_start: i64,
+    ) -> rusqlite::Result<PassingEvent> {
+        self.stmt.execute(params![
+            session_id,
+            *num,
+            c.read_id,
+            c.chip,
+            c.bib,
+            c.timestamp_us,
+            window_start,
+            if c.unsynced { 0 } else { 1 }
+        ])?;
+        let event = PassingEvent {
+            session_id,
+            num_passing: *num,
+            bib: c.bib.clone(),
+            chip: c.chip.clone(),
+            timestamp_us: c.timestamp_us,
+        };
+        *num += 1;
+        Ok(event)
+    }
+}
+
+/// Mirror the strongest windows of the touched chips into the `windows` table (crash safety).
+pub(super) fn persist_windows(
+    tx: &rusqlite::Transaction<'_>,
+    session_id: i64,
+    w: &Strongest,
+    touched: &[String],
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_mono, best_read, best_rssi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM windows WHERE chip = ?1")?;
+    let mut done = std::collections::HashSet::new();
+    for chip in touched {
+        if !done.insert(chip.as_str()) {
+            continue;
+        }
+        match w.open_window(chip) {
+            Some(win) => upsert.execute(params![
+                chip,
+                session_id,
+                win.start_us,
+                win.opened_mono_us,
+                win.best.read_id,
+                win.best.rssi
+            ])?,
+            None => delete.execute([chip])?,
+        };
+    }
+    Ok(())
+}
+
+/// Move a session's watermark to `last` (see `Op::Delivered`); None if this database holds no
+/// such session under that token.
+pub(super) fn record_delivery(
+    conn: &mut Connection,
+    session_id: i64,
+    token: &str,
+    last: i64,
+) -> anyhow::Result<Option<()>> {
+    let tx = conn.transaction()?;
+    let through: Option<i64> = tx
+        .prepare_cached("SELECT delivered_through FROM sessions WHERE id = ?1 AND token = ?2")?
+        .query_row(params![session_id, token], |r| r.get(0))
+        .optional()?;
+    let Some(through) = through else { return Ok(None) };
+    if last <= through {
+        // A retried record of a range a later one already covered.
+        return Ok(Some(()));
+    }
+    let delivered: i64 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM passings
+             WHERE session_id = ?1 AND num_passing > ?2 AND num_passing <= ?3 AND state = 'pending'",
+        )?
+        .query_row(params![session_id, through, last], |r| r.get(0))?;
+    tx.prepare_cached("UPDATE sessions SET delivered_through = ?1, delivered = delivered + ?2 WHERE id = ?3")?
+        .execute(params![last, delivered, session_id])?;
+    tx.prepare_cached("INSERT INTO deliveries (session_id, last, first, at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![session_id, last, through + 1, clock::now_us()])?;
+    tx.commit()?;
+    Ok(Some(()))
+}
+
+pub(super) fn candidate(read_id: i64, read: &Read, bib: String) -> Candidate {
+    Candidate {
+        read_id,
+        chip: read.chip.clone(),
+        bib,
+        timestamp_us: read.timestamp_us,
+        rssi: read.rssi,
+        unsynced: read.host_stamped && !read.clock_synced,
+    }
+}
+
+/// The bib of a read: the bib map, then a bib the reader sent, then the chip (or none: `unmapped = "skip"`).
+pub(super) fn bib_for(bibs: &HashMap<String, String>, unmapped: Unmapped, read: &Read) -> Option<String> {
+    if let Some(bib) = bibs.get(&read.chip) {
+        return Some(bib.clone());
+    }
+    if let Some(bib) = &read.bib {
+        return Some(bib.clone());
+    }
+    match unmapped {
+        Unmapped::Chip => Some(read.chip.clone()),
+        Unmapped::Skip => None,
+    }
+}
+
+impl Store {
+    /// Hold a delivery record for the next group commit, merged with the ones before it.
+    pub(super) fn defer_delivery(
+        &mut self,
+        session_id: i64,
+        token: String,
+        first: i64,
+        last: i64,
+        reply: oneshot::Sender<Reply>,
+    ) {
+        match &mut self.deferred {
+            Some(d) if d.session_id == session_id && d.token == token => {
+                d.first = d.first.min(first);
+                d.last = d.last.max(last);
+                d.replies.push(reply);
+            }
+            _ => {
+                self.record_deferred();
+                let due = Instant::now() + self.commit_interval;
+                self.deferred = Some(DeferredDelivery { session_id, token, first, last, replies: vec![reply], due });
+            }
+        }
+    }
+
+    /// Write the held delivery records, if any, and answer each of them.
+    pub(super) fn record_deferred(&mut self) {
+        let Some(d) = self.deferred.take() else { return };
+        let result =
+            self.execute(Op::Delivered { session_id: d.session_id, token: d.token, first: d.first, last: d.last });
+        for reply in d.replies {
+            let _ = reply.send(result.clone());
+        }
+        self.notify.notify_one();
+    }
+
+    /// Commit the batch. On failure the reads stay in memory (bounded) for the next attempt.
+    pub(super) fn flush(&mut self, batch: &mut Vec<Read>) -> bool {
+        let strongest_due = match &mut self.windows {
+            Windows::Strongest(w) => w.next_due().is_some_and(|t| t <= clock::monotonic_us()),
+            Windows::First(_) => false,
+        };
+        if batch.is_empty() && !strongest_due {
+            return true;
+        }
+        if self.reopen_due() {
+            self.reconnect(false);
+        }
+        let mut events = Vec::new();
+        let mut undo = match &self.windows {
+            Windows::First(_) => Rollback::First(Vec::new()),
+            Windows::Strongest(w) => Rollback::Strongest(Box::new(w.clone())),
+        };
+        match self.write_reads(batch, &mut undo, &mut events) {
+            Ok(next) => {
+                if let (Some(open), Some(next_num)) = (self.open.as_mut(), next) {
+                    open.next_num = next_num;
+                }
+                batch.clear();
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.buffered_reads.store(0, Ordering::Relaxed);
+                self.set_error(None);
+                self.publish(events);
+                true
+            }
+            Err(e) => {
+                match (undo, &mut self.windows) {
+                    (Rollback::First(u), Windows::First(d)) => d.undo(u),
+                    (Rollback::Strongest(saved), Windows::Strongest(w)) => *w = *saved,
+                    _ => {}
+                }
+                let disk_full = is_disk_full(&e);
+                let text = format!("{:#}", explain_open_error(&self.path, e));
+                let first = self.stats.last_error.lock().map(|l| l.is_none()).unwrap_or(true);
+                if first {
+                    error!(error = %text, buffered = batch.len(), "cannot write to the database; keeping reads in memory and retrying");
+                }
+                if self.conn.is_some() {
+                    if self.reopen_at.is_none() && !disk_full {
+                        self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                    }
+                    self.set_error(Some(text));
+                }
+                if batch.len() > MAX_BUFFERED_READS {
+                    let excess = batch.len() - MAX_BUFFERED_READS;
+                    batch.drain(..excess);
+                    self.stats.dropped_reads.fetch_add(excess as u64, Ordering::Relaxed);
+                    error!(
+                        dropped = excess,
+                        "memory buffer full while the database refuses writes: oldest reads dropped"
+                    );
+                }
+                self.stats.buffered_reads.store(batch.len() as u64, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// One transaction: every read, and the passings they make. Returns the session's next number.
+    pub(super) fn write_reads(
+        &mut self,
+        batch: &[Read],
+        undo: &mut Rollback,
+        events: &mut Vec<PassingEvent>,
+    ) -> anyhow::Result<Option<i64>> {
+        let tx = db(&mut self.conn)?.transaction()?;
+        let session = self.open;
+        let mut next_num = session.map(|s| s.next_num);
+        let mut touched: Vec<String> = Vec::new();
+        {
+            let mut seen =
+                tx.prepare_cached("SELECT 1 FROM reads WHERE coalesce(session_id, 0) = ?1 AND replay_key = ?2")?;
+            let mut insert_read = tx.prepare_cached(
+                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, timestamp, raw, replay_key, session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            let mut passings = PassingWriter::new(&tx)?;
+            for read in batch {
+                // A replayed read (download, rewind) already stored for this session is a repeat.
+                let replayed = match &read.replay_key {
+                    Some(key) => seen.exists(params![session.map_or(0, |s| s.id), key])?,
+                    None => false,
+                };
+                insert_read.execute(params![
+                    read.host.utc_us,
+                    read.host.monotonic_us,
+                    self.boot,
+                    read.clock_synced,
+                    read.chip,
+                    read.antenna,
+                    read.rssi,
+                    read.reader_time_us,
+                    read.timestamp_us,
+                    read.raw,
+                    if replayed { None } else { read.replay_key.as_deref() },
+                    session.map(|s| s.id),
+                ])?;
+                let read_id = tx.last_insert_rowid();
+                let (Some(s), Some(num)) = (session, next_num.as_mut()) else { continue };
+                if replayed {
+                    continue;
+                }
+                let Some(bib) = bib_for(&self.bibs, self.unmapped, read) else { continue };
+                match (&mut self.windows, &mut *undo) {
+                    (Windows::First(d), Rollback::First(undo)) => {
+                        let (fresh, u) = d.accept(&read.chip, read.timestamp_us);
+                        undo.extend(u);
+                        if fresh {
+                            let c = candidate(read_id, read, bib);
+                            events.push(passings.insert(s.id, num, &c, read.timestamp_us)?);
+                        }
+                    }
+                    (Windows::Strongest(w), _) => {
+                        let c = candidate(read_id, read, bib);
+                        if let Some(ended) = w.offer(c, read.host.monotonic_us) {
+                            events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                        }
+                        touched.push(read.chip.clone());
+                    }
+                    _ => unreachable!("rollback matches the mode"),
+                }
+            }
+            if let (Some(s), Some(num), Windows::Strongest(w)) = (session, next_num.as_mut(), &mut self.windows) {
+                for ended in w.due(clock::monotonic_us()) {
+                    touched.push(ended.best.chip.clone());
+                    events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                }
+                persist_windows(&tx, s.id, w, &touched)?;
+            }
+        }
+        if let (Some(s), Some(n)) = (session, next_num) {
+            tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![n, s.id])?;
+        }
+        tx.commit()?;
+        Ok(next_num)
+    }
+}
