@@ -29,6 +29,7 @@ pub enum Command {
     CheckConfig,
     /// Ask the running daemon for its state.
     Status {
+        /// The whole status as JSON (the same as `GET /api/status`), for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -39,10 +40,13 @@ pub enum Command {
     },
     /// Passings (or raw reads) as CSV; works without the daemon.
     Export {
+        /// Only this session (its id, from `session list`); every session by default.
         #[arg(long)]
         session: Option<i64>,
+        /// The raw reads instead of the passings.
         #[arg(long)]
         reads: bool,
+        /// Write to this file instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
     },
@@ -66,6 +70,7 @@ pub enum Command {
 pub enum SessionAction {
     /// Open a new session now (offline or not).
     Start {
+        /// The session's name at RUFUS (default: `session.alias`); up to 64 characters.
         #[arg(long)]
         alias: Option<String>,
     },
@@ -73,11 +78,13 @@ pub enum SessionAction {
     Close,
     /// Open a new session and move into it what remotely closed sessions could not deliver.
     Resend {
+        /// The new session's name at RUFUS (default: `session.alias`).
         #[arg(long)]
         alias: Option<String>,
     },
     /// Every session with its counts.
     List {
+        /// As JSON, one object per session.
         #[arg(long)]
         json: bool,
     },
@@ -87,10 +94,13 @@ pub enum SessionAction {
 pub enum DeviceAction {
     /// Register this box with RUFUS and print the deviceid for the config.
     Bind {
+        /// The reader's model, as RUFUS lists it.
         #[arg(long)]
         model: String,
+        /// This box's serial number (any stable, unique text).
         #[arg(long)]
         serial_number: String,
+        /// A name for the device at RUFUS.
         #[arg(long)]
         alias: Option<String>,
     },
@@ -269,10 +279,38 @@ fn bind(cfg: &Config, model: &str, serial: &str, alias: Option<&str>) -> anyhow:
 
 /// glibc gives every thread that allocates its own malloc arena (megabytes each, kept); a daemon
 /// with a handful of mostly idle threads on a 512 MB Pi needs two. Measured in docs/PERFORMANCE.md.
+#[allow(unsafe_code)] // mallopt: a libc call with no safe wrapper
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--help` describes every command and every option.
+    #[test]
+    fn help_is_complete() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                    missing.push(format!("{path} --{}: no description", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
     }
 }

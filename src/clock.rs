@@ -90,6 +90,7 @@ impl ClockWatch {
 }
 
 /// chrony, ntpd and timesyncd all clear `STA_UNSYNC` once they discipline the clock.
+#[allow(unsafe_code)] // adjtimex (read-only): a libc call with no safe wrapper
 fn kernel_synchronized() -> bool {
     // SAFETY: adjtimex with modes = 0 only reads the kernel's state into the zeroed struct.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };

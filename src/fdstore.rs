@@ -29,6 +29,7 @@ pub struct Inherited {
 impl Inherited {
     /// Take what systemd passed (`LISTEN_FDS`, `LISTEN_FDNAMES`, for this process only). Call
     /// once, early: the descriptors become owned here and are closed when dropped.
+    #[allow(unsafe_code)] // descriptors handed over by systemd (LISTEN_FDS) become owned here
     pub fn take() -> Inherited {
         let fds = match sd_notify::listen_fds_with_names() {
             Ok(fds) => fds

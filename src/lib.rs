@@ -22,6 +22,10 @@
 //! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
 //!   with the test suite.
 
+// `unsafe` only where a system call or a descriptor handed over by systemd needs it: each place
+// allows it explicitly, with its reason (`SAFETY:`).
+#![deny(unsafe_code)]
+
 pub mod app;
 pub mod cli;
 pub mod clock;

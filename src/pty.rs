@@ -16,6 +16,7 @@ pub struct Pty {
 impl Pty {
     /// A raw-mode pty. The slave is closed again at once: writes to the master are buffered by
     /// the kernel (about 16 KiB, then they block) until the gateway opens the slave.
+    #[allow(unsafe_code)] // nix 0.26 openpty returns raw descriptors
     pub fn open() -> anyhow::Result<Pty> {
         let pair = nix::pty::openpty(None, None).context("openpty")?;
         // SAFETY: openpty just returned these descriptors; each is owned exactly once here.

@@ -369,6 +369,7 @@ impl<'a> ReadSession<'a> {
 
 /// Let go of a kept port that is not ours to use: lift its exclusive claims first, so opening
 /// the configured device is not refused while systemd still closes its copy.
+#[allow(unsafe_code)] // TIOCNXCL: an ioctl with no safe wrapper
 fn release(fd: std::os::fd::OwnedFd) {
     use std::os::fd::AsRawFd;
     // SAFETY: TIOCNXCL takes no argument; on a descriptor that is not a tty it fails harmlessly.

@@ -10,32 +10,15 @@ use serialport::SerialPort;
 use crate::config::{FlowControl, Parity, ReaderConfig};
 
 /// A networked reader that goes silent because its link died (cable, Wi-Fi, power) is noticed by
-/// TCP keepalive: first probe after this much silence…
-const KEEPALIVE_IDLE_SECS: libc::c_int = 10;
-/// …then one probe every 5 s, and the link is declared dead after 3 unanswered (≈ 25 s in all).
-const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
-const KEEPALIVE_PROBES: libc::c_int = 3;
+/// TCP keepalive: first probe after 10 s of silence, then one every 5 s, and the link is declared
+/// dead after 3 unanswered (≈ 25 s in all).
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(10))
+    .with_interval(Duration::from_secs(5))
+    .with_retries(3);
 
 fn enable_keepalive(stream: &TcpStream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
-        // SAFETY: a valid socket fd, and a pointer to a c_int of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECS)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+    socket2::SockRef::from(stream).set_tcp_keepalive(&KEEPALIVE)
 }
 
 /// How long one `read` blocks when nothing arrives: the thread notices cancellation within this,
@@ -123,6 +106,7 @@ impl Port {
     /// Take back a port kept open by a previous process (systemd's descriptor store), if it is
     /// still the configured one: the same device, or a connection to the configured reader. The
     /// configured settings are applied again. `Err` gives the descriptor back, with the reason.
+    #[allow(unsafe_code)] // serialport has no safe way to adopt a kept descriptor
     pub fn adopt(fd: OwnedFd, cfg: &ReaderConfig) -> Result<Port, (OwnedFd, String)> {
         let path = cfg.port.as_deref().unwrap_or_default();
         if let Some(addr) = path.strip_prefix("tcp://") {
@@ -164,6 +148,7 @@ impl Port {
         }
     }
 
+    #[allow(unsafe_code)] // serialport exposes only the raw descriptor
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Port::Serial(p) => {
@@ -224,5 +209,22 @@ impl Port {
             Port::Serial(p) => p.write_all(bytes),
             Port::Tcp(s) => s.write_all(bytes),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_networked_reader_gets_keepalive_probes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        enable_keepalive(&stream).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
     }
 }
