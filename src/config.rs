@@ -480,7 +480,7 @@ impl Config {
                 return Err("reader.pattern: needs a named group (?P<chip>…) that captures the chip code".into());
             }
         }
-        crate::reader::format::TimestampFormat::parse(&self.reader.timestamp_format)
+        crate::timestamp::TimestampFormat::parse(&self.reader.timestamp_format)
             .map_err(|e| format!("reader.timestamp_format: {e}"))?;
         self.reader.timezone.parse::<chrono_tz::Tz>().map_err(|_| {
             format!(

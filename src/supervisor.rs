@@ -2,13 +2,13 @@
 //! between `RELOADING=1` and `READY=1`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::liveness::Liveness;
 use crate::reload::Reloader;
 
 /// Runs until a stop signal arrives (then cancels everything) or until cancelled.
@@ -36,27 +36,6 @@ pub async fn watch_signals(cancel: CancellationToken, reloader: Option<Reloader>
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     Ok(())
-}
-
-/// An actor's promise to show progress again within a stated time. The watchdog pings systemd
-/// only while every actor keeps its promise, so a stuck actor gets the unit restarted.
-#[derive(Debug, Default)]
-pub struct Liveness {
-    until_mono_us: AtomicI64,
-}
-
-impl Liveness {
-    /// "I am making progress, and will be back within `next`."
-    pub fn beat(&self, next: Duration) {
-        let until = crate::clock::monotonic_us() + next.as_micros() as i64;
-        self.until_mono_us.store(until, Ordering::Relaxed);
-    }
-
-    /// Overdue by more than `grace`?
-    pub fn alive(&self, grace: Duration) -> bool {
-        let until = self.until_mono_us.load(Ordering::Relaxed);
-        until == 0 || crate::clock::monotonic_us() <= until + grace.as_micros() as i64
-    }
 }
 
 /// `WATCHDOG=1` at half the interval systemd asked for, only while the store writer and the

@@ -164,7 +164,7 @@ impl StoreHandle {
 #[derive(Debug, Default)]
 pub struct StoreStats {
     /// Proof of life for the watchdog.
-    pub live: Arc<crate::supervisor::Liveness>,
+    pub live: Arc<crate::liveness::Liveness>,
     pub commits: AtomicU64,
     pub buffered_reads: AtomicU64,
     pub dropped_reads: AtomicU64,

@@ -97,7 +97,7 @@ pub struct Uplink {
     notify: Arc<Notify>,
     status: Arc<Mutex<UplinkStatus>>,
     /// Proof of life for the watchdog.
-    pub live: Arc<crate::supervisor::Liveness>,
+    pub live: Arc<crate::liveness::Liveness>,
     timeout: Duration,
     backoff: Backoff,
     /// The read-side connection (used from blocking threads), with the writer's generation it
