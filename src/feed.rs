@@ -5,7 +5,7 @@
 //! half a second); it first gets the open session's passings after that number, then every new
 //! passing as it is committed, one line each: `num_passing,bib,chip,timestamp\n`
 //! (timestamp `YYYY-MM-DDTHH:mm:ss.sssZ`), written by a CSV writer (a bib with a comma is quoted;
-//! one that would start a spreadsheet formula is neutralised, see [`crate::export::cell`]). A
+//! one that would start a spreadsheet formula is neutralised, see [`crate::csv_cell::cell`]). A
 //! client that reads slowly never slows the gateway: it falls behind the live stream and catches up
 //! from the database.
 //!
@@ -102,7 +102,7 @@ impl FeedServer {
 
 /// One feed line: `num_passing,bib,chip,timestamp\n`, by the CSV writer.
 pub fn line(num: i64, bib: &str, chip: &str, timestamp: &str) -> String {
-    crate::export::csv_line(&[&num.to_string(), bib, chip, timestamp])
+    crate::csv_cell::csv_line(&[&num.to_string(), bib, chip, timestamp])
 }
 
 /// Write within [`WRITE_STALL`], or give the client up.

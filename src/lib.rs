@@ -10,15 +10,19 @@
 //!                  control socket ───┘   └── uplink outcomes (delivered, refused, …)
 //! ```
 //!
-//! - [`reader`]: port open/reopen, framing ([`reader::framing`]) and parsing ([`reader::format`]).
-//! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions; the read side in
-//!   [`store::query`].
+//! - [`reader`]: port open/reopen (serial or TCP, [`reader::transport`]), framing
+//!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`].
+//! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions, retention; the
+//!   read side in [`store::query`].
 //! - [`uplink`]: the RUFUS client ([`uplink::api`]) and the replay loop with backoff.
 //! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports.
 //! - [`http`] (dashboard, JSON API, `/metrics`) and [`feed`] (passings as TCP lines): optional
 //!   listeners ([`optional`]); every listener's bounds (caps, deadlines, bounded lines) are in
-//!   [`limits`].
-//! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] the signals.
+//!   [`limits`]. [`export`] writes CSV; every CSV cell follows [`csv_cell`].
+//! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] handles the
+//!   signals and the watchdog (fed by [`liveness`]), [`reload`] a SIGHUP; [`fdstore`] keeps the
+//!   reader's port in systemd's descriptor store; [`clock`] stamps and watches synchronisation;
+//!   [`logging`] goes to journald or stderr.
 //! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
 //!   with the test suite.
 
@@ -31,6 +35,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod csv_cell;
 pub mod dedup;
 pub mod demo;
 pub mod export;

@@ -1,4 +1,4 @@
-//! Liveness: how the store writer and the uplink tell the watchdog ([`crate::supervisor`]) that
+//! Liveness: how the store writer and the uplink tell the watchdog (in `supervisor`) that
 //! they are still making progress. A module of its own so that the actors depend on it, not on
 //! the supervisor (which depends on them through the reload).
 

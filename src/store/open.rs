@@ -70,7 +70,7 @@ pub(super) fn rescue(batch: &[Read]) {
     let mut csv = String::from("received_at,chip,antenna,rssi,timestamp,raw\n");
     for r in batch {
         let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
-        csv.push_str(&crate::export::csv_line(&[
+        csv.push_str(&crate::csv_cell::csv_line(&[
             &clock::rfc3339(r.host.utc_us),
             &r.chip,
             &opt(r.antenna),
