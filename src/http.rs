@@ -25,7 +25,7 @@ use crate::config::Secret;
 use crate::limits::{AcceptPause, ConnectionCap, HTTP_CONNECTIONS, LOG_EVERY, Throttle};
 use crate::status::{Status, StatusSource};
 use crate::store::query::SharedDb;
-use crate::store::{Op, StoreHandle};
+use crate::store::{Op, StoreError, StoreHandle};
 
 const DASHBOARD: &str = include_str!("dashboard/index.html");
 /// Most passings one `/api/passings` answer carries (the page asks again for the rest).
@@ -403,8 +403,18 @@ async fn session_start(
             info!(session_id = id.unwrap_or_default(), alias = %alias, "session started from the dashboard");
             axum::Json(json!({ "id": id, "alias": alias })).into_response()
         }
-        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
+        Err(e) => store_error(e),
     }
+}
+
+/// A refusal is the user's to fix (409); storage that fails, or a store that stopped, is the
+/// box's (503, and it may work later).
+fn store_error(e: StoreError) -> Response {
+    let status = match e {
+        StoreError::Refused(_) => StatusCode::CONFLICT,
+        StoreError::Storage(_) | StoreError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
 }
 
 async fn session_close(
@@ -417,7 +427,7 @@ async fn session_close(
     }
     match shared.store.call(Op::CloseSession).await {
         Ok(id) => axum::Json(json!({ "id": id })).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
+        Err(e) => store_error(e),
     }
 }
 

@@ -57,6 +57,15 @@ async fn api_endpoints_and_the_token() {
     assert_eq!(start(Some(TOKEN)).await.unwrap().status(), 401, "the Bearer scheme is required");
     assert_eq!(http.post(format!("{url}/api/session/close")).send().await.unwrap().status(), 401);
     assert!(fake.state().sessions.is_empty());
+    // A refusal (nothing to close) is the user's to fix: 409, with the reason.
+    let nothing = http
+        .post(format!("{url}/api/session/close"))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nothing.status(), 409);
+    assert_eq!(nothing.json::<serde_json::Value>().await.unwrap()["error"], "no session is open");
     let ok = start(Some(&format!("Bearer {TOKEN}"))).await.unwrap();
     assert_eq!(ok.status(), 200);
     wait_fake(&fake, &gw, "the session started from the API exists remotely", |s| {

@@ -237,7 +237,10 @@ async fn storage_that_turns_read_only_is_survived_and_taken_up_again() {
     let Some(disk) = Ext4Disk::mount() else { return };
     let (fake, device) = fake().await;
     let mut pty = pty();
-    let extra = format!("{STRICT_CHIP}\nstorage.path = \"{}\"", disk.mnt.join("gateway.db").display());
+    let extra = format!(
+        "{STRICT_CHIP}\nstorage.path = \"{}\"\nhttp.listen = \"127.0.0.1:0\"\nhttp.token = \"read-only-test-token\"",
+        disk.mnt.join("gateway.db").display()
+    );
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
     gw.start().await;
     gw.cli_ok(&["session", "start", "--alias", "READONLY"]);
@@ -275,6 +278,11 @@ async fn storage_that_turns_read_only_is_survived_and_taken_up_again() {
     })
     .await;
     assert!(!gw.logs().contains("database opened again"));
+    // A session change asked for now fails for the box's reason, not the user's: 503.
+    let url = format!("http://{}/api/session/close", gw.status()["listening"]["http"].as_str().unwrap());
+    let close = http_client().post(url).bearer_auth("read-only-test-token").send().await.unwrap();
+    assert_eq!(close.status(), 503, "{:?}", close.text().await);
+    assert_eq!(gw.status()["session"]["state"], "open", "nothing changed");
 
     disk.repair();
     let status = gw.wait_status("all 50 delivered and recorded", |s| s["queue"]["delivered"] == 50).await;

@@ -121,13 +121,28 @@ pub struct Command {
     pub reply: oneshot::Sender<Reply>,
 }
 
-/// The writer's answer to a change: the affected session, or why it could not be written.
-pub type Reply = Result<Option<i64>, String>;
+/// The writer's answer to a change: the affected session, or why it was not made.
+pub type Reply = Result<Option<i64>, StoreError>;
 
-/// The writer thread has exited (shutdown, or a fatal error): nothing more can be recorded.
+/// Why a change was not made, sorted by what the caller should say: a refusal is the user's to
+/// fix (the dashboard answers 409), a storage failure the box's (503; it may work later).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Not possible now ("no session is open", "nothing to resend"): the reason, in words.
+    #[error("{0}")]
+    Refused(String),
+    /// The database could not be written or read.
+    #[error("{0}")]
+    Storage(String),
+    /// The writer thread has exited (shutdown, or a fatal error): nothing more can be recorded.
+    #[error("the store has stopped")]
+    Stopped,
+}
+
+/// Raised inside the writer for a change that is refused (not a storage failure).
 #[derive(Debug, thiserror::Error)]
-#[error("the store has stopped")]
-pub struct StoreStopped;
+#[error("{0}")]
+pub(crate) struct Refusal(pub String);
 
 /// The async side's way to ask the writer for a change.
 #[derive(Clone)]
@@ -146,17 +161,17 @@ impl StoreHandle {
 
     /// Queue a change now (it is applied in order with everything else); await the receiver for
     /// the outcome, or drop it.
-    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Reply>, StoreStopped> {
+    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Reply>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)?;
+        self.tx.send(Command { op, reply }).map_err(|_| StoreError::Stopped)?;
         Ok(rx)
     }
 
     /// Returns the affected session id, when the operation has one.
-    pub async fn call(&self, op: Op) -> anyhow::Result<Option<i64>> {
+    pub async fn call(&self, op: Op) -> Result<Option<i64>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command { op, reply }).map_err(|_| StoreStopped)?;
-        rx.await.map_err(|_| StoreStopped)?.map_err(anyhow::Error::msg)
+        self.tx.send(Command { op, reply }).map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
 
@@ -405,15 +420,15 @@ impl Store {
 
     /// Apply a change; a failure is reported in status (and logged) and returned as text.
     fn execute(&mut self, op: Op) -> Reply {
-        let result = self.apply(op);
-        if let Err(e) = &result {
-            self.storage_failed(e);
-        }
-        let result = result.map_err(|e| format!("{e:#}"));
-        if let Err(e) = &result {
-            warn!(error = %e, "a requested change could not be written");
-        }
-        result
+        self.apply(op).map_err(|e| {
+            if let Some(Refusal(why)) = e.downcast_ref::<Refusal>() {
+                return StoreError::Refused(why.clone());
+            }
+            self.storage_failed(&e);
+            let text = format!("{e:#}");
+            warn!(error = %text, "a requested change could not be written");
+            StoreError::Storage(text)
+        })
     }
 
     /// Periodic work; returns true when strongest windows are due (commit them now).

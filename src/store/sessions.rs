@@ -19,7 +19,7 @@ impl Store {
             Op::StartSession { alias } => self.start_session(&alias).map(Some),
             Op::Resend { alias } => self.start_session_with(&alias, true).map(|(id, _)| Some(id)),
             Op::CloseSession => {
-                let Some(open) = self.open else { anyhow::bail!("no session is open") };
+                let Some(open) = self.open else { return Err(Refusal("no session is open".into()).into()) };
                 self.close_locally(open.id)?;
                 info!(
                     session_id = open.id,
@@ -154,9 +154,11 @@ impl Store {
                 )?;
             }
             if next_num == 1 {
-                anyhow::bail!(
+                return Err(Refusal(
                     "nothing to resend: no remotely closed session has passings waiting (see `rufus-gateway session list`)"
-                );
+                        .into(),
+                )
+                .into());
             }
             tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![next_num, id])?;
             info!(

@@ -285,7 +285,7 @@ impl Uplink {
                             .await
                         {
                             Ok(_) => limit = self.batch_size,
-                            Err(e) => self.store_failed(e, &cancel).await?,
+                            Err(e) => self.store_failed(e.into(), &cancel).await?,
                         }
                     }
                 }
@@ -495,7 +495,7 @@ impl Uplink {
                 "clock not synchronised in time (clock.max_hold): sending passings with uncorrected host timestamps"
             );
             if let Err(e) = self.store.call(Op::ReleaseUnsynced { passing_ids: release }).await {
-                self.store_failed(e, cancel).await?;
+                self.store_failed(e.into(), cancel).await?;
             }
             return Ok(None);
         }
@@ -578,7 +578,7 @@ impl Uplink {
     /// The outcome could not be recorded (disk full, read-only storage): the request will simply be
     /// repeated later (same numbers, so harmless). Only a stopped store ends the uplink.
     async fn store_failed(&mut self, e: anyhow::Error, cancel: &CancellationToken) -> anyhow::Result<()> {
-        if e.is::<crate::store::StoreStopped>() {
+        if matches!(e.downcast_ref::<crate::store::StoreError>(), Some(crate::store::StoreError::Stopped)) {
             return Err(e);
         }
         warn!(error = %format!("{e:#}"), "cannot record the upload in the database; will repeat it");
@@ -630,5 +630,11 @@ impl From<ApiError> for Failure {
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Store(e)
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Failure::Store(e.into())
     }
 }
