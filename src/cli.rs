@@ -211,33 +211,34 @@ fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
+/// The daemon answers a session command with the session's row.
+fn session_row(answer: serde_json::Value) -> anyhow::Result<crate::store::query::SessionRow> {
+    serde_json::from_value(answer).map_err(|e| anyhow::anyhow!("unexpected answer from the daemon: {e}"))
+}
+
 fn session(action: SessionAction, cfg: &Config) -> anyhow::Result<()> {
     match action {
         SessionAction::Start { alias } => {
-            let v = control::request(&cfg.control.socket, &Request::SessionStart { alias })?;
+            let s = session_row(control::request(&cfg.control.socket, &Request::SessionStart { alias })?)?;
             println!(
                 "session #{} \"{}\" open (remote: {}); reads are assigned to it from now on",
-                v["id"],
-                v["alias"].as_str().unwrap_or(""),
-                v["remote_state"].as_str().unwrap_or("?")
+                s.id, s.alias, s.remote_state
             );
             Ok(())
         }
         SessionAction::Resend { alias } => {
-            let v = control::request(&cfg.control.socket, &Request::SessionResend { alias })?;
+            let s = session_row(control::request(&cfg.control.socket, &Request::SessionResend { alias })?)?;
             println!(
                 "session #{} \"{}\" open with {} passings moved into it (numbered from 1); they are sent once the queue ahead drains",
-                v["id"],
-                v["alias"].as_str().unwrap_or(""),
-                v["passings"]
+                s.id, s.alias, s.passings
             );
             Ok(())
         }
         SessionAction::Close => {
-            let v = control::request(&cfg.control.socket, &Request::SessionClose)?;
+            let s = session_row(control::request(&cfg.control.socket, &Request::SessionClose)?)?;
             println!(
                 "session #{} closing: no more reads assigned; {} passings still to send, then it is closed remotely",
-                v["id"], v["pending"]
+                s.id, s.pending
             );
             Ok(())
         }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::Secret;
 use crate::limits::{AcceptPause, ConnectionCap, HTTP_CONNECTIONS, LOG_EVERY, Throttle};
 use crate::status::{Status, StatusSource};
-use crate::store::query::SharedDb;
+use crate::store::query::{SessionState, SharedDb};
 use crate::store::{Op, StoreError, StoreHandle};
 
 const DASHBOARD: &str = include_str!("dashboard/index.html");
@@ -305,7 +305,8 @@ async fn passings(State(shared): AppState, Query(q): Query<Since>) -> Response {
     let result = shared
         .db
         .run(move |db| {
-            let Some(session) = db.open_session()?.or(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
+            let Some(session) =
+                db.open_session()?.or(db.sessions()?.into_iter().rev().find(|s| s.state == SessionState::Closing))
             else {
                 return Ok(json!({ "session": null, "passings": [] }));
             };

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::ClockWatch;
 use crate::reader::{ReaderStats, ReaderStatus};
 use crate::store::StoreStats;
-use crate::store::query::{Db, QueueCounts, SessionRow};
+use crate::store::query::{Db, QueueCounts, RemoteState, SessionRow, SessionState};
 use crate::uplink::{UplinkState, UplinkStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,8 +97,11 @@ impl StatusSource {
             let db = Db::open_readonly(&self.db_path)?;
             let session = db.open_session()?.or(latest_closing(&db)?);
             let queue = db.queue()?;
-            let held: Vec<SessionRow> =
-                db.sessions()?.into_iter().filter(|s| s.remote_state == "closed_remotely" && s.pending > 0).collect();
+            let held: Vec<SessionRow> = db
+                .sessions()?
+                .into_iter()
+                .filter(|s| s.remote_state == RemoteState::ClosedRemotely && s.pending > 0)
+                .collect();
             let last_minute = db.reads_since(crate::clock::now_us() - 60_000_000)?;
             Ok((session, queue, held, last_minute))
         };
@@ -135,7 +138,7 @@ impl StatusSource {
 }
 
 fn latest_closing(db: &Db) -> rusqlite::Result<Option<SessionRow>> {
-    Ok(db.sessions()?.into_iter().rev().find(|s| s.state == "closing"))
+    Ok(db.sessions()?.into_iter().rev().find(|s| s.state == SessionState::Closing))
 }
 
 fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
@@ -181,7 +184,7 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
         ));
     }
     // (Unknown while the database cannot be read: the storage problem says so.)
-    if s.session.as_ref().is_none_or(|x| x.state != "open") && readable {
+    if s.session.as_ref().is_none_or(|x| x.state != SessionState::Open) && readable {
         p.push("NO SESSION OPEN: reads are kept but not uploaded; run `rufus-gateway session start`".into());
     }
     if s.queue.waiting_for_clock > 0 {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct SessionRow {
     pub id: i64,
     pub alias: String,
-    pub state: String,
-    pub remote_state: String,
+    pub state: SessionState,
+    pub remote_state: RemoteState,
     /// The session's credential: never serialised, never logged whole.
     #[serde(skip)]
     pub token: Option<String>,
@@ -27,6 +27,74 @@ pub struct SessionRow {
     pub moved: i64,
 }
 
+/// A session's life on the box (`sessions.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Reads are assigned to it.
+    Open,
+    /// No more reads; its queue drains, then it is closed remotely.
+    Closing,
+    Closed,
+}
+
+/// A session's life at RUFUS (`sessions.remote_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteState {
+    /// Not created at RUFUS yet (offline, or not reached yet).
+    Pending,
+    Open,
+    Closed,
+    /// Closed at RUFUS by someone else: what it still holds waits for `session resend`.
+    ClosedRemotely,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Open => "open",
+            SessionState::Closing => "closing",
+            SessionState::Closed => "closed",
+        }
+    }
+}
+
+impl RemoteState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteState::Pending => "pending",
+            RemoteState::Open => "open",
+            RemoteState::Closed => "closed",
+            RemoteState::ClosedRemotely => "closed_remotely",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Display for RemoteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Both are stored as their JSON names.
+fn state_from_sql<T: serde::de::DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_value(serde_json::Value::String(text.clone())).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown state {text:?}").into(),
+        )
+    })
+}
+
 const SESSION_COLUMNS: &str = "id, alias, state, remote_state, token, remote_error, created_at, closed_at, next_num - 1, delivered, undeliverable, moved";
 
 fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
@@ -37,8 +105,8 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     Ok(SessionRow {
         id: r.get(0)?,
         alias: r.get(1)?,
-        state: r.get(2)?,
-        remote_state: r.get(3)?,
+        state: state_from_sql(r, 2)?,
+        remote_state: state_from_sql(r, 3)?,
         token: r.get(4)?,
         remote_error: r.get(5)?,
         created_at: crate::clock::rfc3339(r.get(6)?),
@@ -296,5 +364,28 @@ impl SharedDb {
             result
         })
         .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names in the database, in JSON and on screen are one and the same.
+    #[test]
+    fn state_names_agree() {
+        for s in [SessionState::Open, SessionState::Closing, SessionState::Closed] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(format!("{s}"), s.as_str());
+        }
+        for s in [RemoteState::Pending, RemoteState::Open, RemoteState::Closed, RemoteState::ClosedRemotely] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        let conn = Connection::open_in_memory().unwrap();
+        let read = |text: &str| -> rusqlite::Result<RemoteState> {
+            conn.query_row("SELECT ?1", [text], |r| state_from_sql(r, 0))
+        };
+        assert_eq!(read("closed_remotely").unwrap(), RemoteState::ClosedRemotely);
+        assert!(read("bogus").is_err(), "an unknown state is an error, not a guess");
     }
 }
