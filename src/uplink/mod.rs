@@ -7,12 +7,14 @@
 
 pub mod api;
 pub mod backoff;
+mod status;
+
+pub use status::{UplinkState, UplinkStatus};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -32,57 +34,6 @@ const LIVENESS_SLACK: Duration = Duration::from_secs(10);
 const STORE_RETRY: Duration = Duration::from_secs(2);
 /// Even with nothing signalled, look at the store this often (belt and braces).
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UplinkState {
-    Idle,
-    Online,
-    Offline,
-    BackingOff,
-    AuthFailed,
-}
-
-impl UplinkState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UplinkState::Idle => "idle",
-            UplinkState::Online => "online",
-            UplinkState::Offline => "offline",
-            UplinkState::BackingOff => "backing_off",
-            UplinkState::AuthFailed => "auth_failed",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UplinkStatus {
-    pub state: UplinkState,
-    pub last_success_at: Option<String>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    /// When the next attempt is due, while backing off.
-    pub retry_at: Option<String>,
-    pub requests_ok: u64,
-    pub requests_failed: u64,
-    /// Passings the server reported as already received (resends after lost replies).
-    pub duplicates_reported: u64,
-}
-
-impl Default for UplinkStatus {
-    fn default() -> Self {
-        Self {
-            state: UplinkState::Idle,
-            last_success_at: None,
-            last_error: None,
-            last_error_at: None,
-            retry_at: None,
-            requests_ok: 0,
-            requests_failed: 0,
-            duplicates_reported: 0,
-        }
-    }
-}
 
 pub struct Uplink {
     client: RufusClient,
