@@ -467,3 +467,6 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
