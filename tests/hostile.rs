@@ -39,6 +39,19 @@ async fn reads_flow(
     wait_fake(fake, gw, &format!("{total} passings delivered"), |s| s.total_passings() == total).await;
 }
 
+/// Under qemu (`packaging/cross.sh --test`) the resident size is the emulator's, which grows as it
+/// translates code: memory bounds are asserted natively only. Everything else holds under both.
+fn emulated() -> bool {
+    std::env::var_os("RUFUS_GATEWAY_EMULATED").is_some()
+}
+
+/// `after` stays within `mb` MB of `before` (natively; see [`emulated`]).
+fn assert_rss_within(before: &Usage, after: &Usage, mb: u64) {
+    if !emulated() {
+        assert!(after.rss_kb < before.rss_kb + mb * 1024, "RSS {before:?} -> {after:?}");
+    }
+}
+
 fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
@@ -94,7 +107,7 @@ async fn a_huge_first_feed_line_is_not_buffered() {
     );
     assert!(sent < 40 << 20, "the gateway kept reading the first line: {sent} bytes");
     assert!(dropped, "the flooding client is dropped");
-    assert!(after.rss_kb < before.rss_kb + 10 * 1024, "RSS {before:?} -> {after:?}");
+    assert_rss_within(&before, &after, 10);
     assert!(first.starts_with("9,"), "replay after 8: {first:?}");
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
@@ -152,7 +165,7 @@ async fn slow_and_huge_request_heads_are_cut_off() {
         mb(peak.rss_kb)
     );
     assert_eq!(closed, 200, "every connection closed by the gateway");
-    assert!(peak.rss_kb < before.rss_kb + 20 * 1024, "RSS {before:?} -> {peak:?}");
+    assert_rss_within(&before, &peak, 20);
     reads_flow(&gw, &mut pty, &fake, &chips(0..10), 10).await;
 
     // Slowloris: a header byte every 200 ms, never the end. The header deadline closes them.
@@ -428,16 +441,18 @@ async fn token_guessing_is_throttled_and_quiet() {
     let http = http_client();
     let mut codes = std::collections::BTreeMap::<u16, usize>::new();
     let start = Instant::now();
-    let mut posts = futures_like_join(&http, &url, 3000, 20).await;
+    // Fewer under emulation, so that all of them fall inside one minute's window there too.
+    let n = if emulated() { 600 } else { 3000 };
+    let mut posts = futures_like_join(&http, &url, n, 20).await;
     for code in posts.drain(..) {
         *codes.entry(code).or_default() += 1;
     }
     let elapsed = start.elapsed();
     reads_flow(&gw, &mut pty, &fake, &chips(0..10), 10).await;
     let warnings = gw.logs().matches("session action refused").count();
-    println!("row 6: 3,000 POSTs without a token in {elapsed:?}: answers {codes:?}; {warnings} log lines");
+    println!("row 6: {n} POSTs without a token in {elapsed:?}: answers {codes:?}; {warnings} log lines");
     assert_eq!(codes.get(&401), Some(&5), "five tries, then throttled: {codes:?}");
-    assert_eq!(codes.get(&429), Some(&2995), "{codes:?}");
+    assert_eq!(codes.get(&429), Some(&(n - 5)), "{codes:?}");
     assert_eq!(warnings, 1, "logged at most once a minute");
     assert!(fake.state().sessions.len() == 1, "nothing started but the auto-started session");
 
@@ -533,9 +548,9 @@ async fn two_hundred_status_pollers() {
         mb(before.rss_kb),
         mb(peak.rss_kb)
     );
-    assert!(answered > 200, "the pollers were answered: {answered}");
+    assert!(answered > if emulated() { 20 } else { 200 }, "the pollers were answered: {answered}");
     assert!(peak.threads <= before.threads + 4, "threads {before:?} -> {peak:?}");
-    assert!(peak.rss_kb < before.rss_kb + 24 * 1024, "RSS {before:?} -> {peak:?}");
+    assert_rss_within(&before, &peak, 24);
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 
@@ -611,7 +626,7 @@ async fn the_control_socket_is_bounded_and_replaces_only_sockets() {
         mb(after.rss_kb)
     );
     assert!(answer.contains("longer than 4096 bytes"), "{answer:?}");
-    assert!(after.rss_kb < before.rss_kb + 10 * 1024, "RSS {before:?} -> {after:?}");
+    assert_rss_within(&before, &after, 10);
     reads_flow(&gw, &mut pty, &fake, &chips(0..5), 5).await;
     gw.terminate().await;
 
@@ -646,7 +661,7 @@ async fn api_replies_are_bounded() {
         mb(after.rss_kb)
     );
     assert!(logs.contains("larger than 1024 KiB"), "the oversized reply is reported");
-    assert!(after.rss_kb < before.rss_kb + 10 * 1024, "RSS {before:?} -> {after:?}");
+    assert_rss_within(&before, &after, 10);
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
 
