@@ -13,10 +13,10 @@ use rufus_gateway::reader::format::{Parsed, ParsedRead, Parser};
 use rufus_gateway::reader::framing::{Framed, Framer};
 
 fn reader_config(format: Format) -> ReaderConfig {
-    let mut cfg = ReaderConfig { format, timezone: "Europe/Madrid".into(), ..Default::default() };
+    let mut cfg = ReaderConfig { format, timezone: chrono_tz::Tz::Europe__Madrid, ..Default::default() };
     if format == Format::Regex {
         cfg.pattern = readers::CSV_PATTERN.into();
-        cfg.timestamp_format = readers::CSV_TIME.into();
+        cfg.timestamp_format = rufus_gateway::config::TimestampFormat::parse(readers::CSV_TIME).unwrap();
     }
     cfg
 }

@@ -18,7 +18,7 @@ fn cases() -> u32 {
 const FORMATS: [Format; 5] = [Format::Regex, Format::Ipico, Format::Chafon, Format::Ultra, Format::ImpinjJson];
 
 fn parser(format: Format, encoding: ChipEncoding) -> Parser {
-    let mut cfg = ReaderConfig { format, timezone: "Europe/Madrid".into(), ..Default::default() };
+    let mut cfg = ReaderConfig { format, timezone: chrono_tz::Tz::Europe__Madrid, ..Default::default() };
     if format == Format::Regex {
         // A permissive user pattern: the alphabet check, not the pattern, must keep chips clean.
         cfg.pattern = r"^(?P<chip>[^;]*);?(?P<bib>.*)$".into();

@@ -161,14 +161,6 @@ impl Config {
                 return Err("reader.pattern: needs a named group (?P<chip>…) that captures the chip code".into());
             }
         }
-        crate::timestamp::TimestampFormat::parse(&self.reader.timestamp_format)
-            .map_err(|e| format!("reader.timestamp_format: {e}"))?;
-        self.reader.timezone.parse::<chrono_tz::Tz>().map_err(|_| {
-            format!(
-                "reader.timezone: \"{}\" is not an IANA time zone name; use e.g. \"UTC\" or \"Europe/Madrid\"",
-                self.reader.timezone
-            )
-        })?;
         if self.passings.dedup_keep == DedupKeep::Strongest && self.passings.dedup_window.is_zero() {
             return Err(
                 "passings.dedup_keep: \"strongest\" needs a window; set passings.dedup_window, e.g. \"3s\"".into()

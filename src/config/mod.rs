@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::timestamp::TimestampFormat;
+
 mod check;
 pub use check::{ALIAS_MAX, TOKEN_MIN, alias_or_default, check_alias, console_warning, warnings};
 
@@ -156,8 +158,11 @@ pub struct ReaderConfig {
     pub format: Format,
     pub pattern: String,
     pub timestamps: TimestampSource,
-    pub timestamp_format: String,
-    pub timezone: String,
+    /// Parsed once, here: a bad value is a config error naming the key.
+    #[serde(deserialize_with = "timestamp_format")]
+    pub timestamp_format: TimestampFormat,
+    #[serde(deserialize_with = "zone")]
+    pub timezone: chrono_tz::Tz,
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
 }
@@ -174,8 +179,8 @@ impl Default for ReaderConfig {
             format: Format::Regex,
             pattern: "^(?P<chip>[0-9A-Fa-f]+)$".into(),
             timestamps: TimestampSource::Host,
-            timestamp_format: "rfc3339".into(),
-            timezone: "UTC".into(),
+            timestamp_format: TimestampFormat::Rfc3339,
+            timezone: chrono_tz::Tz::UTC,
             poll_interval: Duration::ZERO,
         }
     }
@@ -407,9 +412,10 @@ impl Config {
     }
 }
 
-/// serde's messages name the field but not always the section; add the hint a person needs.
+/// serde's messages name the field but not always the section; add the hint a person needs, and
+/// put the key first (as every other config error does).
 fn explain_serde(message: &str) -> String {
-    if message.contains("unknown field") {
+    let explained = if message.contains("unknown field") {
         format!("{message}; remove or correct the key (see the commented example config)")
     } else if let Some(choices) = enum_choices(message) {
         // The config crate says "enum Parity does not have variant constructor x for key …":
@@ -417,7 +423,15 @@ fn explain_serde(message: &str) -> String {
         format!("{message}; expected {choices}")
     } else {
         message.to_string()
-    }
+    };
+    key_first(&explained)
+}
+
+/// "X for key `reader.timezone`; Y" → "reader.timezone: X; Y".
+fn key_first(message: &str) -> String {
+    let Some((what, rest)) = message.split_once(" for key `") else { return message.to_string() };
+    let Some((key, tail)) = rest.split_once('`') else { return message.to_string() };
+    format!("{key}: {what}{tail}")
 }
 
 /// The accepted values of the enumeration a config error names, as serde's derive lists them
@@ -440,6 +454,21 @@ fn enum_choices(message: &str) -> Option<String> {
         _ => None,
     }?;
     refused.to_string().split("expected ").nth(1).map(str::to_string)
+}
+
+/// `reader.timezone`: an IANA zone name.
+fn zone<'de, D: Deserializer<'de>>(d: D) -> Result<chrono_tz::Tz, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "\"{text}\" is not an IANA time zone name; use e.g. \"UTC\" or \"Europe/Madrid\""
+        ))
+    })
+}
+
+/// `reader.timestamp_format`: rfc3339, unix, unix_ms or a strftime pattern.
+fn timestamp_format<'de, D: Deserializer<'de>>(d: D) -> Result<TimestampFormat, D::Error> {
+    TimestampFormat::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
 /// Durations are strings such as "250ms", "3s", "30d" (humantime).
@@ -471,6 +500,12 @@ impl From<String> for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serde_errors_put_the_key_first() {
+        assert_eq!(key_first("\"x\" is bad for key `reader.timezone`; hint"), "reader.timezone: \"x\" is bad; hint");
+        assert_eq!(key_first("no key here"), "no key here");
+    }
 
     #[test]
     fn mask_hides_most_of_a_key() {

@@ -113,15 +113,11 @@ pub enum Parser {
 
 impl Parser {
     pub fn from_config(cfg: &ReaderConfig, encoding: ChipEncoding) -> anyhow::Result<Self> {
-        let tz: Tz =
-            cfg.timezone.parse().map_err(|_| anyhow::anyhow!("reader.timezone: unknown zone {}", cfg.timezone))?;
+        let tz: Tz = cfg.timezone;
         Ok(match cfg.format {
-            Format::Regex => Parser::Regex(regex::RegexParser::new(
-                &cfg.pattern,
-                TimestampFormat::parse(&cfg.timestamp_format).map_err(anyhow::Error::msg)?,
-                tz,
-                encoding,
-            )?),
+            Format::Regex => {
+                Parser::Regex(regex::RegexParser::new(&cfg.pattern, cfg.timestamp_format.clone(), tz, encoding)?)
+            }
             Format::Ipico => Parser::Ipico(ipico::IpicoParser::new(tz)),
             Format::Chafon => Parser::Chafon(encoding),
             Format::Ultra => Parser::Ultra(ultra::UltraParser::new(tz)),
