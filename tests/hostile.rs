@@ -443,7 +443,7 @@ async fn token_guessing_is_throttled_and_quiet() {
     let start = Instant::now();
     // Fewer under emulation, so that all of them fall inside one minute's window there too.
     let n = if emulated() { 600 } else { 3000 };
-    let mut posts = futures_like_join(&http, &url, n, 20).await;
+    let mut posts = posts_without_token(&http, &url, n, 20).await;
     for code in posts.drain(..) {
         *codes.entry(code).or_default() += 1;
     }
@@ -470,7 +470,7 @@ async fn token_guessing_is_throttled_and_quiet() {
 }
 
 /// `n` POSTs without a token, `parallel` at a time; their status codes.
-async fn futures_like_join(http: &reqwest::Client, url: &str, n: usize, parallel: usize) -> Vec<u16> {
+async fn posts_without_token(http: &reqwest::Client, url: &str, n: usize, parallel: usize) -> Vec<u16> {
     let mut codes = Vec::new();
     let mut left = n;
     while left > 0 {
@@ -558,7 +558,7 @@ async fn two_hundred_status_pollers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_sites_cannot_reach_or_frame_the_dashboard() {
     let (fake, device) = fake().await;
-    let pty = pty();
+    let mut pty = pty();
     let mut gw =
         Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra("http.hosts = [\"rufus-box.local\"]"));
     gw.start().await;
@@ -592,6 +592,8 @@ async fn other_sites_cannot_reach_or_frame_the_dashboard() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+    // The pipeline went on meanwhile.
+    reads_flow(&gw, &mut pty, &fake, &chips(0..5), 5).await;
     println!("row 9: Host attacker.example -> {}; page CSP: {csp}", rebound.lines().next().unwrap_or(""));
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
@@ -670,7 +672,7 @@ async fn api_replies_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aliases_are_bounded_and_bearer_is_case_insensitive() {
     let (fake, device) = fake().await;
-    let pty = pty();
+    let mut pty = pty();
     let mut gw = Gateway::new(
         &fake,
         &device,
@@ -702,6 +704,7 @@ async fn aliases_are_bounded_and_bearer_is_case_insensitive() {
     assert_eq!(lower.status(), 200, "the scheme is case-insensitive");
     wait_fake(&fake, &gw, "the session exists remotely", |s| s.sessions.iter().any(|x| x.alias == "Meta 10K")).await;
     assert_eq!(fake.state().sessions.len(), 1, "no refused alias reached the API");
+    reads_flow(&gw, &mut pty, &fake, &chips(0..5), 5).await;
     let logs = gw.logs();
     assert!(!logs.contains(&"A".repeat(100)) && !logs.contains("FORGED"), "a refused alias is not logged");
     println!("row 12: 1.9 MB alias refused (control: too long; http: {big}); 65 characters: {long}; `bearer` accepted");
