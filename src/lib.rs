@@ -14,7 +14,8 @@
 //!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`].
 //! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions, retention; the
 //!   read side in [`store::query`].
-//! - [`uplink`]: the RUFUS client ([`uplink::api`]) and the replay loop with backoff.
+//! - [`uplink`]: the RUFUS client ([`uplink::api`]), the pure decision after each outcome
+//!   ([`uplink::policy`]), deliveries awaiting their record ([`uplink::ledger`]), and the replay loop.
 //! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports.
 //! - [`http`] (dashboard, JSON API, `/metrics`) and [`feed`] (passings as TCP lines): optional
 //!   listeners ([`optional`]); every listener's bounds (caps, deadlines, bounded lines) are in

@@ -170,6 +170,23 @@ pub enum Work {
     Idle,
 }
 
+/// Where the uplink stands: the last passing it delivered (perhaps not recorded yet), named by
+/// the session's id and remote token. The next batch starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub session_id: i64,
+    pub token: String,
+    pub last: i64,
+}
+
+impl Cursor {
+    /// The number to send after, for this session: 0 when the cursor belongs to another session,
+    /// or to a session of a database since replaced (whose id now names another, by token).
+    pub fn after(cursor: Option<&Cursor>, session_id: i64, token: &str) -> i64 {
+        cursor.filter(|c| c.session_id == session_id && c.token == token).map_or(0, |c| c.last)
+    }
+}
+
 pub struct Db {
     conn: Connection,
 }
@@ -239,7 +256,7 @@ impl Db {
     /// delivered, perhaps not recorded yet; the next batch starts after it, or after the
     /// session's recorded watermark if that is further. A cursor for another session (or for a
     /// session of a database since replaced, whose id now names another) is ignored.
-    pub fn next_work(&self, limit: usize, sent: Option<(i64, &str, i64)>) -> rusqlite::Result<Work> {
+    pub fn next_work(&self, limit: usize, sent: Option<&Cursor>) -> rusqlite::Result<Work> {
         let head: Option<(i64, String, String, String, Option<String>, i64)> = self
             .conn
             .prepare_cached(
@@ -255,7 +272,7 @@ impl Db {
             ("open", Some(token)) => token,
             _ => return Ok(Work::Create { session_id, alias }),
         };
-        let after = sent.filter(|(s, t, _)| *s == session_id && *t == token).map_or(0, |(_, _, n)| n).max(through);
+        let after = Cursor::after(sent, session_id, &token).max(through);
         let passings = self.pending(session_id, limit, after)?;
         if !passings.is_empty() {
             return Ok(Work::Send { session_id, token, passings });

@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod backoff;
+pub mod ledger;
+pub mod policy;
 mod status;
 
 pub use status::{UplinkState, UplinkStatus};
@@ -15,25 +17,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{ApiConfig, Config};
-use crate::store::query::{Db, Outgoing, Work};
+use crate::store::query::{Cursor, Db, Outgoing, Work};
 use crate::store::{Op, StoreHandle};
-use api::{ApiError, RufusClient, short_token};
-use backoff::Backoff;
+use api::{ApiError, Call, RufusClient, short_token};
+use ledger::{Delivery, Ledger};
+use policy::{Next, Outcome, Policy, STORE_RETRY, Say};
 
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-/// A wrong key or device will not fix itself quickly: retry slowly, never hammer.
-const CONFIG_RETRY: Duration = Duration::from_secs(60);
 /// Added to every promised wait before the watchdog counts the uplink as stuck.
 const LIVENESS_SLACK: Duration = Duration::from_secs(10);
-/// After the database refused to record an outcome.
-const STORE_RETRY: Duration = Duration::from_secs(2);
-/// Even with nothing signalled, look at the store this often (belt and braces).
-const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 pub struct Uplink {
     client: RufusClient,
@@ -50,33 +46,19 @@ pub struct Uplink {
     /// Proof of life for the watchdog.
     pub live: Arc<crate::liveness::Liveness>,
     timeout: Duration,
-    backoff: Backoff,
+    /// What to do after each step (batch size, backoff, state).
+    policy: Policy,
     /// The read-side connection (used from blocking threads), with the writer's generation it
     /// was opened at: reopened when the writer reopens the database.
     db: Arc<Mutex<Option<(u64, Db)>>>,
     /// The next piece of work, read (and a batch encoded) while the previous request was in flight.
     prefetched: Option<Prefetched>,
-    /// The last (session, num_passing) delivered: the next batch starts after it.
-    sent: Option<(i64, String, i64)>,
-    /// Deliveries the store could not record yet (disk full, read-only storage), as
-    /// (session, first, last): recorded again later, never resent (the cursor is past them).
-    unrecorded: Vec<Delivery>,
-    /// Deliveries submitted to the store whose outcome has not been looked at: checked without
-    /// waiting at the top of the loop, so a batch costs the store no wake-up of this task.
-    recording: std::collections::VecDeque<(Delivery, oneshot::Receiver<crate::store::Reply>)>,
+    /// The last passing delivered: the next batch starts after it.
+    cursor: Option<Cursor>,
+    /// Deliveries whose recording the store has not confirmed.
+    ledger: Ledger,
     /// The writer's generation the cursor belongs to: a reopened database is read from the start.
     generation: u64,
-    /// Unrecorded deliveries are offered to the store again no sooner than this.
-    record_retry_at: tokio::time::Instant,
-}
-
-/// Passings `first..=last` of a session, delivered under its remote token.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Delivery {
-    session_id: i64,
-    first: i64,
-    last: i64,
-    token: String,
 }
 
 /// Work read ahead on a blocking thread; a batch with nothing held for the clock comes encoded,
@@ -86,10 +68,25 @@ struct Prefetched {
     body: Option<Vec<u8>>,
 }
 
-/// What one step did, for the loop's bookkeeping.
+/// What one step did, when it did not fail.
 enum Step {
     Done,
     Idle,
+}
+
+/// Why a step did not end in `Done`.
+enum Failure {
+    /// The API answered otherwise (or not at all), about this session (and batch, from
+    /// `first`, of `sent` passings; `passing_id` when one was alone): the policy decides.
+    Api { call: Call, session_id: i64, first: i64, sent: usize, passing_id: Option<i64>, error: ApiError },
+    /// The store could not record the outcome.
+    Store(anyhow::Error),
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Failure::Store(e.into())
+    }
 }
 
 impl Uplink {
@@ -113,20 +110,16 @@ impl Uplink {
             status,
             live: Arc::default(),
             timeout: cfg.api.timeout,
-            backoff: Backoff::new(BACKOFF_BASE, cfg.api.retry_max_delay),
-            sent: None,
-            unrecorded: Vec::new(),
-            recording: std::collections::VecDeque::new(),
+            policy: Policy::new(cfg.api.batch_size, cfg.api.retry_max_delay),
+            cursor: None,
+            ledger: Ledger::default(),
             generation: 0,
-            record_retry_at: tokio::time::Instant::now(),
             db: Arc::default(),
             prefetched: None,
         })
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut limit = self.batch_size;
-        let mut failing = false;
         let mut queue_failing = false;
         while !cancel.is_cancelled() {
             // A request takes at most the timeout (plus a store write); waits promise their own time.
@@ -134,12 +127,8 @@ impl Uplink {
             if self.api.has_changed().unwrap_or(false) {
                 let api = self.api.borrow_and_update().clone();
                 self.apply(&api)?;
-                limit = self.batch_size;
-                self.update(|s| {
-                    if s.state == UplinkState::AuthFailed {
-                        s.state = UplinkState::Idle;
-                    }
-                });
+                let state = self.policy.state();
+                self.update(|s| s.state = state);
             }
             self.collect_records();
             self.retry_unrecorded();
@@ -152,7 +141,7 @@ impl Uplink {
             }
             let work = match self.prefetched.take() {
                 Some(ahead) => Ok(ahead),
-                None => self.query(limit, self.sent.clone(), false).await?,
+                None => self.query(self.policy.limit(), self.cursor.clone(), false).await?,
             };
             let Prefetched { work, mut body } = match work {
                 Ok(w) => {
@@ -187,96 +176,11 @@ impl Uplink {
                 }
                 other => other,
             };
-            let sent = match &work {
-                Work::Send { passings, .. } => passings.len(),
-                _ => 0,
-            };
-            match self.step(work, body).await {
-                Ok(Step::Idle) => {
-                    self.update(|s| {
-                        if s.state != UplinkState::AuthFailed {
-                            s.state = if s.requests_ok > 0 { UplinkState::Online } else { UplinkState::Idle };
-                        }
-                    });
-                    // Deliveries waiting to be recorded are offered again soon, not after a long idle.
-                    let recheck = if self.has_unrecorded() { STORE_RETRY } else { IDLE_RECHECK };
-                    self.live.beat(recheck + LIVENESS_SLACK);
-                    tokio::select! {
-                        _ = self.notify.notified() => {}
-                        _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(recheck) => {}
-                    }
-                }
-                Ok(Step::Done) => {
-                    if failing {
-                        info!(after_failures = self.backoff.failures(), "uplink back online");
-                    }
-                    failing = false;
-                    self.backoff.reset();
-                    limit = self.batch_size;
-                    let now = crate::clock::rfc3339(crate::clock::now_us());
-                    self.update(|s| {
-                        s.state = UplinkState::Online;
-                        s.last_success_at = Some(now);
-                        s.retry_at = None;
-                        s.requests_ok += 1;
-                    });
-                }
-                Err(Failure::Refused { session_id, passing_id, description }) => {
-                    self.update(|s| s.requests_failed += 1);
-                    if sent > 1 {
-                        // Halve until the refused passing is alone; the rest flows meanwhile.
-                        limit = sent.div_ceil(2);
-                        debug!(batch = sent, next = limit, "batch refused; splitting");
-                    } else if let Some(id) = passing_id {
-                        warn!(session_id, passing_id = id, reason = %description, "passing refused by the API; marked undeliverable");
-                        match self
-                            .store
-                            .call(Op::Undeliverable { session_id, passing_id: id, reason: description })
-                            .await
-                        {
-                            Ok(_) => limit = self.batch_size,
-                            Err(e) => self.store_failed(e.into(), &cancel).await?,
-                        }
-                    }
-                }
-                Err(Failure::Api(e)) => {
-                    self.update(|s| s.requests_failed += 1);
-                    let (state, delay) = match &e {
-                        ApiError::Config { .. } => (UplinkState::AuthFailed, CONFIG_RETRY.max(self.backoff.ceiling())),
-                        ApiError::Transient { offline, retry_after, .. } => {
-                            let jitter = self.backoff.next_delay(fastrand::f64());
-                            let delay = retry_after.map_or(jitter, |r| r.max(jitter));
-                            (if *offline { UplinkState::Offline } else { UplinkState::BackingOff }, delay)
-                        }
-                        _ => (UplinkState::BackingOff, self.backoff.next_delay(fastrand::f64())),
-                    };
-                    let text = e.to_string();
-                    if !failing || state == UplinkState::AuthFailed {
-                        warn!(error = %text, kind = e.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed; retrying");
-                    } else {
-                        debug!(error = %text, kind = e.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed again");
-                    }
-                    failing = true;
-                    let now = crate::clock::now_us();
-                    self.update(|s| {
-                        s.state = state;
-                        s.last_error = Some(text);
-                        s.last_error_at = Some(crate::clock::rfc3339(now));
-                        s.retry_at = Some(crate::clock::rfc3339(now + delay.as_micros() as i64));
-                    });
-                    self.wait(delay, &cancel).await;
-                }
-                Err(Failure::Store(e)) => self.store_failed(e, &cancel).await?,
-            }
+            let outcome = self.step(work, body).await;
+            self.after(outcome, &cancel).await?;
         }
         // The store answers what it was given before it stops (it outlives the uplink).
-        while let Some((range, rx)) = self.recording.pop_front() {
-            if !matches!(tokio::time::timeout(STORE_RETRY, rx).await, Ok(Ok(Ok(_)))) {
-                self.unrecorded.push(range);
-            }
-        }
-        let unrecorded = self.unrecorded.len();
+        let unrecorded = self.ledger.settle(STORE_RETRY).await;
         if unrecorded > 0 {
             warn!(
                 batches = unrecorded,
@@ -287,7 +191,112 @@ impl Uplink {
         Ok(())
     }
 
+    /// Do what the policy decides after a step: go on, sleep, wait out a backoff, or record a
+    /// refused passing or a session gone (which then counts as done).
+    async fn after(&mut self, outcome: Result<Step, Failure>, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let (call, session_id, first, sent, passing_id, error) = match outcome {
+            Ok(Step::Done) => return self.done(),
+            Ok(Step::Idle) => {
+                let decision = self.policy.decide(Outcome::Idle { unrecorded: self.ledger.is_pending() }, 0.0);
+                let state = self.policy.state();
+                self.update(|s| s.state = state);
+                if let Next::Sleep(recheck) = decision.next {
+                    self.live.beat(recheck + LIVENESS_SLACK);
+                    tokio::select! {
+                        _ = self.notify.notified() => {}
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(recheck) => {}
+                    }
+                }
+                return Ok(());
+            }
+            Err(Failure::Store(e)) => return self.store_failed(e, cancel).await,
+            Err(Failure::Api { call, session_id, first, sent, passing_id, error }) => {
+                (call, session_id, first, sent, passing_id, error)
+            }
+        };
+        let decision = self.policy.decide(Outcome::Failed { call, error: &error, sent, passing_id }, fastrand::f64());
+        match decision.next {
+            Next::Go => {
+                self.update(|s| s.requests_failed += 1);
+                if let Say::Split { batch, next } = decision.say {
+                    debug!(batch, next, "batch refused; splitting");
+                }
+            }
+            Next::Undeliverable(passing_id) => {
+                self.update(|s| s.requests_failed += 1);
+                let reason = match &error {
+                    ApiError::Refused { description, .. } => description.clone(),
+                    other => other.to_string(),
+                };
+                warn!(session_id, passing_id, reason = %reason, "passing refused by the API; marked undeliverable");
+                match self.store.call(Op::Undeliverable { session_id, passing_id, reason }).await {
+                    Ok(_) => self.policy.refusal_recorded(),
+                    Err(e) => self.store_failed(e.into(), cancel).await?,
+                }
+            }
+            Next::SessionGone { closing } => {
+                let description = match &error {
+                    ApiError::SessionGone { description, .. } => description.clone(),
+                    other => other.to_string(),
+                };
+                let recorded = if closing {
+                    info!(session_id, "remote session was already closed");
+                    self.store.call(Op::RemoteClosed { session_id }).await
+                } else {
+                    error!(
+                        session_id, from_num = first, reason = %description,
+                        "REMOTE SESSION CLOSED: the API no longer accepts this session's passings; they are kept. Export them, or run `rufus-gateway session resend` to send them in a new session"
+                    );
+                    self.store.call(Op::ClosedRemotely { session_id, reason: description }).await
+                };
+                match recorded {
+                    Ok(_) => self.done()?,
+                    Err(e) => self.store_failed(e.into(), cancel).await?,
+                }
+            }
+            Next::Retry(delay) => {
+                let text = error.to_string();
+                let loud = matches!(decision.say, Say::Failure { loud: true });
+                if loud {
+                    warn!(error = %text, kind = error.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed; retrying");
+                } else {
+                    debug!(error = %text, kind = error.kind(), retry_in_ms = delay.as_millis() as u64, "uplink request failed again");
+                }
+                let now = crate::clock::now_us();
+                let state = self.policy.state();
+                self.update(|s| {
+                    s.requests_failed += 1;
+                    s.state = state;
+                    s.last_error = Some(text);
+                    s.last_error_at = Some(crate::clock::rfc3339(now));
+                    s.retry_at = Some(crate::clock::rfc3339(now + delay.as_micros() as i64));
+                });
+                self.wait(delay, cancel).await;
+            }
+            Next::Sleep(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A request was accepted (or its refusal recorded): full speed again.
+    fn done(&mut self) -> anyhow::Result<()> {
+        if let Say::BackOnline { after_failures } = self.policy.decide(Outcome::Done, 0.0).say {
+            info!(after_failures, "uplink back online");
+        }
+        let now = crate::clock::rfc3339(crate::clock::now_us());
+        self.update(|s| {
+            s.state = UplinkState::Online;
+            s.last_success_at = Some(now);
+            s.retry_at = None;
+            s.requests_ok += 1;
+        });
+        Ok(())
+    }
+
     async fn step(&mut self, work: Work, body: Option<Vec<u8>>) -> Result<Step, Failure> {
+        let failed =
+            |call, session_id, error| Failure::Api { call, session_id, first: 0, sent: 0, passing_id: None, error };
         match work {
             Work::Idle => Ok(Step::Idle),
             Work::Create { session_id, alias } => {
@@ -300,7 +309,9 @@ impl Uplink {
                     Ok(Some(active)) if active.alias == alias && active.passings == Some(0) => Some(active.token),
                     Ok(_) => None,
                     // Offline: the create would fail the same way; retry both later.
-                    Err(e @ ApiError::Transient { offline: true, .. }) => return Err(e.into()),
+                    Err(e @ ApiError::Transient { offline: true, .. }) => {
+                        return Err(failed(Call::ActiveSession, session_id, e));
+                    }
                     // The key may not read (a WRITE-only key), or the call is unknown: create.
                     Err(e) => {
                         debug!(error = %e, "cannot ask for the device's active session; creating one");
@@ -312,7 +323,11 @@ impl Uplink {
                         info!(session_id, alias = %alias, token = %short_token(&token), "remote session taken over: made by an earlier attempt whose reply was lost");
                         token
                     }
-                    None => self.client.create_session(&self.deviceid, &alias).await?,
+                    None => self
+                        .client
+                        .create_session(&self.deviceid, &alias)
+                        .await
+                        .map_err(|e| failed(Call::CreateSession, session_id, e))?,
                 };
                 info!(session_id, alias = %alias, token = %short_token(&token), "remote session created");
                 self.store.call(Op::RemoteOpened { session_id, token }).await?;
@@ -321,10 +336,11 @@ impl Uplink {
             Work::Send { session_id, token, passings } => {
                 let first = passings.first().map(|p| p.num_passing).unwrap_or(0);
                 let last = passings.last().map(|p| p.num_passing).unwrap_or(0);
+                let cursor = Cursor { session_id, token, last };
                 // Read the batch after this one while the request is in flight (used only if
                 // this one is accepted): the database round trip overlaps the network's.
-                let next = self.spawn_query(self.batch_size, Some((session_id, token.clone(), last)), true);
-                let body = body.unwrap_or_else(|| api::batch_body(&token, &passings));
+                let next = self.spawn_query(self.batch_size, Some(cursor.clone()), true);
+                let body = body.unwrap_or_else(|| api::batch_body(&cursor.token, &passings));
                 match self.client.post_passings(body).await {
                     Ok(reply) => {
                         if let Ok(Ok(Ok(ahead))) = next.await {
@@ -344,33 +360,23 @@ impl Uplink {
                         }
                         // Recorded without waiting: the next batch starts after this one (the
                         // cursor), so the commit's fsync overlaps the next request.
-                        self.record_delivered(Delivery { session_id, first, last, token: token.clone() });
-                        self.sent = Some((session_id, token.clone(), last));
+                        self.record_delivered(Delivery { session_id, first, last, token: cursor.token.clone() });
+                        self.cursor = Some(cursor);
                         Ok(Step::Done)
                     }
-                    Err(ApiError::Refused { description, .. }) => Err(Failure::Refused {
+                    Err(error) => Err(Failure::Api {
+                        call: Call::PostPassings,
                         session_id,
+                        first,
+                        sent: passings.len(),
                         passing_id: (passings.len() == 1).then(|| passings[0].id),
-                        description,
+                        error,
                     }),
-                    Err(ApiError::SessionGone { description, .. }) => {
-                        error!(
-                            session_id, from_num = first, reason = %description,
-                            "REMOTE SESSION CLOSED: the API no longer accepts this session's passings; they are kept. Export them, or run `rufus-gateway session resend` to send them in a new session"
-                        );
-                        self.store.call(Op::ClosedRemotely { session_id, reason: description }).await?;
-                        Ok(Step::Done)
-                    }
-                    Err(e) => Err(Failure::Api(e)),
                 }
             }
             Work::Close { session_id, token } => {
-                match self.client.close_session(&token).await {
-                    Ok(()) => info!(session_id, "remote session closed"),
-                    // Already closed remotely: the goal is reached.
-                    Err(ApiError::SessionGone { .. }) => info!(session_id, "remote session was already closed"),
-                    Err(e) => return Err(Failure::Api(e)),
-                }
+                self.client.close_session(&token).await.map_err(|e| failed(Call::CloseSession, session_id, e))?;
+                info!(session_id, "remote session closed");
                 self.store.call(Op::RemoteClosed { session_id }).await?;
                 Ok(Step::Done)
             }
@@ -382,7 +388,7 @@ impl Uplink {
     fn spawn_query(
         &self,
         limit: usize,
-        sent: Option<(i64, String, i64)>,
+        cursor: Option<Cursor>,
         encode: bool,
     ) -> tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Prefetched>>> {
         let (db, path, generation) = (self.db.clone(), self.db_path.clone(), self.store.generation());
@@ -396,7 +402,7 @@ impl Uplink {
                 }
             }
             let (_, db) = db.as_ref().expect("opened above");
-            Ok(db.next_work(limit, sent.as_ref().map(|(s, t, n)| (*s, t.as_str(), *n))).map(|work| {
+            Ok(db.next_work(limit, cursor.as_ref()).map(|work| {
                 let body = match &work {
                     Work::Send { token, passings, .. } if encode && passings.iter().all(|p| p.held.is_none()) => {
                         Some(api::batch_body(token, passings))
@@ -411,10 +417,10 @@ impl Uplink {
     async fn query(
         &self,
         limit: usize,
-        sent: Option<(i64, String, i64)>,
+        cursor: Option<Cursor>,
         encode: bool,
     ) -> anyhow::Result<rusqlite::Result<Prefetched>> {
-        self.spawn_query(limit, sent, encode).await?
+        self.spawn_query(limit, cursor, encode).await?
     }
 
     /// Passings stamped by the host before its clock synchronised wait (in order, so everything
@@ -468,60 +474,30 @@ impl Uplink {
     fn record_delivered(&mut self, d: Delivery) {
         let op = Op::Delivered { session_id: d.session_id, token: d.token.clone(), first: d.first, last: d.last };
         match self.store.submit(op) {
-            Ok(rx) => self.recording.push_back((d, rx)),
-            Err(_) => self.unrecorded.push(d),
+            Ok(rx) => self.ledger.submitted(d, rx),
+            Err(_) => self.ledger.unrecorded(d),
         }
     }
 
     /// Look at the outcomes the store has given so far, in order, without waiting.
     fn collect_records(&mut self) {
-        while let Some((range, rx)) = self.recording.front_mut() {
-            let recorded = match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => return,
-                Ok(Ok(_)) => true,
-                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => false,
-            };
-            let range = range.clone();
-            self.recording.pop_front();
-            if !recorded {
-                if self.unrecorded.is_empty() {
-                    let Delivery { session_id, first, last, .. } = range;
-                    warn!(
-                        session_id,
-                        first,
-                        last,
-                        "a delivery could not be recorded in the database; recording it again later (nothing is resent meanwhile)"
-                    );
-                }
-                self.unrecorded.push(range);
-            }
+        if let Some(Delivery { session_id, first, last, .. }) = self.ledger.collect() {
+            warn!(
+                session_id,
+                first,
+                last,
+                "a delivery could not be recorded in the database; recording it again later (nothing is resent meanwhile)"
+            );
         }
-    }
-
-    fn has_unrecorded(&self) -> bool {
-        !self.unrecorded.is_empty() || !self.recording.is_empty()
     }
 
     /// Offer the store the deliveries it could not record, merged into as few ranges as possible.
     fn retry_unrecorded(&mut self) {
-        let now = tokio::time::Instant::now();
-        if now < self.record_retry_at || self.unrecorded.is_empty() {
-            return;
+        let due = self.ledger.due(tokio::time::Instant::now(), STORE_RETRY);
+        if !due.is_empty() {
+            debug!(ranges = due.len(), "recording earlier deliveries again");
         }
-        self.record_retry_at = now + STORE_RETRY;
-        let mut ranges = std::mem::take(&mut self.unrecorded);
-        ranges.sort_unstable();
-        let mut merged: Vec<Delivery> = Vec::with_capacity(ranges.len());
-        for d in ranges {
-            match merged.last_mut() {
-                Some(m) if m.session_id == d.session_id && m.token == d.token && d.first <= m.last + 1 => {
-                    m.last = m.last.max(d.last)
-                }
-                _ => merged.push(d),
-            }
-        }
-        debug!(ranges = merged.len(), "recording earlier deliveries again");
-        for d in merged {
+        for d in due {
             self.record_delivered(d);
         }
     }
@@ -543,7 +519,7 @@ impl Uplink {
         self.timeout = api.timeout;
         self.deviceid = api.deviceid.clone().unwrap_or_default();
         self.batch_size = api.batch_size;
-        self.backoff = Backoff::new(BACKOFF_BASE, api.retry_max_delay);
+        self.policy.reload(api.batch_size, api.retry_max_delay);
         info!(batch_size = api.batch_size, "uplink settings reloaded; retrying now");
         Ok(())
     }
@@ -563,29 +539,5 @@ impl Uplink {
             _ = cancel.cancelled() => {}
             _ = api.changed() => {}
         }
-    }
-}
-
-enum Failure {
-    Api(ApiError),
-    Refused { session_id: i64, passing_id: Option<i64>, description: String },
-    Store(anyhow::Error),
-}
-
-impl From<ApiError> for Failure {
-    fn from(e: ApiError) -> Self {
-        Failure::Api(e)
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Store(e)
-    }
-}
-
-impl From<crate::store::StoreError> for Failure {
-    fn from(e: crate::store::StoreError) -> Self {
-        Failure::Store(e.into())
     }
 }
