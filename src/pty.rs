@@ -2,10 +2,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use rustix::pty::OpenptFlags;
 
 /// The master side of a pseudo-terminal; `path` is the slave device the gateway opens as its port.
 pub struct Pty {
@@ -16,19 +17,26 @@ pub struct Pty {
 impl Pty {
     /// A raw-mode pty. The slave is closed again at once: writes to the master are buffered by
     /// the kernel (about 16 KiB, then they block) until the gateway opens the slave.
-    #[allow(unsafe_code)] // nix 0.26 openpty returns raw descriptors
     pub fn open() -> anyhow::Result<Pty> {
-        let pair = nix::pty::openpty(None, None).context("openpty")?;
-        // SAFETY: openpty just returned these descriptors; each is owned exactly once here.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(pair.master), OwnedFd::from_raw_fd(pair.slave)) };
-        // Not inherited by processes we start: a gateway holding our master would never see a hang-up.
-        for fd in [&master, &slave] {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
-        }
-        let mut attrs = nix::sys::termios::tcgetattr(slave.as_raw_fd())?;
-        nix::sys::termios::cfmakeraw(&mut attrs);
-        nix::sys::termios::tcsetattr(slave.as_raw_fd(), nix::sys::termios::SetArg::TCSANOW, &attrs)?;
-        let path = nix::unistd::ttyname(slave.as_raw_fd()).context("ttyname")?;
+        // Close-on-exec from the start, so no process started meanwhile by another thread (a
+        // gateway under test) inherits the master: holding it, it would never see a hang-up.
+        let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .context("posix_openpt")?;
+        rustix::pty::grantpt(&master).context("grantpt")?;
+        rustix::pty::unlockpt(&master).context("unlockpt")?;
+        let path = PathBuf::from(
+            rustix::pty::ptsname(&master, Vec::new()).context("ptsname")?.into_string().context("ptsname")?,
+        );
+        // std opens with O_CLOEXEC; O_NOCTTY keeps it from becoming our controlling terminal.
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        let mut attrs = rustix::termios::tcgetattr(&slave).context("tcgetattr")?;
+        attrs.make_raw();
+        rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &attrs).context("tcsetattr")?;
         drop(slave);
         Ok(Pty { master: File::from(master), path })
     }

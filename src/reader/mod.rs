@@ -369,12 +369,10 @@ impl<'a> ReadSession<'a> {
 
 /// Let go of a kept port that is not ours to use: lift its exclusive claims first, so opening
 /// the configured device is not refused while systemd still closes its copy.
-#[allow(unsafe_code)] // TIOCNXCL: an ioctl with no safe wrapper
 fn release(fd: std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: TIOCNXCL takes no argument; on a descriptor that is not a tty it fails harmlessly.
-    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCNXCL) };
-    let _ = nix::fcntl::flock(fd.as_raw_fd(), nix::fcntl::FlockArg::Unlock);
+    // On a descriptor that is not a tty, TIOCNXCL fails harmlessly.
+    let _ = rustix::termios::ioctl_tiocnxcl(&fd);
+    let _ = rustix::fs::flock(&fd, rustix::fs::FlockOperation::Unlock);
 }
 
 /// Sleep up to `delay`, waking early on cancellation. Returns true when cancelled.
