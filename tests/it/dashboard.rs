@@ -1,13 +1,11 @@
 //! The local dashboard's HTTP API, `/metrics`, the live feed, and (when Chromium and Node are
 //! there) the page itself in a real headless browser.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const TOKEN: &str = "tent-token-7f3a9c21";
 

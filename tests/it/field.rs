@@ -2,13 +2,11 @@
 //! corrupt databases, an unsynchronised clock, floods and retention. Each test states what was
 //! lost to its fault (nothing, unless it says why).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rufus_gateway::fake_api::{Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;

@@ -1,12 +1,10 @@
 //! End to end: pseudo-terminal → real binary → fake RUFUS API. Sessions, offline operation,
 //! restarts and shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::*;
+use crate::common::*;
 use rufus_gateway::fake_api::{Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;

@@ -1,12 +1,10 @@
 //! Reader formats: the property that framing is independent of how bytes are split and of
 //! garbage between records, and end-to-end runs through a pseudo-terminal for each format.
 
-mod common;
-
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
-use common::readers::{self, TagRead};
-use common::*;
+use crate::common::readers::{self, TagRead};
+use crate::common::*;
 use proptest::prelude::*;
 use rufus_gateway::config::{ChipEncoding, Format, ReaderConfig};
 use rufus_gateway::reader::format::{Parsed, ParsedRead, Parser};

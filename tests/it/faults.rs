@@ -1,10 +1,8 @@
 //! How the uplink behaves when the API misbehaves: one test per documented fault.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rufus_gateway::fake_api::{FAKE_KEY, FakeApi, Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;

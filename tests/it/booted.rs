@@ -16,14 +16,12 @@
 //! Debugging: with `RUFUS_GATEWAY_BOOTED_KEEP=1`, a wait that times out prints the `nsenter`
 //! command for the container and keeps it running for an hour instead of failing at once.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::DEADLINE;
+use crate::common::DEADLINE;
 use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
 use serde_json::Value;
 
@@ -367,7 +365,7 @@ fn journal(m: &Machine, args: &str) -> String {
 async fn a_fresh_debian_installs_and_runs_the_gateway_under_systemd() {
     let Some(s) = setup("a_fresh_debian_installs_and_runs_the_gateway_under_systemd") else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let (fake, deviceid) = common::fake().await;
+    let (fake, deviceid) = crate::common::fake().await;
     let finish_device = "F1415400000000000000000000000001".to_string();
     fake.state().devices.insert(finish_device.clone(), ("SIM".into(), "0002".into()));
     let (root, m, install) = tokio::task::block_in_place(|| installed(&s, &fake, &deviceid));
@@ -535,7 +533,7 @@ async fn a_fresh_debian_installs_and_runs_the_gateway_under_systemd() {
 async fn no_read_is_lost_to_a_restart_an_upgrade_or_a_crash() {
     let Some(s) = setup("no_read_is_lost_to_a_restart_an_upgrade_or_a_crash") else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let (fake, deviceid) = common::fake().await;
+    let (fake, deviceid) = crate::common::fake().await;
     let (root, m, _) = tokio::task::block_in_place(|| installed(&s, &fake, &deviceid));
     // A newer version of the same package, for the upgrade.
     let newer = root.path("/root/rufus-gateway-newer.deb");

@@ -3,14 +3,12 @@
 //! must be on the server exactly once per `num_passing`, numbered without gaps, and the reads
 //! that were lost must all have been in flight around a kill.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const KILLS: usize = 12;
 const LINES: u32 = 6000;

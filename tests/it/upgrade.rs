@@ -2,9 +2,7 @@
 //! delivered stays delivered (never resent), what was pending is sent, and the counters, the
 //! export and pruning agree with it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rufus_gateway::fake_api::FAKE_KEY;
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;

@@ -2,14 +2,12 @@
 //! RELOADING/READY, STOPPING), the watchdog withheld when an actor is stuck, and structured
 //! fields in a real journald.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
@@ -221,7 +219,7 @@ async fn journald_gets_structured_fields() {
 
     // Stopped while its storage cannot be written (here: a path under /proc), the reads still in
     // memory leave in one entry, readable as CSV with the command the log message names.
-    let mut pty2 = common::pty();
+    let mut pty2 = crate::common::pty();
     let extra =
         format!("{STRICT_CHIP}\nlog.target = \"journald\"\nstorage.path = \"/proc/rufus-gateway-test/gateway.db\"");
     let mut gw2 = Gateway::new(&fake, &device, &pty2.path.display().to_string(), &extra);

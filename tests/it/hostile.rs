@@ -3,13 +3,11 @@
 //! time to stop, what another host received) and that reads keep being stored and delivered while
 //! the attack goes on. The measured figures are printed (`--nocapture` shows them).
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use rufus_gateway::control::{Request, request};
 use rufus_gateway::fake_api::{Fault, Route};
 use serde_json::Value;
@@ -375,8 +373,8 @@ async fn tags_cannot_forge_lines_or_formulas() {
     gw.terminate().await;
 
     // ASCII chips: "208" is fine; ",9" and "=1+1" are not chips. A bib map holds formulas.
-    let (fake, device) = common::fake().await;
-    let mut pty = common::pty();
+    let (fake, device) = crate::common::fake().await;
+    let mut pty = crate::common::pty();
     let dir = tempfile::tempdir().unwrap();
     let map = dir.path().join("bibs.csv");
     std::fs::write(&map, "chip,bib\n208,\"=HYPERLINK(\"\"http://x.example\"\")\"\n209,-1+2\n").unwrap();
