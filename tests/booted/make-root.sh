@@ -1,5 +1,5 @@
 #!/bin/sh
-# Prepare the Debian 12 root the booted-system suite (tests/booted.rs) boots: a debootstrap
+# Prepare the Debian 12 root the booted-system suite (tests/it/booted.rs) boots: a debootstrap
 # minbase with systemd, as a freshly installed box would have it, and never the package.
 #   tests/booted/make-root.sh ROOT [MIRROR]
 set -eu

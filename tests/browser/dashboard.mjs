@@ -1,4 +1,4 @@
-// Drives the dashboard in headless Chromium for tests/dashboard.rs. Talks to the Rust test over
+// Drives the dashboard in headless Chromium for tests/it/dashboard.rs. Talks to the Rust test over
 // stdout (one event per line) and stdin (one go-ahead per line).
 //   node dashboard.mjs URL TOKEN SCREENSHOT_DIR
 import { chromium } from "playwright-core";
