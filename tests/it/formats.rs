@@ -3,12 +3,13 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
-use crate::common::readers::{self, TagRead};
-use crate::common::*;
 use proptest::prelude::*;
 use rufus_gateway::config::{ChipEncoding, Format, ReaderConfig};
 use rufus_gateway::reader::format::{Parsed, ParsedRead, Parser};
 use rufus_gateway::reader::framing::{Framed, Framer};
+
+use crate::common::readers::{self, TagRead};
+use crate::common::*;
 
 fn reader_config(format: Format) -> ReaderConfig {
     let mut cfg = ReaderConfig { format, timezone: chrono_tz::Tz::Europe__Madrid, ..Default::default() };

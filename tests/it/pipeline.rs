@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use crate::common::*;
 use rufus_gateway::fake_api::{Fault, Route};
+
+use crate::common::*;
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 
