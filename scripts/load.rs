@@ -161,7 +161,7 @@ async fn flood_run(binary: &Path, n: u32, extra: &str) -> (FloodResult, Sample, 
     let (fake, device) = FakeApi::start().await.unwrap();
     let pty = Pty::open().unwrap();
     let gw = Gateway::start(binary, &fake, &device, &pty.path, extra, None);
-    control::request(&gw.socket, &Request::SessionStart { alias: Some("LOAD".into()) }).unwrap();
+    control::request(&gw.socket, &Request::SessionStart { alias: Some("LOAD".into()), test: false }).unwrap();
     // Idle, fresh: RSS and wake-ups over 10 s with nothing happening.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle0 = sample(gw.pid());
@@ -260,7 +260,7 @@ async fn drain_run(binary: &Path, n: u32, rounds_wanted: usize) -> Vec<DrainRoun
             fake.stop_listening();
         }
         let alias = format!("DRAIN{round}");
-        control::request(&gw.socket, &Request::SessionStart { alias: Some(alias) }).unwrap();
+        control::request(&gw.socket, &Request::SessionStart { alias: Some(alias), test: false }).unwrap();
         pty = Some(flood(pty.take().unwrap(), n, round as u32 * n).join().unwrap());
         wait(Duration::from_secs(120), || gw.status()["queue"]["pending"] == n as i64);
         let (cpu_before, threads_before) = (sample(gw.pid()).cpu_ns, thread_cpu(gw.pid()));
@@ -414,7 +414,7 @@ async fn scale_run(binary: &Path, rows: i64) -> (f64, f64) {
     }
     let pty = Pty::open().unwrap();
     let gw = Gateway::start(binary, &fake, &device, &pty.path, "", Some(&db));
-    control::request(&gw.socket, &Request::SessionStart { alias: Some("SCALE".into()) }).unwrap();
+    control::request(&gw.socket, &Request::SessionStart { alias: Some("SCALE".into()), test: false }).unwrap();
     let mut times: Vec<f64> = (0..21)
         .map(|_| {
             let t = Instant::now();

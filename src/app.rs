@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -22,7 +22,7 @@ use crate::optional::Optional;
 use crate::reader::{Reader, ReaderStats};
 use crate::reload::Reloader;
 use crate::status::StatusSource;
-use crate::store::{PassingEvent, Store, StoreParts, StoreStats};
+use crate::store::{Live, Store, StoreParts, StoreStats};
 use crate::uplink::{Uplink, UplinkStatus};
 
 /// Reads waiting for the store: far more than a mass start produces within one commit interval
@@ -35,7 +35,8 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// A started gateway: its handles, and the way to stop it.
 pub struct Running {
     pub cancel: CancellationToken,
-    pub events: broadcast::Sender<PassingEvent>,
+    /// Passings and (while watched) reads, as they are committed.
+    pub live: Live,
     pub status: StatusSource,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
     reader: JoinHandle<anyhow::Result<()>>,
@@ -60,10 +61,11 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let store_stats = Arc::new(StoreStats::default());
     let uplink_status = Arc::new(Mutex::new(UplinkStatus::default()));
     let notify = Arc::new(Notify::new());
-    let (events, _) = broadcast::channel(1024);
+    let live = Live::new();
+    let events = live.passings.clone();
     let (reads_tx, reads_rx) = crossbeam_channel::bounded(READ_QUEUE);
 
-    let StoreParts { store, handle } = Store::open(cfg, reads_rx, notify.clone(), events.clone(), store_stats.clone())?;
+    let StoreParts { store, handle } = Store::open(cfg, reads_rx, notify.clone(), live.clone(), store_stats.clone())?;
     let store_stats_live = store_stats.live.clone();
     let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
 
@@ -103,9 +105,9 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         );
     }
     {
-        let (h, s, alias, path) =
-            (handle.clone(), status.clone(), cfg.session.alias.clone(), cfg.control.socket.clone());
-        let bind = move |_: &str| ControlServer::bind(&path, h.clone(), s.clone(), alias.clone());
+        let (h, s, alias, path, reads) =
+            (handle.clone(), status.clone(), cfg.session.alias.clone(), cfg.control.socket.clone(), live.reads.clone());
+        let bind = move |_: &str| ControlServer::bind(&path, h.clone(), s.clone(), alias.clone(), reads.clone());
         let listener = Optional {
             what: "control",
             listen: cfg.control.socket.display().to_string(),
@@ -153,7 +155,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         let c = cancel.clone();
         tasks.spawn(async move { ("signals", crate::supervisor::watch_signals(c, reloader).await) });
     }
-    Ok(Running { cancel, events, status, tasks, reader, store })
+    Ok(Running { cancel, live, status, tasks, reader, store })
 }
 
 impl Running {

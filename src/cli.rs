@@ -50,6 +50,14 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Follow the running daemon: one line per read as it is stored (time, chip, bib or
+    /// "unmapped", antenna, RSSI, passing #N or repeat) and a summary every 10 s. Ctrl-C ends it.
+    Watch {
+        /// One JSON object per line: reads as {"at", "chip", "bib", "antenna", "rssi",
+        /// "passing"}, summaries with "summary": true.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bind this box as a RUFUS device.
     Device {
         #[command(subcommand)]
@@ -73,6 +81,10 @@ pub enum SessionAction {
         /// The session's name at RUFUS (default: `session.alias`); up to 64 characters.
         #[arg(long)]
         alias: Option<String>,
+        /// A chip check: a local test session, stored and shown like any other, never sent to
+        /// RUFUS. Refused while a race session is open; a race `session start` ends it.
+        #[arg(long)]
+        test: bool,
     },
     /// Close the open session (its queue drains, then it is closed remotely).
     Close,
@@ -158,6 +170,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Watch { json } => {
+            let cfg = Config::load(&path, Purpose::Local)?;
+            crate::watch::follow(&cfg.control.socket, json)
+        }
         Command::Device { action: DeviceAction::Bind { model, serial_number, alias } } => {
             let cfg = Config::load(&path, Purpose::DeviceBind)?;
             bind(&cfg, &model, &serial_number, alias.as_deref())
@@ -218,12 +234,19 @@ fn session_row(answer: serde_json::Value) -> anyhow::Result<crate::store::query:
 
 fn session(action: SessionAction, cfg: &Config) -> anyhow::Result<()> {
     match action {
-        SessionAction::Start { alias } => {
-            let s = session_row(control::request(&cfg.control.socket, &Request::SessionStart { alias })?)?;
-            println!(
-                "session #{} \"{}\" open (remote: {}); reads are assigned to it from now on",
-                s.id, s.alias, s.remote_state
-            );
+        SessionAction::Start { alias, test } => {
+            let s = session_row(control::request(&cfg.control.socket, &Request::SessionStart { alias, test })?)?;
+            if s.test {
+                println!(
+                    "test session #{} \"{}\" open: a chip check, never sent to RUFUS; follow it with `rufus-gateway watch`, end it with `rufus-gateway session close`",
+                    s.id, s.alias
+                );
+            } else {
+                println!(
+                    "session #{} \"{}\" open (remote: {}); reads are assigned to it from now on",
+                    s.id, s.alias, s.remote_state
+                );
+            }
             Ok(())
         }
         SessionAction::Resend { alias } => {

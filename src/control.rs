@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncWriteExt, BufReader as AsyncBufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::UnixListener;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -23,7 +26,7 @@ use crate::config::alias_or_default;
 use crate::limits::{AcceptPause, CONTROL_CONNECTIONS, ConnectionCap};
 use crate::status::StatusSource;
 use crate::store::query::Db;
-use crate::store::{Op, StoreHandle};
+use crate::store::{Op, ReadEvent, StoreHandle};
 
 /// The daemon is not running or not reachable: exit 69 (`EX_UNAVAILABLE`).
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +42,19 @@ pub struct NotRunning {
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    SessionStart { alias: Option<String> },
+    SessionStart {
+        alias: Option<String>,
+        /// A test session (chip check), never sent to RUFUS.
+        #[serde(default)]
+        test: bool,
+    },
     SessionClose,
-    SessionResend { alias: Option<String> },
+    SessionResend {
+        alias: Option<String>,
+    },
+    /// Stream the reads as they are committed (`rufus-gateway watch`): after the answer, one
+    /// JSON object per line until the client leaves.
+    Watch,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +80,8 @@ pub struct ControlServer {
     status: StatusSource,
     default_alias: String,
     cap: ConnectionCap,
+    /// The store's read events, for `watch`.
+    reads: broadcast::Sender<Arc<ReadEvent>>,
 }
 
 impl ControlServer {
@@ -77,7 +92,13 @@ impl ControlServer {
 
     /// Bind now (so readiness means the socket answers). A stale socket is replaced; anything
     /// else at the path (a regular file, a directory) is left alone and refused.
-    pub fn bind(path: &Path, store: StoreHandle, status: StatusSource, default_alias: String) -> anyhow::Result<Self> {
+    pub fn bind(
+        path: &Path,
+        store: StoreHandle,
+        status: StatusSource,
+        default_alias: String,
+        reads: broadcast::Sender<Arc<ReadEvent>>,
+    ) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -98,7 +119,7 @@ impl ControlServer {
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         let cap = ConnectionCap::new("control", CONTROL_CONNECTIONS, status.listening.clone());
-        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap })
+        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap, reads })
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -115,12 +136,13 @@ impl ControlServer {
                     let store = self.store.clone();
                     let status = self.status.clone();
                     let alias = self.default_alias.clone();
+                    let reads = self.reads.clone();
                     let cancel = cancel.clone();
                     tokio::spawn(async move {
                         let _slot = slot;
                         tokio::select! {
                             _ = cancel.cancelled() => {}
-                            _ = serve(stream, &store, &status, &alias) => {}
+                            _ = serve(stream, &store, &status, &alias, &reads) => {}
                         }
                     });
                 }
@@ -134,12 +156,42 @@ impl ControlServer {
     }
 }
 
-/// One client: one bounded request line within its deadline, one answer.
-async fn serve(stream: tokio::net::UnixStream, store: &StoreHandle, status: &StatusSource, alias: &str) {
+/// One client: one bounded request line within its deadline, one answer (then, for `watch`,
+/// the stream of reads until the client leaves).
+async fn serve(
+    stream: tokio::net::UnixStream,
+    store: &StoreHandle,
+    status: &StatusSource,
+    alias: &str,
+    reads: &broadcast::Sender<Arc<ReadEvent>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut read = AsyncBufReader::with_capacity(1024, read);
     let response = match tokio::time::timeout(REQUEST_WAIT, crate::limits::read_line(&mut read, REQUEST_MAX)).await {
         Ok(Ok(Some(line))) => match std::str::from_utf8(&line) {
+            Ok(line) if is_watch(line) => {
+                // Subscribed before answering: nothing committed after the answer is missed.
+                let live = reads.subscribe();
+                let ok = Response { ok: true, result: Some(serde_json::json!({ "watching": true })), error: None };
+                let mut text = serde_json::to_string(&ok).unwrap_or_default();
+                text.push('\n');
+                if !matches!(tokio::time::timeout(ANSWER_WAIT, write.write_all(text.as_bytes())).await, Ok(Ok(()))) {
+                    return;
+                }
+                info!("a watcher follows the reads");
+                // Ends when the watcher leaves (a write fails) or stalls; the reader half is
+                // watched too, so one that leaves while nothing is read frees its slot now.
+                let mut leaving = [0u8; 64];
+                tokio::select! {
+                    result = crate::watch::serve(&mut write, live) => {
+                        if let Err(e) = result {
+                            info!(reason = %e, "a watcher left");
+                        }
+                    }
+                    _ = async { while matches!(read.read(&mut leaving).await, Ok(n) if n > 0) {} } => {}
+                }
+                return;
+            }
             Ok(line) => handle(line, store, status, alias).await,
             Err(_) => refusal("bad request: not UTF-8".into()),
         },
@@ -150,6 +202,10 @@ async fn serve(stream: tokio::net::UnixStream, store: &StoreHandle, status: &Sta
     let mut text = serde_json::to_string(&response).unwrap_or_default();
     text.push('\n');
     let _ = tokio::time::timeout(ANSWER_WAIT, write.write_all(text.as_bytes())).await;
+}
+
+fn is_watch(line: &str) -> bool {
+    matches!(serde_json::from_str::<Request>(line), Ok(Request::Watch))
 }
 
 fn refusal(error: String) -> Response {
@@ -173,10 +229,10 @@ async fn handle(line: &str, store: &StoreHandle, status: &StatusSource, default_
                 let s = tokio::task::spawn_blocking(move || source.snapshot()).await??;
                 Ok(serde_json::to_value(s)?)
             }
-            Request::SessionStart { alias } => {
+            Request::SessionStart { alias, test } => {
                 let alias = alias_or_default(alias.as_deref(), default_alias).map_err(anyhow::Error::msg)?;
-                let id = store.call(Op::StartSession { alias: alias.clone() }).await?.unwrap_or_default();
-                info!(session_id = id, alias = %alias, "session started from the control socket");
+                let id = store.call(Op::StartSession { alias: alias.clone(), test }).await?.unwrap_or_default();
+                info!(session_id = id, alias = %alias, test, "session started from the control socket");
                 session_value(status, id).await
             }
             Request::SessionResend { alias } => {
@@ -188,6 +244,7 @@ async fn handle(line: &str, store: &StoreHandle, status: &StatusSource, default_
                 let id = store.call(Op::CloseSession).await?.unwrap_or_default();
                 session_value(status, id).await
             }
+            Request::Watch => anyhow::bail!("watch is answered by the stream"),
         }
     }
     .await;

@@ -59,7 +59,7 @@ async fn run_in(dir: &std::path::Path, duration: Duration, outage: bool) -> anyh
 
     let cancel = CancellationToken::new();
     let running = crate::app::start(&cfg, crate::app::Options::default(), cancel.clone())?;
-    let mut events = running.events.subscribe();
+    let mut events = running.live.passings.subscribe();
     let status = running.status.clone();
     let wait = tokio::spawn(running.wait());
 

@@ -383,6 +383,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Deserialize, Default)]
 struct StartBody {
     alias: Option<String>,
+    /// A test session (chip check), never sent to RUFUS.
+    #[serde(default)]
+    test: bool,
 }
 
 async fn session_start(
@@ -399,10 +402,10 @@ async fn session_start(
         Ok(alias) => alias,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match shared.store.call(Op::StartSession { alias: alias.clone() }).await {
+    match shared.store.call(Op::StartSession { alias: alias.clone(), test: body.test }).await {
         Ok(id) => {
-            info!(session_id = id.unwrap_or_default(), alias = %alias, "session started from the dashboard");
-            axum::Json(json!({ "id": id, "alias": alias })).into_response()
+            info!(session_id = id.unwrap_or_default(), alias = %alias, test = body.test, "session started from the dashboard");
+            axum::Json(json!({ "id": id, "alias": alias, "test": body.test })).into_response()
         }
         Err(e) => store_error(e),
     }

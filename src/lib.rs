@@ -58,3 +58,4 @@ pub mod store;
 pub mod supervisor;
 pub mod timestamp;
 pub mod uplink;
+pub mod watch;

@@ -186,6 +186,11 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
     // (Unknown while the database cannot be read: the storage problem says so.)
     if s.session.as_ref().is_none_or(|x| x.state != SessionState::Open) && readable {
         p.push("NO SESSION OPEN: reads are kept but not uploaded; run `rufus-gateway session start`".into());
+    } else if let Some(test) = s.session.as_ref().filter(|x| x.test && x.state == SessionState::Open) {
+        p.push(format!(
+            "TEST SESSION {} ({}) OPEN: a chip check, nothing is sent to RUFUS; start the race with `rufus-gateway session start`",
+            test.id, test.alias
+        ));
     }
     if s.queue.waiting_for_clock > 0 {
         p.push(format!(
@@ -223,10 +228,11 @@ impl Status {
         ));
         match &self.session {
             Some(s) => out.push_str(&format!(
-                "session   #{} {} — {}, remote {}{}\n",
+                "session   #{} {} — {}{}, remote {}{}\n",
                 s.id,
                 s.alias,
                 s.state,
+                if s.test { " (TEST: chip check)" } else { "" },
                 s.remote_state,
                 s.remote_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
             )),

@@ -73,11 +73,21 @@ impl Store {
                     WHERE state = 'delivered' AND delivered_at < ?1 LIMIT ?2)",
                 params![cutoff, PRUNE_STEP],
             )?;
-            // Reads of sessions finished remotely (or of no session), not used by a passing left.
+            // Closed test sessions (chip checks): nothing was to be delivered; age counts from
+            // the close.
+            passings += tx.execute(
+                "DELETE FROM passings WHERE id IN (SELECT p.id FROM sessions s CROSS JOIN passings p
+                    WHERE s.remote_state = 'local' AND s.state = 'closed' AND s.closed_at < ?1
+                    AND p.session_id = s.id LIMIT ?2)",
+                params![cutoff, PRUNE_STEP],
+            )?;
+            // Reads of sessions finished remotely or closed tests (or of no session), not used by
+            // a passing left.
             let reads = tx.execute(
                 "DELETE FROM reads WHERE id IN (
                     SELECT r.id FROM reads r LEFT JOIN sessions s ON s.id = r.session_id
-                    WHERE r.received_at < ?1 AND (r.session_id IS NULL OR s.remote_state = 'closed')
+                    WHERE r.received_at < ?1 AND (r.session_id IS NULL OR s.remote_state = 'closed'
+                        OR (s.remote_state = 'local' AND s.state = 'closed'))
                     AND NOT EXISTS (SELECT 1 FROM passings p WHERE p.read_id = r.id)
                     AND NOT EXISTS (SELECT 1 FROM windows w WHERE w.best_read = r.id)
                     LIMIT ?2)",

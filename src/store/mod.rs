@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, select};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, oneshot};
 use tracing::{error, info, warn};
 
@@ -65,6 +65,53 @@ pub struct PassingEvent {
     pub bib: String,
     pub chip: String,
     pub timestamp_us: i64,
+    /// Of a test session (chip check): not for timing software.
+    pub test: bool,
+}
+
+/// One read as it was committed, for `rufus-gateway watch`: made only while someone watches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadEvent {
+    /// The time the read (and its passing) carries, UTC µs.
+    pub at_us: i64,
+    pub chip: String,
+    /// From the bib map (or the reader); None: not in the bib map.
+    pub bib: Option<String>,
+    pub antenna: Option<i64>,
+    pub rssi: Option<i64>,
+    /// The passing this read became, or None: a repeat inside the de-duplication window (or no
+    /// session open). With `dedup_keep = "strongest"`, reads are never passings themselves: the
+    /// window's best read is announced again, with its number, when the window ends (`strongest`).
+    pub passing: Option<i64>,
+    #[serde(default)]
+    pub strongest: bool,
+    pub session_id: Option<i64>,
+    #[serde(default)]
+    pub test: bool,
+}
+
+/// What the writer tells live consumers once a commit is done.
+#[derive(Clone)]
+pub struct Live {
+    /// Passings (demo, feed, LED and beeper).
+    pub passings: broadcast::Sender<PassingEvent>,
+    /// Reads, only while a `watch` listens (an `Arc` keeps the preallocated slots small).
+    pub reads: broadcast::Sender<Arc<ReadEvent>>,
+}
+
+/// Reads a slow watcher may fall behind by before it misses some: more than a mass start's burst.
+const WATCH_BACKLOG: usize = 4096;
+
+impl Live {
+    pub fn new() -> Self {
+        Self { passings: broadcast::channel(1024).0, reads: broadcast::channel(WATCH_BACKLOG).0 }
+    }
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A change the writer makes on request; each gets a reply once it is committed.
@@ -72,6 +119,8 @@ pub struct PassingEvent {
 pub enum Op {
     StartSession {
         alias: String,
+        /// A test session (chip check): local, never sent to RUFUS.
+        test: bool,
     },
     CloseSession,
     RemoteOpened {
@@ -200,7 +249,7 @@ pub struct Store {
     reads: Receiver<Read>,
     commands: Receiver<Command>,
     notify: Arc<Notify>,
-    events: broadcast::Sender<PassingEvent>,
+    live: Live,
     stats: Arc<StoreStats>,
     commit_interval: Duration,
     unmapped: Unmapped,
@@ -259,6 +308,10 @@ impl Windows {
         }
     }
 
+    fn keeps_strongest(&self) -> bool {
+        matches!(self, Windows::Strongest(_))
+    }
+
     fn set_window(&mut self, window: Duration) {
         match self {
             Windows::First(d) => d.set_window(window),
@@ -277,6 +330,8 @@ enum Rollback {
 struct OpenSession {
     id: i64,
     next_num: i64,
+    /// A test session (chip check, `remote_state = 'local'`).
+    test: bool,
 }
 
 pub struct StoreParts {
@@ -290,7 +345,7 @@ impl Store {
         cfg: &Config,
         reads: Receiver<Read>,
         notify: Arc<Notify>,
-        events: broadcast::Sender<PassingEvent>,
+        live: Live,
         stats: Arc<StoreStats>,
     ) -> anyhow::Result<StoreParts> {
         let bibs = match &cfg.passings.bib_map {
@@ -310,7 +365,7 @@ impl Store {
             reads,
             commands,
             notify,
-            events,
+            live,
             stats,
             commit_interval: cfg.storage.commit_interval,
             unmapped: if cfg.passings.bib_map.is_some() { cfg.passings.unmapped } else { Unmapped::Chip },
@@ -462,9 +517,14 @@ impl Store {
         if !events.is_empty() {
             self.notify.notify_one();
             for e in events {
-                let _ = self.events.send(e);
+                let _ = self.live.passings.send(e);
             }
         }
+    }
+
+    /// Whether anyone watches the reads (otherwise no `ReadEvent` is made at all).
+    fn watched(&self) -> bool {
+        self.live.reads.receiver_count() > 0
     }
 }
 

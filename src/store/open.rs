@@ -188,7 +188,7 @@ impl Store {
         if self.open.is_none()
             && let Some(alias) = self.auto_start.clone()
         {
-            let id = self.start_session(&alias)?;
+            let id = self.start_session(&alias, false)?;
             info!(session_id = id, alias = %alias, "session opened automatically (session.auto_start)");
         }
         self.loaded = true;
@@ -248,9 +248,11 @@ impl Store {
     pub(super) fn load_open_session(&mut self, window: Duration) -> anyhow::Result<()> {
         let conn = self.conn.as_ref().ok_or_else(unavailable)?;
         self.open = conn
-            .query_row("SELECT id, next_num FROM sessions WHERE state = 'open' ORDER BY id DESC LIMIT 1", [], |r| {
-                Ok(OpenSession { id: r.get(0)?, next_num: r.get(1)? })
-            })
+            .query_row(
+                "SELECT id, next_num, remote_state = 'local' FROM sessions WHERE state = 'open' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| Ok(OpenSession { id: r.get(0)?, next_num: r.get(1)?, test: r.get(2)? }),
+            )
             .optional()?;
         let Some(open) = self.open else { return Ok(()) };
         let mut stmt = conn.prepare(

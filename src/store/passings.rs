@@ -30,7 +30,7 @@ pub(super) fn drain_windows(
     let mut passings = PassingWriter::new(tx)?;
     let mut events = Vec::new();
     for ended in w.drain() {
-        events.push(passings.insert(open.id, &mut open.next_num, &ended.best, ended.start_us)?);
+        events.push(passings.insert(open, &ended.best, ended.start_us)?);
     }
     tx.execute("DELETE FROM windows WHERE session_id = ?1", [open.id])?;
     tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![open.next_num, open.id])?;
@@ -52,13 +52,14 @@ impl<'t> PassingWriter<'t> {
         })
     }
 
+    /// Insert the session's next passing (numbered from `session.next_num`, which moves on).
     fn insert(
         &mut self,
-        session_id: i64,
-        num: &mut i64,
+        session: &mut OpenSession,
         c: &Candidate,
         window_start: i64,
     ) -> rusqlite::Result<PassingEvent> {
+        let (session_id, num) = (session.id, &mut session.next_num);
         self.stmt.execute(params![
             session_id,
             *num,
@@ -75,6 +76,7 @@ impl<'t> PassingWriter<'t> {
             bib: c.bib.clone(),
             chip: c.chip.clone(),
             timestamp_us: c.timestamp_us,
+            test: session.test,
         };
         *num += 1;
         Ok(event)
@@ -155,6 +157,47 @@ pub(super) fn candidate(read_id: i64, read: &Read, bib: String) -> Candidate {
     }
 }
 
+/// A read as `watch` shows it (its passing number is filled in once it makes one).
+fn watch_event(bibs: &HashMap<String, String>, read: &Read, session: Option<&OpenSession>) -> ReadEvent {
+    ReadEvent {
+        at_us: read.timestamp_us,
+        chip: read.chip.clone(),
+        bib: bibs.get(&read.chip).cloned().or_else(|| read.bib.clone()),
+        antenna: read.antenna,
+        rssi: read.rssi,
+        passing: None,
+        strongest: false,
+        session_id: session.map(|s| s.id),
+        test: session.is_some_and(|s| s.test),
+    }
+}
+
+/// With `dedup_keep = "strongest"`, the passings that windows just ended with, announced to
+/// `watch` as their best reads.
+fn strongest_events(
+    seen: &mut Vec<ReadEvent>,
+    ended: &[PassingEvent],
+    bibs: &HashMap<String, String>,
+    strongest: bool,
+) {
+    if !strongest {
+        return;
+    }
+    for p in ended {
+        seen.push(ReadEvent {
+            at_us: p.timestamp_us,
+            chip: p.chip.clone(),
+            bib: bibs.get(&p.chip).cloned(),
+            antenna: None,
+            rssi: None,
+            passing: Some(p.num_passing),
+            strongest: true,
+            session_id: Some(p.session_id),
+            test: p.test,
+        });
+    }
+}
+
 /// The bib of a read: the bib map, then a bib the reader sent, then the chip (or none: `unmapped = "skip"`).
 pub(super) fn bib_for(bibs: &HashMap<String, String>, unmapped: Unmapped, read: &Read) -> Option<String> {
     if let Some(bib) = bibs.get(&read.chip) {
@@ -217,11 +260,12 @@ impl Store {
             self.reconnect(false);
         }
         let mut events = Vec::new();
+        let mut watched = self.watched().then(Vec::new);
         let mut undo = match &self.windows {
             Windows::First(_) => Rollback::First(Vec::new()),
             Windows::Strongest(w) => Rollback::Strongest(Box::new(w.clone())),
         };
-        match self.write_reads(batch, &mut undo, &mut events) {
+        match self.write_reads(batch, &mut undo, &mut events, watched.as_mut()) {
             Ok(next) => {
                 if let (Some(open), Some(next_num)) = (self.open.as_mut(), next) {
                     open.next_num = next_num;
@@ -231,6 +275,9 @@ impl Store {
                 self.stats.buffered_reads.store(0, Ordering::Relaxed);
                 self.set_error(None);
                 self.publish(events);
+                for e in watched.into_iter().flatten() {
+                    let _ = self.live.reads.send(Arc::new(e));
+                }
                 true
             }
             Err(e) => {
@@ -267,15 +314,17 @@ impl Store {
     }
 
     /// One transaction: every read, and the passings they make. Returns the session's next number.
+    /// With `watched`, each read is also described there, for `watch` (published after the commit).
     pub(super) fn write_reads(
         &mut self,
         batch: &[Read],
         undo: &mut Rollback,
         events: &mut Vec<PassingEvent>,
+        mut watched: Option<&mut Vec<ReadEvent>>,
     ) -> anyhow::Result<Option<i64>> {
         let tx = db(&mut self.conn)?.transaction()?;
-        let session = self.open;
-        let mut next_num = session.map(|s| s.next_num);
+        // A copy: its number moves on here, and reaches `self.open` only once committed.
+        let mut session = self.open;
         let mut touched: Vec<String> = Vec::new();
         {
             let mut seen =
@@ -306,7 +355,11 @@ impl Store {
                     session.map(|s| s.id),
                 ])?;
                 let read_id = tx.last_insert_rowid();
-                let (Some(s), Some(num)) = (session, next_num.as_mut()) else { continue };
+                let before = events.len();
+                if let Some(seen) = watched.as_deref_mut() {
+                    seen.push(watch_event(&self.bibs, read, session.as_ref()));
+                }
+                let Some(s) = session.as_mut() else { continue };
                 if replayed {
                     continue;
                 }
@@ -317,31 +370,43 @@ impl Store {
                         undo.extend(u);
                         if fresh {
                             let c = candidate(read_id, read, bib);
-                            events.push(passings.insert(s.id, num, &c, read.timestamp_us)?);
+                            events.push(passings.insert(s, &c, read.timestamp_us)?);
+                            if let (Some(seen), Some(p)) = (watched.as_deref_mut(), events.last())
+                                && let Some(last) = seen.last_mut()
+                            {
+                                last.passing = Some(p.num_passing);
+                            }
                         }
                     }
                     (Windows::Strongest(w), _) => {
                         let c = candidate(read_id, read, bib);
                         if let Some(ended) = w.offer(c, read.host.monotonic_us) {
-                            events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                            events.push(passings.insert(s, &ended.best, ended.start_us)?);
                         }
                         touched.push(read.chip.clone());
                     }
                     _ => unreachable!("rollback matches the mode"),
                 }
+                if let Some(seen) = watched.as_deref_mut() {
+                    strongest_events(seen, &events[before..], &self.bibs, self.windows.keeps_strongest());
+                }
             }
-            if let (Some(s), Some(num), Windows::Strongest(w)) = (session, next_num.as_mut(), &mut self.windows) {
+            if let (Some(s), Windows::Strongest(w)) = (session.as_mut(), &mut self.windows) {
+                let before = events.len();
                 for ended in w.due(clock::monotonic_us()) {
                     touched.push(ended.best.chip.clone());
-                    events.push(passings.insert(s.id, num, &ended.best, ended.start_us)?);
+                    events.push(passings.insert(s, &ended.best, ended.start_us)?);
+                }
+                if let Some(seen) = watched {
+                    strongest_events(seen, &events[before..], &self.bibs, true);
                 }
                 persist_windows(&tx, s.id, w, &touched)?;
             }
         }
-        if let (Some(s), Some(n)) = (session, next_num) {
-            tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![n, s.id])?;
+        if let Some(s) = session {
+            tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![s.next_num, s.id])?;
         }
         tx.commit()?;
-        Ok(next_num)
+        Ok(session.map(|s| s.next_num))
     }
 }

@@ -25,6 +25,9 @@ pub struct SessionRow {
     pub undeliverable: i64,
     /// Moved into a later session by `session resend`.
     pub moved: i64,
+    /// A test session (chip check): `remote_state` is `local`, nothing of it is sent.
+    #[serde(default)]
+    pub test: bool,
 }
 
 /// A session's life on the box (`sessions.state`).
@@ -48,6 +51,8 @@ pub enum RemoteState {
     Closed,
     /// Closed at RUFUS by someone else: what it still holds waits for `session resend`.
     ClosedRemotely,
+    /// A test session (a chip check, `session start --test`): never sent to RUFUS.
+    Local,
 }
 
 impl SessionState {
@@ -67,6 +72,7 @@ impl RemoteState {
             RemoteState::Open => "open",
             RemoteState::Closed => "closed",
             RemoteState::ClosedRemotely => "closed_remotely",
+            RemoteState::Local => "local",
         }
     }
 }
@@ -102,20 +108,24 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     let delivered: i64 = r.get(9)?;
     let undeliverable: i64 = r.get(10)?;
     let moved: i64 = r.get(11)?;
+    let remote_state: RemoteState = state_from_sql(r, 3)?;
+    // A test session's passings wait for nothing: none is pending.
+    let pending = if remote_state == RemoteState::Local { 0 } else { passings - delivered - undeliverable - moved };
     Ok(SessionRow {
         id: r.get(0)?,
         alias: r.get(1)?,
         state: state_from_sql(r, 2)?,
-        remote_state: state_from_sql(r, 3)?,
+        remote_state,
         token: r.get(4)?,
         remote_error: r.get(5)?,
         created_at: crate::clock::rfc3339(r.get(6)?),
         closed_at: r.get::<_, Option<i64>>(7)?.map(crate::clock::rfc3339),
         passings,
-        pending: passings - delivered - undeliverable - moved,
+        pending,
         delivered,
         undeliverable,
         moved,
+        test: remote_state == RemoteState::Local,
     })
 }
 
@@ -226,7 +236,7 @@ impl Db {
         let (passings, delivered, undeliverable, held): (i64, i64, i64, i64) = self.conn.query_row(
             "SELECT coalesce(sum(next_num - 1 - moved), 0), coalesce(sum(delivered), 0), coalesce(sum(undeliverable), 0),
                     coalesce(sum(CASE WHEN remote_state = 'closed_remotely' THEN next_num - 1 - delivered - undeliverable - moved ELSE 0 END), 0)
-             FROM sessions",
+             FROM sessions WHERE remote_state != 'local'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
@@ -236,7 +246,7 @@ impl Db {
             // whole (mostly delivered) table instead.
             "SELECT min(p.timestamp), coalesce(sum(p.clock_synced = 0), 0)
              FROM sessions s CROSS JOIN passings p
-             WHERE s.delivered_through < s.next_num - 1
+             WHERE s.delivered_through < s.next_num - 1 AND s.remote_state != 'local'
                AND p.session_id = s.id AND p.num_passing > s.delivered_through AND p.state = 'pending'",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),

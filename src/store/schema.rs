@@ -98,6 +98,32 @@ const MIGRATIONS: &[&str] = &[
     -- Rows version 1 marked delivered, for retention (empty in a database created since).
     CREATE INDEX passings_delivered_v1 ON passings(delivered_at) WHERE state = 'delivered';
     "#,
+    // 3: test sessions (`session start --test`, a chip check): `remote_state = 'local'`, never
+    // sent. A CHECK constraint cannot be altered in place, so the (small) sessions table is
+    // rebuilt; foreign keys are off meanwhile and checked before the commit (`migrate_to`).
+    r#"
+    CREATE TABLE sessions_v3 (
+        id                INTEGER PRIMARY KEY,
+        alias             TEXT NOT NULL,
+        state             TEXT NOT NULL CHECK (state IN ('open', 'closing', 'closed')),
+        remote_state      TEXT NOT NULL CHECK (remote_state IN ('pending', 'open', 'closed', 'closed_remotely', 'local')),
+        token             TEXT,
+        remote_error      TEXT,
+        created_at        INTEGER NOT NULL,
+        closed_at         INTEGER,
+        next_num          INTEGER NOT NULL DEFAULT 1,
+        delivered         INTEGER NOT NULL DEFAULT 0,
+        undeliverable     INTEGER NOT NULL DEFAULT 0,
+        moved             INTEGER NOT NULL DEFAULT 0,
+        delivered_through INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO sessions_v3 (id, alias, state, remote_state, token, remote_error, created_at, closed_at,
+                             next_num, delivered, undeliverable, moved, delivered_through)
+        SELECT id, alias, state, remote_state, token, remote_error, created_at, closed_at,
+               next_num, delivered, undeliverable, moved, delivered_through FROM sessions;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v3 RENAME TO sessions;
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
@@ -119,11 +145,29 @@ pub fn migrate_to(conn: &mut Connection, version: i64) -> anyhow::Result<()> {
         // Must precede the first table; lets pruning give pages back to the SD card.
         conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().take(version as usize).skip(current as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
-        tx.commit()?;
+    if current >= version {
+        return Ok(());
     }
-    Ok(())
+    // A table rebuilt by a migration is dropped while others refer to it: foreign keys are
+    // enforced again (and checked) once the migrations are done. The pragma is a no-op inside a
+    // transaction, so it is set around them.
+    let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+    conn.execute_batch("PRAGMA foreign_keys = OFF")?;
+    let result = (|| -> anyhow::Result<()> {
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(version as usize).skip(current as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            let broken: i64 = tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| r.get(0))?;
+            if broken > 0 {
+                anyhow::bail!("migration {} would leave {broken} rows pointing nowhere; nothing was changed", i + 1);
+            }
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+            tx.commit()?;
+        }
+        Ok(())
+    })();
+    if enforced {
+        conn.execute_batch("PRAGMA foreign_keys = ON")?;
+    }
+    result
 }

@@ -3,28 +3,42 @@
 
 use super::*;
 
-/// Close a session in `tx` (a session the API already closed has nothing left to do remotely:
-/// it is closed at once).
+/// Close a session in `tx` (a session the API already closed, or a test session, has nothing left
+/// to do remotely: it is closed at once).
 pub(super) fn close_in(tx: &rusqlite::Transaction<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
     tx.execute(
-        "UPDATE sessions SET state = CASE WHEN remote_state IN ('closed', 'closed_remotely') THEN 'closed' ELSE 'closing' END,
+        "UPDATE sessions SET state = CASE WHEN remote_state IN ('closed', 'closed_remotely', 'local') THEN 'closed' ELSE 'closing' END,
             closed_at = ?1 WHERE id = ?2 AND state = 'open'",
         params![now, id],
     )
 }
 
+/// What kind of session `start_session_with` opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start {
+    Race,
+    /// A chip check: local, never sent.
+    Test,
+    /// A race session holding what remotely closed sessions could not deliver.
+    Resend,
+}
+
 impl Store {
     pub(super) fn apply(&mut self, op: Op) -> anyhow::Result<Option<i64>> {
         match op {
-            Op::StartSession { alias } => self.start_session(&alias).map(Some),
-            Op::Resend { alias } => self.start_session_with(&alias, true).map(|(id, _)| Some(id)),
+            Op::StartSession { alias, test } => self.start_session(&alias, test).map(Some),
+            Op::Resend { alias } => self.start_session_with(&alias, Start::Resend).map(|(id, _)| Some(id)),
             Op::CloseSession => {
                 let Some(open) = self.open else { return Err(Refusal("no session is open".into()).into()) };
                 self.close_locally(open.id)?;
-                info!(
-                    session_id = open.id,
-                    "session closing: no more reads assigned; remote close after its queue drains"
-                );
+                if open.test {
+                    info!(session_id = open.id, "test session closed");
+                } else {
+                    info!(
+                        session_id = open.id,
+                        "session closing: no more reads assigned; remote close after its queue drains"
+                    );
+                }
                 Ok(Some(open.id))
             }
             Op::RemoteOpened { session_id, token } => {
@@ -108,14 +122,25 @@ impl Store {
         }
     }
 
-    /// Open a new session at once (offline or not); the open one, if any, starts closing.
-    pub(super) fn start_session(&mut self, alias: &str) -> anyhow::Result<i64> {
-        self.start_session_with(alias, false).map(|(id, _)| id)
+    /// Open a new session at once (offline or not); the open one, if any, starts closing. A test
+    /// session (chip check) never replaces a race session: that is refused.
+    pub(super) fn start_session(&mut self, alias: &str, test: bool) -> anyhow::Result<i64> {
+        self.start_session_with(alias, if test { Start::Test } else { Start::Race }).map(|(id, _)| id)
     }
 
-    /// Open a new session; with `resend`, move into it (numbered afresh from 1) the passings that
-    /// remotely closed sessions could not deliver. One transaction: all of it or none.
-    pub(super) fn start_session_with(&mut self, alias: &str, resend: bool) -> anyhow::Result<(i64, i64)> {
+    /// Open a new session; with `Start::Resend`, move into it (numbered afresh from 1) the
+    /// passings that remotely closed sessions could not deliver. One transaction: all of it or none.
+    pub(super) fn start_session_with(&mut self, alias: &str, kind: Start) -> anyhow::Result<(i64, i64)> {
+        let test = kind == Start::Test;
+        if let (true, Some(open)) = (test, self.open)
+            && !open.test
+        {
+            return Err(Refusal(format!(
+                "race session #{} is open: a chip check would take its reads. Close it first with `rufus-gateway session close`",
+                open.id
+            ))
+            .into());
+        }
         let now = clock::now_us();
         let tx = db(&mut self.conn)?.transaction()?;
         let events = drain_windows(&tx, &mut self.open, &mut self.windows)?;
@@ -123,12 +148,12 @@ impl Store {
             close_in(&tx, open.id, now)?;
         }
         tx.execute(
-            "INSERT INTO sessions (alias, state, remote_state, created_at) VALUES (?1, 'open', 'pending', ?2)",
-            params![alias, now],
+            "INSERT INTO sessions (alias, state, remote_state, created_at) VALUES (?1, 'open', ?2, ?3)",
+            params![alias, if test { "local" } else { "pending" }, now],
         )?;
         let id = tx.last_insert_rowid();
         let mut next_num = 1;
-        if resend {
+        if kind == Start::Resend {
             let held: Vec<i64> = tx
                 .prepare("SELECT id FROM sessions WHERE remote_state = 'closed_remotely' ORDER BY id")?
                 .query_map([], |r| r.get(0))?
@@ -169,12 +194,18 @@ impl Store {
         }
         tx.commit()?;
         self.publish(events);
-        if let Some(open) = self.open {
-            info!(session_id = open.id, "session closing: a new session was started");
+        match self.open {
+            Some(open) if open.test => info!(session_id = open.id, "test session closed: a new session was started"),
+            Some(open) => info!(session_id = open.id, "session closing: a new session was started"),
+            None => {}
         }
-        self.open = Some(OpenSession { id, next_num });
+        self.open = Some(OpenSession { id, next_num, test });
         self.windows.clear();
-        info!(session_id = id, alias, "session started");
+        if test {
+            info!(session_id = id, alias, "test session started (chip check): nothing of it is sent to RUFUS");
+        } else {
+            info!(session_id = id, alias, "session started");
+        }
         Ok((id, next_num - 1))
     }
 

@@ -14,6 +14,7 @@ struct Rig {
     dir: tempfile::TempDir,
     handle: Option<StoreHandle>,
     reads: Option<Sender<Read>>,
+    live: Live,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -25,11 +26,11 @@ impl Rig {
         cfg.clock.source = ClockSource::Trust;
         edit(&mut cfg);
         let (tx, rx) = crossbeam_channel::bounded(1000);
-        let (events, _) = broadcast::channel(64);
+        let live = Live::new();
         let StoreParts { store, handle } =
-            Store::open(&cfg, rx, Arc::new(Notify::new()), events, Arc::default()).unwrap();
+            Store::open(&cfg, rx, Arc::new(Notify::new()), live.clone(), Arc::default()).unwrap();
         let thread = std::thread::spawn(move || store.run());
-        Rig { dir, handle: Some(handle), reads: Some(tx), thread: Some(thread) }
+        Rig { dir, handle: Some(handle), reads: Some(tx), live, thread: Some(thread) }
     }
 
     fn call(&self, op: Op) -> Reply {
@@ -106,7 +107,7 @@ fn reads_become_numbered_passings_through_the_window_and_the_bib_map() {
         c.passings.bib_map = Some(map.clone());
         c.passings.dedup_window = Duration::from_secs(3);
     });
-    let id = rig.call(Op::StartSession { alias: "FINISH".into() }).unwrap().unwrap();
+    let id = rig.call(Op::StartSession { alias: "FINISH".into(), test: false }).unwrap().unwrap();
     let t = base();
     rig.read("AAA1", t, 0);
     rig.read("AAA1", t, 1000); // inside the 3 s window: the same passing
@@ -130,7 +131,7 @@ fn unmapped_chips_can_be_skipped() {
         c.passings.bib_map = Some(map.clone());
         c.passings.unmapped = Unmapped::Skip;
     });
-    let id = rig.call(Op::StartSession { alias: "FINISH".into() }).unwrap().unwrap();
+    let id = rig.call(Op::StartSession { alias: "FINISH".into(), test: false }).unwrap().unwrap();
     let t = base();
     rig.read("ZZZ9", t, 0);
     rig.read("AAA1", t, 10);
@@ -142,7 +143,7 @@ fn unmapped_chips_can_be_skipped() {
 fn session_transitions_and_refusals() {
     let rig = Rig::new(|_| {});
     assert_eq!(rig.call(Op::CloseSession), Err(StoreError::Refused("no session is open".into())));
-    let first = rig.call(Op::StartSession { alias: "ONE".into() }).unwrap().unwrap();
+    let first = rig.call(Op::StartSession { alias: "ONE".into(), test: false }).unwrap().unwrap();
     let row = rig.db().session(first).unwrap().unwrap();
     assert_eq!((row.state, row.remote_state), (SessionState::Open, RemoteState::Pending));
 
@@ -150,7 +151,7 @@ fn session_transitions_and_refusals() {
     assert_eq!(rig.db().session(first).unwrap().unwrap().remote_state, RemoteState::Open);
 
     // A new session while one is open: the first stops taking reads and drains.
-    let second = rig.call(Op::StartSession { alias: "TWO".into() }).unwrap().unwrap();
+    let second = rig.call(Op::StartSession { alias: "TWO".into(), test: false }).unwrap().unwrap();
     assert_ne!(first, second);
     assert_eq!(rig.db().session(first).unwrap().unwrap().state, SessionState::Closing);
     assert_eq!(rig.db().open_session().unwrap().unwrap().id, second);
@@ -172,7 +173,7 @@ fn session_transitions_and_refusals() {
 #[test]
 fn the_delivery_record_moves_only_under_the_right_token() {
     let rig = Rig::new(|c| c.passings.dedup_window = Duration::ZERO);
-    let id = rig.call(Op::StartSession { alias: "FINISH".into() }).unwrap().unwrap();
+    let id = rig.call(Op::StartSession { alias: "FINISH".into(), test: false }).unwrap().unwrap();
     rig.call(Op::RemoteOpened { session_id: id, token: "tok-right".into() }).unwrap();
     let t = base();
     for i in 0..5 {
@@ -201,7 +202,7 @@ fn retention_prunes_delivered_passings_and_keeps_pending_ones() {
         c.storage.retention = Duration::from_secs(4);
         c.passings.dedup_window = Duration::ZERO;
     });
-    let id = rig.call(Op::StartSession { alias: "OLD".into() }).unwrap().unwrap();
+    let id = rig.call(Op::StartSession { alias: "OLD".into(), test: false }).unwrap().unwrap();
     rig.call(Op::RemoteOpened { session_id: id, token: "tok".into() }).unwrap();
     let t = base();
     for i in 0..4 {
@@ -216,4 +217,82 @@ fn retention_prunes_delivered_passings_and_keeps_pending_ones() {
     let left: Vec<i64> = rig.passings(id).iter().map(|p| p.0).collect();
     assert_eq!(left, [3, 4], "what was never delivered is kept, whatever its age");
     assert_eq!(rig.db().queue().unwrap().pending, 2);
+}
+
+#[test]
+fn a_test_session_is_local_and_never_interrupts_a_race() {
+    let rig = Rig::new(|c| c.passings.dedup_window = Duration::ZERO);
+    let test = rig.call(Op::StartSession { alias: "CHECK".into(), test: true }).unwrap().unwrap();
+    let row = rig.db().session(test).unwrap().unwrap();
+    assert_eq!((row.state, row.remote_state, row.test), (SessionState::Open, RemoteState::Local, true));
+    let t = base();
+    for i in 0..3 {
+        rig.read(&format!("T{i}"), t, i);
+    }
+    rig.until("3 test passings", |db| db.session(test).unwrap().unwrap().passings == 3);
+    // Nothing of it waits for the API, and the uplink has nothing to do.
+    let q = rig.db().queue().unwrap();
+    assert_eq!((q.pending, q.oldest_pending_at), (0, None));
+    assert_eq!(rig.db().session(test).unwrap().unwrap().pending, 0);
+    assert!(matches!(rig.db().next_work(10, None).unwrap(), super::query::Work::Idle));
+    // Another chip check replaces it; a race session closes it.
+    let again = rig.call(Op::StartSession { alias: "CHECK2".into(), test: true }).unwrap().unwrap();
+    assert_eq!(rig.db().session(test).unwrap().unwrap().state, SessionState::Closed);
+    let race = rig.call(Op::StartSession { alias: "RACE".into(), test: false }).unwrap().unwrap();
+    let closed = rig.db().session(again).unwrap().unwrap();
+    assert_eq!((closed.state, closed.remote_state), (SessionState::Closed, RemoteState::Local));
+    // The race numbers from 1 and goes to the uplink.
+    rig.read("T0", t, 10);
+    rig.until("the race's first passing", |db| db.session(race).unwrap().unwrap().passings == 1);
+    assert_eq!(rig.passings(race), [(1, "T0".to_string(), "T0".to_string())]);
+    assert!(
+        matches!(rig.db().next_work(10, None).unwrap(), super::query::Work::Create { session_id, .. } if session_id == race)
+    );
+    // A chip check while the race is open is refused, and says why.
+    match rig.call(Op::StartSession { alias: "CHECK3".into(), test: true }) {
+        Err(StoreError::Refused(why)) => {
+            assert!(why.contains("race session") && why.contains("session close"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.db().open_session().unwrap().unwrap().id, race);
+}
+
+#[test]
+fn watched_reads_carry_their_bib_and_passing() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("bibs.csv");
+    std::fs::write(&map, "chip,bib\nW1,101\n").unwrap();
+    let rig = Rig::new(|c| {
+        c.passings.dedup_window = Duration::from_secs(3);
+        c.passings.bib_map = Some(map.clone());
+    });
+    let id = rig.call(Op::StartSession { alias: "W".into(), test: true }).unwrap().unwrap();
+    let t = base();
+    // Unwatched: nothing is made (no receiver, no event).
+    rig.read("W0", t, 0);
+    rig.until("the first passing", |db| db.session(id).unwrap().unwrap().passings == 1);
+    let mut watch = rig.live.reads.subscribe();
+    rig.read("W1", t, 100);
+    rig.read("W1", t, 200);
+    rig.read("W2", t, 300);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 {
+        match watch.try_recv() {
+            Ok(e) => seen.push((*e).clone()),
+            Err(_) => {
+                assert!(Instant::now() < deadline, "saw only {seen:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    let got: Vec<_> = seen.iter().map(|e| (e.chip.as_str(), e.bib.as_deref(), e.passing, e.test)).collect();
+    assert_eq!(
+        got,
+        [("W1", Some("101"), Some(2), true), ("W1", Some("101"), None, true), ("W2", None, Some(3), true)],
+        "a repeat inside the window has no passing; an unmapped chip no bib"
+    );
+    assert_eq!(seen[0].antenna, Some(1));
+    assert_eq!(seen[0].at_us, t + 100_000);
 }

@@ -126,9 +126,9 @@ proptest! {
     #[test]
     fn control_requests_and_aliases_from_any_text(line in ".{0,200}", alias in ".{0,100}") {
         let _ = serde_json::from_str::<Request>(&line);
-        let request = serde_json::to_string(&Request::SessionStart { alias: Some(alias.clone()) }).unwrap();
+        let request = serde_json::to_string(&Request::SessionStart { alias: Some(alias.clone()), test: false }).unwrap();
         let parsed: Request = serde_json::from_str(&request).unwrap();
-        let Request::SessionStart { alias: Some(given) } = parsed else { panic!("round trip") };
+        let Request::SessionStart { alias: Some(given), test: false } = parsed else { panic!("round trip") };
         if let Ok(accepted) = alias_or_default(Some(&given), "GATEWAY") {
             prop_assert!(!accepted.is_empty() && accepted.chars().count() <= ALIAS_MAX);
             prop_assert!(!accepted.chars().any(|c| c.is_control() || "\"<>=@;\\".contains(c)), "{accepted:?}");

@@ -679,7 +679,8 @@ async fn aliases_are_bounded_and_bearer_is_case_insensitive() {
     );
     gw.start().await;
     let huge = "A".repeat(1_900_000);
-    let control = |alias: &str| request(&gw.socket, &Request::SessionStart { alias: Some(alias.to_string()) });
+    let control =
+        |alias: &str| request(&gw.socket, &Request::SessionStart { alias: Some(alias.to_string()), test: false });
     // The command line refuses to send it; the daemon would cut it at 4 KiB (row 10).
     let e = control(&huge).unwrap_err().to_string();
     assert!(e.contains("longer than the daemon takes"), "{e}");

@@ -17,5 +17,6 @@ mod fuzz;
 mod hostile;
 mod operations;
 mod pipeline;
+mod screenless;
 mod systemd;
 mod upgrade;

@@ -1,0 +1,324 @@
+//! `rufus-gateway watch`: follow the reads as the store commits them, through the control socket.
+//!
+//! The daemon side subscribes to the store's read events (made only while someone watches) and
+//! writes one JSON object per line: each read, and every [`SUMMARY_EVERY`] a summary. A watcher
+//! that reads too slowly never slows the pipeline: it misses reads (and is told how many), and one
+//! that takes nothing for [`STALL_MAX`] is dropped. The CLI side prints the lines, as they are
+//! with `--json`, or for a person.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::control::{NotRunning, Request, Response};
+use crate::store::ReadEvent;
+
+/// How often a summary line is written.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// A watcher that takes no line for this long is dropped (its terminal is paused, or gone).
+pub const STALL_MAX: Duration = Duration::from_secs(60);
+/// Distinct chips remembered for the summary; beyond it the count says "at least".
+const CHIPS_MAX: usize = 100_000;
+
+/// A read as `watch --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchedRead {
+    /// The time the read carries (RFC 3339, UTC, milliseconds).
+    pub at: String,
+    pub chip: String,
+    /// From the bib map; null when the chip is not in it.
+    pub bib: Option<String>,
+    pub antenna: Option<i64>,
+    pub rssi: Option<i64>,
+    /// The passing it became (`num_passing`), or null for a repeat inside the window.
+    pub passing: Option<i64>,
+    /// With `dedup_keep = "strongest"`: the best read of a window that just ended, announced again
+    /// with its passing number.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strongest: bool,
+    /// Of a test session (chip check).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub test: bool,
+}
+
+/// Every [`SUMMARY_EVERY`]: what this watcher has seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub summary: bool,
+    pub at: String,
+    /// Distinct chips since the watch began.
+    pub chips: usize,
+    /// Reads since the watch began.
+    pub reads: u64,
+    /// Reads in the last minute.
+    pub reads_per_minute: usize,
+    /// Reads in the last minute, by antenna (`"none"` when the format has none).
+    pub antennas: BTreeMap<String, usize>,
+    /// Reads this watcher missed because it read too slowly (since the watch began).
+    pub missed: u64,
+}
+
+/// One line of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Summary(Summary),
+    Read(WatchedRead),
+}
+
+impl From<&ReadEvent> for WatchedRead {
+    fn from(e: &ReadEvent) -> Self {
+        WatchedRead {
+            at: crate::clock::api_timestamp(e.at_us),
+            chip: e.chip.clone(),
+            bib: e.bib.clone(),
+            antenna: e.antenna,
+            rssi: e.rssi,
+            passing: e.passing,
+            strongest: e.strongest,
+            test: e.test,
+        }
+    }
+}
+
+/// What a watcher has seen, for its summaries.
+#[derive(Debug, Default)]
+pub struct Tally {
+    chips: HashSet<String>,
+    reads: u64,
+    missed: u64,
+    /// (when, antenna) of the reads of the last minute.
+    recent: VecDeque<(Instant, Option<i64>)>,
+}
+
+impl Tally {
+    pub fn read(&mut self, e: &ReadEvent, now: Instant) {
+        if e.strongest {
+            return; // an announcement of a read already counted
+        }
+        self.reads += 1;
+        if self.chips.len() < CHIPS_MAX {
+            self.chips.insert(e.chip.clone());
+        }
+        self.recent.push_back((now, e.antenna));
+    }
+
+    pub fn missed(&mut self, n: u64) {
+        self.missed += n;
+    }
+
+    pub fn summary(&mut self, now: Instant) -> Summary {
+        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60)) {
+            self.recent.pop_front();
+        }
+        let mut antennas = BTreeMap::new();
+        for (_, a) in &self.recent {
+            *antennas.entry(a.map_or_else(|| "none".to_string(), |a| a.to_string())).or_insert(0) += 1;
+        }
+        Summary {
+            summary: true,
+            at: crate::clock::api_timestamp(crate::clock::now_us()),
+            chips: self.chips.len(),
+            reads: self.reads,
+            reads_per_minute: self.recent.len(),
+            antennas,
+            missed: self.missed,
+        }
+    }
+}
+
+/// Daemon side: stream reads and summaries to one watcher until it leaves, stalls, or the daemon
+/// stops (the caller cancels this future).
+pub async fn serve(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    mut reads: broadcast::Receiver<Arc<ReadEvent>>,
+) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
+    let mut tick = tokio::time::interval_at(Instant::now() + SUMMARY_EVERY, SUMMARY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        out.clear();
+        tokio::select! {
+            _ = tick.tick() => {
+                serde_json::to_writer(&mut out, &Line::Summary(tally.summary(Instant::now())))?;
+                out.push(b'\n');
+            }
+            event = reads.recv() => match event {
+                Ok(e) => {
+                    // Take what else is already there: one write for a burst.
+                    let mut next = Some(e);
+                    while let Some(e) = next.take() {
+                        tally.read(&e, Instant::now());
+                        serde_json::to_writer(&mut out, &Line::Read(WatchedRead::from(&*e)))?;
+                        out.push(b'\n');
+                        if out.len() < 64 * 1024 {
+                            next = reads.try_recv().ok();
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tally.missed(n);
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+        }
+        match tokio::time::timeout(STALL_MAX, write.write_all(&out)).await {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("the watcher took nothing for {STALL_MAX:?}"),
+        }
+    }
+}
+
+/// CLI side: ask the daemon to be watched and print what comes until it stops.
+pub fn follow(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let not_running = |e: std::io::Error| NotRunning { socket: socket.display().to_string(), reason: e.to_string() };
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(not_running)?;
+    let mut request = serde_json::to_string(&Request::Watch)?;
+    request.push('\n');
+    stream.write_all(request.as_bytes()).map_err(not_running)?;
+    let mut lines = BufReader::new(stream);
+    let mut first = String::new();
+    lines.read_line(&mut first).map_err(not_running)?;
+    let response: Response = serde_json::from_str(&first)
+        .map_err(|_| NotRunning { socket: socket.display().to_string(), reason: "no answer".into() })?;
+    if !response.ok {
+        anyhow::bail!(response.error.unwrap_or_else(|| "the daemon refused to be watched".into()));
+    }
+    if !json {
+        eprintln!("watching the reads (Ctrl-C to stop); a summary every {} s", SUMMARY_EVERY.as_secs());
+    }
+    let stdout = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).map_err(not_running)? == 0 {
+            return Err(NotRunning { socket: socket.display().to_string(), reason: "the daemon stopped".into() }.into());
+        }
+        let mut out = stdout.lock();
+        let written = if json {
+            out.write_all(line.as_bytes())
+        } else {
+            match serde_json::from_str::<Line>(&line) {
+                Ok(parsed) => writeln!(out, "{}", human(&parsed)),
+                Err(_) => continue,
+            }
+        };
+        // A closed pipe (`watch | head`) ends the watch quietly.
+        if written.and_then(|_| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A line for a person: local time of day, chip, bib, antenna, RSSI, what it became.
+pub fn human(line: &Line) -> String {
+    match line {
+        Line::Read(r) => {
+            let time = local_time(&r.at);
+            let bib = r.bib.as_deref().map_or_else(|| "unmapped".to_string(), |b| format!("bib {b}"));
+            let antenna = r.antenna.map_or_else(String::new, |a| format!("ant {a}"));
+            let rssi = r.rssi.map_or_else(String::new, |v| format!("rssi {v}"));
+            let became = match (r.passing, r.strongest) {
+                (Some(n), true) => format!("passing #{n} (strongest read of its window)"),
+                (Some(n), false) => format!("passing #{n}"),
+                (None, _) => "repeat".to_string(),
+            };
+            let test = if r.test { "  [test]" } else { "" };
+            format!("{time}  {:<24} {bib:<14} {antenna:<6} {rssi:<9} {became}{test}", r.chip)
+        }
+        Line::Summary(s) => {
+            let antennas: Vec<String> = s.antennas.iter().map(|(a, n)| format!("{a}: {n}")).collect();
+            let missed =
+                if s.missed > 0 { format!("; {} reads not shown (too slow)", s.missed) } else { String::new() };
+            format!(
+                "-- {}  {} chips, {} reads; last minute: {} reads{}{missed}",
+                local_time(&s.at),
+                s.chips,
+                s.reads,
+                s.reads_per_minute,
+                if antennas.is_empty() { String::new() } else { format!(" (antenna {})", antennas.join(", ")) }
+            )
+        }
+    }
+}
+
+/// The box's local time of day, to the millisecond.
+fn local_time(at: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .map(|t| t.with_timezone(&chrono::Local).format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|_| at.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(chip: &str, antenna: Option<i64>, passing: Option<i64>) -> ReadEvent {
+        ReadEvent {
+            at_us: 1_674_379_225_123_000,
+            chip: chip.into(),
+            bib: (chip == "A").then(|| "7".to_string()),
+            antenna,
+            rssi: Some(-60),
+            passing,
+            strongest: false,
+            session_id: Some(1),
+            test: false,
+        }
+    }
+
+    #[test]
+    fn the_json_line_is_the_documented_one() {
+        let line = serde_json::to_value(Line::Read(WatchedRead::from(&event("A", Some(2), Some(5))))).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({"at": "2023-01-22T09:20:25.123Z", "chip": "A", "bib": "7", "antenna": 2, "rssi": -60, "passing": 5})
+        );
+        let repeat = serde_json::to_value(Line::Read(WatchedRead::from(&event("B", None, None)))).unwrap();
+        assert_eq!(repeat["passing"], serde_json::Value::Null);
+        assert_eq!(repeat["bib"], serde_json::Value::Null);
+        // Both kinds of line come back as what they were.
+        let text = serde_json::to_string(&Line::Read(WatchedRead::from(&event("B", None, None)))).unwrap();
+        assert!(matches!(serde_json::from_str::<Line>(&text).unwrap(), Line::Read(_)));
+        let mut tally = Tally::default();
+        let text = serde_json::to_string(&Line::Summary(tally.summary(Instant::now()))).unwrap();
+        assert!(matches!(serde_json::from_str::<Line>(&text).unwrap(), Line::Summary(s) if s.summary));
+    }
+
+    #[test]
+    fn the_summary_counts_chips_and_the_last_minute_by_antenna() {
+        let mut tally = Tally::default();
+        let start = Instant::now();
+        for (chip, antenna) in [("A", Some(1)), ("A", Some(2)), ("B", Some(1)), ("C", None)] {
+            tally.read(&event(chip, antenna, None), start);
+        }
+        // An announcement of a strongest read is not another read.
+        tally.read(&ReadEvent { strongest: true, ..event("A", None, Some(1)) }, start);
+        tally.missed(3);
+        let s = tally.summary(start + Duration::from_secs(30));
+        assert_eq!((s.chips, s.reads, s.reads_per_minute, s.missed), (3, 4, 4, 3));
+        assert_eq!(s.antennas, BTreeMap::from([("1".into(), 2), ("2".into(), 1), ("none".into(), 1)]));
+        tally.read(&event("D", Some(3), None), start + Duration::from_secs(50));
+        let later = tally.summary(start + Duration::from_secs(90));
+        assert_eq!((later.chips, later.reads, later.reads_per_minute), (4, 5, 1), "the minute slides");
+        assert_eq!(later.antennas, BTreeMap::from([("3".into(), 1)]));
+        assert!(human(&Line::Summary(later)).contains("antenna 3: 1"));
+    }
+
+    #[test]
+    fn a_person_reads_bib_or_unmapped_and_passing_or_repeat() {
+        let line = human(&Line::Read(WatchedRead::from(&event("A", Some(2), Some(5)))));
+        assert!(line.contains("bib 7") && line.contains("ant 2") && line.contains("passing #5"), "{line}");
+        let line = human(&Line::Read(WatchedRead::from(&event("B", None, None))));
+        assert!(line.contains("unmapped") && line.ends_with("repeat"), "{line}");
+    }
+}

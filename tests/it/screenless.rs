@@ -1,0 +1,223 @@
+//! The box a person stands next to: a chip check (test session) that RUFUS never sees, and
+//! `watch`, which follows every read without slowing the pipeline.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// Chip, antenna and RSSI, comma-separated.
+const WITH_ANTENNA: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8}),(?P<antenna>\d+),(?P<rssi>-?\d+)$'"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chip_check_reaches_nobody_and_the_race_after_it_starts_clean() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let dir = tempfile::tempdir().unwrap();
+    let bibs = dir.path().join("bibs.csv");
+    std::fs::write(&bibs, "chip,bib\nC0DE0000,100\nC0DE0001,101\nC0DE0002,102\n").unwrap();
+    let extra = format!("{WITH_ANTENNA}\npassings.bib_map = \"{}\"\npassings.dedup_window = \"3s\"", bibs.display());
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+
+    let out = gw.cli_ok(&["session", "start", "--test", "--alias", "CHECK"]);
+    assert!(out.contains("test session") && out.contains("never sent"), "{out}");
+    // Three mapped chips (one read twice, inside the window), one not in the bib map.
+    write_lines(
+        &mut pty,
+        &[
+            "C0DE0000,1,-60".into(),
+            "C0DE0001,2,-55".into(),
+            "C0DE0000,1,-58".into(),
+            "C0DE0002,3,-70".into(),
+            "C0DE00FF,4,-80".into(),
+        ],
+    );
+    let s = gw.wait_status("four test passings", |s| s["session"]["passings"] == 4).await;
+    assert_eq!(s["session"]["test"], true);
+    assert_eq!(s["session"]["remote_state"], "local");
+    assert_eq!(s["queue"]["pending"], 0, "a chip check waits for nothing");
+    let problems = s["problems"].to_string();
+    assert!(problems.contains("TEST SESSION"), "{problems}");
+    let human = gw.cli_ok(&["status"]);
+    assert!(human.contains("TEST"), "{human}");
+
+    // Bibs as the bib map says, the chip where it has none; counts per chip.
+    let id = s["session"]["id"].as_i64().unwrap();
+    let passings: Vec<(String, String)> =
+        gw.db().passings_since(id, 0, 100).unwrap().into_iter().map(|p| (p.chip, p.bib)).collect();
+    assert_eq!(
+        passings,
+        [("C0DE0000", "100"), ("C0DE0001", "101"), ("C0DE0002", "102"), ("C0DE00FF", "C0DE00FF")]
+            .map(|(c, b)| (c.to_string(), b.to_string()))
+    );
+    let list: Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["test"], true);
+    assert_eq!(list[0]["remote_state"], "local");
+
+    // A race session started now closes the chip check and numbers from 1.
+    gw.cli_ok(&["session", "start", "--alias", "RACE"]);
+    let list: Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
+    assert_eq!((list[0]["state"].as_str(), list[0]["remote_state"].as_str()), (Some("closed"), Some("local")));
+    write_lines(&mut pty, &["C0DE0001,2,-50".into(), "C0DE0005,1,-50".into()]);
+    wait_fake(&fake, &gw, "the race's two passings", |s| s.total_passings() == 2).await;
+    {
+        let state = fake.state();
+        let race = state.session_by_alias("RACE");
+        assert_eq!(race.len(), 1);
+        let nums: Vec<i64> = race[0].passings.keys().copied().collect();
+        assert_eq!(nums, [1, 2], "the race starts clean");
+        // The API never heard of the chip check.
+        assert!(state.session_by_alias("CHECK").is_empty());
+        assert!(
+            state.requests.iter().all(|r| !r.path.contains("CHECK")),
+            "no request names the test session: {:?}",
+            state.requests
+        );
+    }
+    // A chip check during the race is refused, with the reason.
+    let refused = gw.cli(&["session", "start", "--test"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("race session") && why.contains("session close"), "{why}");
+    assert_eq!(gw.status()["session"]["alias"], "RACE");
+}
+
+/// A `watch --json` child process, and its output lines.
+struct Watcher {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watcher {
+    async fn start(gw: &Gateway) -> Watcher {
+        let watchers = gw.logs().matches("a watcher follows the reads").count();
+        let mut child = Command::new(BIN)
+            .arg("-c")
+            .arg(&gw.config)
+            .args(["watch", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        // Subscribed once the daemon says so.
+        let deadline = Instant::now() + DEADLINE;
+        while gw.logs().matches("a watcher follows the reads").count() == watchers {
+            assert!(Instant::now() < deadline, "the watcher did not connect; log:\n{}", gw.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Watcher { child, lines }
+    }
+
+    /// The next `n` read lines (summaries skipped).
+    fn reads(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + DEADLINE;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("only {} of {n} reads seen", out.len()));
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["summary"] != true {
+                out.push(v);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Write `lines` and wait until the store holds `total` reads; returns the gateway's CPU ticks spent.
+async fn burst(gw: &Gateway, pty: &mut rufus_gateway::pty::Pty, lines: &[String], total: i64) -> u64 {
+    let pid = gw.pid();
+    let before = usage(pid).cpu_ticks;
+    write_lines(pty, lines);
+    gw.wait_status("the burst stored", |s| s["reader"]["reads_total"].as_i64() == Some(total)).await;
+    // The store has committed them once the session's passings are there too.
+    let deadline = Instant::now() + DEADLINE;
+    while gw.db().reads_since(0).unwrap() < total {
+        assert!(Instant::now() < deadline, "reads not committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    usage(pid).cpu_ticks - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_every_read_of_a_burst_in_order_and_a_stalled_one_slows_nothing() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!("{WITH_ANTENNA}\npassings.dedup_window = \"1h\"");
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "WATCHED"]);
+    // 2,000 reads: 1,500 chips, the first 500 of them read again (repeats inside the window).
+    let make = |round: u32| -> Vec<String> {
+        let chips = chips(round * 10_000..round * 10_000 + 1500);
+        chips
+            .iter()
+            .chain(chips[..500].iter())
+            .enumerate()
+            .map(|(i, c)| format!("{c},{},-{}", i % 4 + 1, 40 + i % 30))
+            .collect()
+    };
+
+    // Nobody watching: the baseline.
+    let mut quiet = 0;
+    for round in 0..3 {
+        quiet += burst(&gw, &mut pty, &make(round), 2000 * (i64::from(round) + 1)).await;
+    }
+    let quiet = quiet as f64 / 3.0;
+
+    // One watcher: every read, in order, with what it became.
+    let watcher = Watcher::start(&gw).await;
+    let lines = make(3);
+    let watched_cpu = burst(&gw, &mut pty, &lines, 8000).await;
+    let seen = watcher.reads(2000);
+    let chips_seen: Vec<String> = seen.iter().map(|v| v["chip"].as_str().unwrap().to_string()).collect();
+    let chips_sent: Vec<String> = lines.iter().map(|l| l.split(',').next().unwrap().to_string()).collect();
+    assert_eq!(chips_seen, chips_sent, "every read, in order");
+    let passings: Vec<Option<i64>> = seen.iter().map(|v| v["passing"].as_i64()).collect();
+    let expected: Vec<Option<i64>> = (4501..=6000).map(Some).chain(std::iter::repeat_n(None, 500)).collect();
+    assert_eq!(passings, expected, "fresh chips numbered on from the bursts before, repeats null");
+    assert_eq!(seen[0]["antenna"], 1);
+    assert_eq!(seen[0]["rssi"], -40);
+    assert_eq!(seen[0]["bib"], Value::Null, "no bib map: unmapped");
+    drop(watcher);
+
+    // A watcher that asks and then never reads: the pipeline goes on as before.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&gw.socket).unwrap();
+    stalled.write_all(b"{\"command\":\"watch\"}\n").unwrap();
+    let watchers = gw.logs().matches("a watcher follows the reads").count();
+    let deadline = Instant::now() + DEADLINE;
+    while gw.logs().matches("a watcher follows the reads").count() < watchers.max(2) {
+        assert!(Instant::now() < deadline, "the stalled watcher did not connect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut stalled_cpu = 0;
+    for round in 4..7 {
+        stalled_cpu += burst(&gw, &mut pty, &make(round), 2000 * (i64::from(round) + 1)).await;
+    }
+    let stalled_cpu = stalled_cpu as f64 / 3.0;
+    wait_fake(&fake, &gw, "every passing delivered", |s| s.total_passings() == 7 * 1500).await;
+    println!(
+        "gateway CPU per 2,000-read burst (10 ms ticks): nobody watching {quiet:.1} (mean of 3), one watcher {watched_cpu}, a stalled watcher {stalled_cpu:.1} (mean of 3)"
+    );
+    drop(stalled);
+}
