@@ -465,6 +465,21 @@ pub fn render_metrics(s: &Status) -> String {
         "1 when the reader port is open.",
         &plain(s.reader.connected as u8 as f64),
     );
+    let antenna = |f: &dyn Fn(&crate::antennas::AntennaStatus) -> f64| -> Vec<(String, f64)> {
+        s.reader.antennas.iter().map(|a| (format!("{{antenna=\"{}\"}}", a.antenna), f(a))).collect()
+    };
+    metric(
+        "rufus_antenna_reads_total",
+        "counter",
+        "Tag reads since start, by antenna (formats that carry one).",
+        &antenna(&|a| a.reads_total as f64),
+    );
+    metric(
+        "rufus_antenna_silent",
+        "gauge",
+        "1 while an antenna has been silent for reader.antenna_silence and the others read.",
+        &antenna(&|a| a.silent as u8 as f64),
+    );
     let q = &s.queue;
     let by_state =
         [("pending", q.pending), ("delivered", q.delivered), ("undeliverable", q.undeliverable), ("held", q.held)];

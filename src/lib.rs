@@ -33,6 +33,7 @@
 // `TTYPort`, adopted and lent, in reader/transport.rs). The pty and tty ioctls use rustix.
 #![deny(unsafe_code)]
 
+pub mod antennas;
 pub mod app;
 pub mod cli;
 pub mod clock;

@@ -158,6 +158,13 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             h.id, h.alias, h.pending
         ));
     }
+    for a in s.reader.antennas.iter().filter(|a| a.silent) {
+        p.push(format!(
+            "ANTENNA {} SILENT for {} s while the others read: check its cable and mat",
+            a.antenna,
+            a.silent_for_s.unwrap_or_default()
+        ));
+    }
     if !s.reader.connected {
         p.push(format!(
             "READER NOT CONNECTED on {}: {}",
@@ -226,6 +233,14 @@ impl Status {
             r.rejected_total,
             r.last_read_at.as_deref().unwrap_or("never")
         ));
+        if !r.antennas.is_empty() {
+            let each: Vec<String> = r
+                .antennas
+                .iter()
+                .map(|a| format!("{}: {}/min{}", a.antenna, a.reads_last_minute, if a.silent { " SILENT" } else { "" }))
+                .collect();
+            out.push_str(&format!("antennas  {}\n", each.join(", ")));
+        }
         match &self.session {
             Some(s) => out.push_str(&format!(
                 "session   #{} {} — {}{}, remote {}{}\n",

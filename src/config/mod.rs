@@ -165,6 +165,11 @@ pub struct ReaderConfig {
     pub timezone: chrono_tz::Tz,
     #[serde(deserialize_with = "duration")]
     pub poll_interval: Duration,
+    /// Antennas that must read, even if never seen yet; others are tracked once seen.
+    pub antennas: Vec<i64>,
+    /// An antenna silent this long while the others read is a problem ("0s": never).
+    #[serde(deserialize_with = "duration")]
+    pub antenna_silence: Duration,
 }
 
 impl Default for ReaderConfig {
@@ -182,6 +187,8 @@ impl Default for ReaderConfig {
             timestamp_format: TimestampFormat::Rfc3339,
             timezone: chrono_tz::Tz::UTC,
             poll_interval: Duration::ZERO,
+            antennas: Vec::new(),
+            antenna_silence: Duration::from_secs(300),
         }
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::antennas::Change;
 use crate::clock::{ClockWatch, Stamp};
 use crate::config::{Config, ReaderConfig, TimestampSource};
 use format::{Parsed, Parser, Reject};
@@ -31,6 +32,8 @@ const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const FINISH_RECORD: Duration = Duration::from_secs(1);
 /// How often the reader re-checks whether the system clock is synchronised.
 const CLOCK_RECHECK: Duration = Duration::from_secs(1);
+/// How often antennas are checked for silence.
+const ANTENNA_CHECK: Duration = Duration::from_secs(1);
 
 /// One report of one tag, as the store receives it.
 #[derive(Debug, Clone)]
@@ -60,6 +63,8 @@ pub struct ReaderStats {
     /// Host time of the last read, UTC µs; 0 = never.
     pub last_read_at: AtomicI64,
     pub last_error: Mutex<Option<String>>,
+    /// Reads per antenna, and antennas gone quiet (set up by `Reader::new`).
+    pub antennas: Mutex<Option<crate::antennas::Antennas>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +79,9 @@ pub struct ReaderStatus {
     /// Reads stored in the last 60 s (from the database).
     #[serde(default)]
     pub reads_last_minute: i64,
+    /// Per antenna, where the format carries one (and those `reader.antennas` names).
+    #[serde(default)]
+    pub antennas: Vec<crate::antennas::AntennaStatus>,
 }
 
 impl ReaderStats {
@@ -92,6 +100,12 @@ impl ReaderStats {
             last_read_at: (last != 0).then(|| crate::clock::rfc3339(last)),
             last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
             reads_last_minute: 0,
+            antennas: self
+                .antennas
+                .lock()
+                .ok()
+                .and_then(|a| a.as_ref().map(|a| a.status(crate::clock::monotonic_us())))
+                .unwrap_or_default(),
         }
     }
 
@@ -124,6 +138,13 @@ impl Reader {
     }
 
     pub fn new(cfg: &Config, out: crossbeam_channel::Sender<Read>, stats: Arc<ReaderStats>) -> anyhow::Result<Self> {
+        if let Ok(mut a) = stats.antennas.lock() {
+            *a = Some(crate::antennas::Antennas::new(
+                &cfg.reader.antennas,
+                cfg.reader.antenna_silence,
+                crate::clock::monotonic_us(),
+            ));
+        }
         Ok(Self {
             parser: Parser::from_config(&cfg.reader, cfg.passings.chip_encoding)?,
             cfg: cfg.reader.clone(),
@@ -246,6 +267,7 @@ impl<'a> ReadSession<'a> {
         let mut frames = Vec::new();
         let poll = self.reader.poll_command();
         let mut next_poll = Instant::now();
+        let mut next_antenna_check = Instant::now();
         let mut stopping: Option<Instant> = None;
         loop {
             if cancel.is_cancelled() {
@@ -270,6 +292,10 @@ impl<'a> ReadSession<'a> {
                     return Pump::Lost(e);
                 }
                 next_poll = Instant::now() + *every;
+            }
+            if Instant::now() >= next_antenna_check {
+                self.check_antennas();
+                next_antenna_check = Instant::now() + ANTENNA_CHECK;
             }
             match port.receive(&mut buf) {
                 Ok(Received::Idle) => {}
@@ -344,7 +370,31 @@ impl<'a> ReadSession<'a> {
         let stats = &self.reader.stats;
         stats.reads_total.fetch_add(1, Ordering::Relaxed);
         stats.last_read_at.store(stamp.utc_us, Ordering::Relaxed);
+        if let Some(antenna) = read.antenna
+            && let Ok(mut antennas) = stats.antennas.lock()
+            && let Some(Change::Reading { antenna }) =
+                antennas.as_mut().and_then(|a| a.read(antenna, stamp.monotonic_us, stamp.utc_us))
+        {
+            info!(antenna, "antenna reads again");
+        }
         self.reader.out.send(read).is_ok()
+    }
+
+    /// Antennas gone quiet while the others read: said once, and again when they read.
+    fn check_antennas(&self) {
+        let changes = match self.reader.stats.antennas.lock() {
+            Ok(mut a) => a.as_mut().map(|a| a.check(crate::clock::monotonic_us())).unwrap_or_default(),
+            Err(_) => return,
+        };
+        for change in changes {
+            if let Change::Silent { antenna, for_s } = change {
+                warn!(
+                    antenna,
+                    silent_s = for_s,
+                    "ANTENNA SILENT while the others read (reader.antenna_silence): check its cable and mat"
+                );
+            }
+        }
     }
 
     fn clock_synced(&mut self) -> bool {

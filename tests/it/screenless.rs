@@ -221,3 +221,76 @@ async fn watch_sees_every_read_of_a_burst_in_order_and_a_stalled_one_slows_nothi
     );
     drop(stalled);
 }
+
+/// Keep antennas `reading` busy (one read each per round) until `cond` holds on the status.
+async fn read_until(
+    gw: &Gateway,
+    pty: &mut rufus_gateway::pty::Pty,
+    reading: &[i64],
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    let mut n = 0u32;
+    loop {
+        for a in reading {
+            n += 1;
+            write_lines(pty, &[format!("{:08X},{a},-50", 0xA000_0000u32 + n)]);
+        }
+        if let Some(s) = gw.try_status()
+            && cond(&s)
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}\nlog:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn silent(s: &Value, antenna: i64) -> bool {
+    s["reader"]["antennas"]
+        .as_array()
+        .is_some_and(|all| all.iter().any(|a| a["antenna"] == antenna && a["silent"] == true))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_antenna_is_reported_within_its_window_and_cleared_when_it_reads() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let extra = format!(
+        "{WITH_ANTENNA}\nreader.antennas = [1, 2, 3]\nreader.antenna_silence = \"2s\"\nhttp.listen = \"127.0.0.1:0\""
+    );
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
+    // A listed antenna that never read is silent from the start (once the others read).
+    let started = Instant::now();
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "MATS"]);
+    let listed = gw.status();
+    let numbers: Vec<i64> =
+        listed["reader"]["antennas"].as_array().unwrap().iter().map(|a| a["antenna"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [1, 2, 3], "listed antennas are shown before they read");
+
+    // Antenna 3 never reads while 1 and 2 do: a problem once its window has passed.
+    let s = read_until(&gw, &mut pty, &[1, 2], "antenna 3 silent", |s| silent(s, 3)).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2), "not before its window: {took:?}");
+    assert!(!silent(&s, 1) && !silent(&s, 2));
+    let problems = s["problems"].to_string();
+    assert!(problems.contains("ANTENNA 3 SILENT"), "{problems}");
+    let a1 = &s["reader"]["antennas"][0];
+    assert!(a1["reads_total"].as_u64().unwrap() > 0 && a1["reads_last_minute"].as_u64().unwrap() > 0, "{a1}");
+    assert!(a1["last_read_at"].is_string());
+    let url = format!("http://{}", s["listening"]["http"].as_str().unwrap());
+    let metrics = http_client().get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("rufus_antenna_silent{antenna=\"3\"} 1"), "{metrics}");
+    assert!(metrics.contains("rufus_antenna_silent{antenna=\"1\"} 0"), "{metrics}");
+
+    // It reads: cleared at once, and said so.
+    let s = read_until(&gw, &mut pty, &[1, 2, 3], "antenna 3 reading again", |s| !silent(s, 3)).await;
+    assert!(!s["problems"].to_string().contains("ANTENNA"), "{}", s["problems"]);
+    // Antenna 2 goes quiet now; 1 and 3 read on.
+    read_until(&gw, &mut pty, &[1, 3], "antenna 2 silent", |s| silent(s, 2)).await;
+    let log = gw.logs();
+    assert_eq!(log.matches("ANTENNA SILENT").count(), 2, "once per silence:\n{log}");
+    assert_eq!(log.matches("antenna reads again").count(), 1, "{log}");
+}
