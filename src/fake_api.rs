@@ -490,6 +490,11 @@ async fn insert_passings(State(shared): Shared, headers: HeaderMap, axum::Json(b
         return reply(s, StatusCode::BAD_REQUEST, json!({ "description": "Invalid parameters" }));
     }
     if list.iter().any(|p| p["chip"].as_str().is_some_and(|c| s.refused_chips.contains(c))) {
+        // The request log holds what passed the fault layer: record the refusal there (the
+        // gateway sends one request at a time, so the last POST is this one).
+        if let Some(logged) = s.requests.iter_mut().rev().find(|r| r.path == "/passings") {
+            logged.status = 400;
+        }
         return reply(s, StatusCode::BAD_REQUEST, json!({ "description": "Invalid passing" }));
     }
     let token = body["token_session"].as_str().unwrap_or("");

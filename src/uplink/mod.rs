@@ -70,7 +70,10 @@ struct Prefetched {
 
 /// What one step did, when it did not fail.
 enum Step {
-    Done,
+    /// Accepted, with `sent` passings (0 for a session call).
+    Done {
+        sent: usize,
+    },
     Idle,
 }
 
@@ -195,7 +198,7 @@ impl Uplink {
     /// refused passing or a session gone (which then counts as done).
     async fn after(&mut self, outcome: Result<Step, Failure>, cancel: &CancellationToken) -> anyhow::Result<()> {
         let (call, session_id, first, sent, passing_id, error) = match outcome {
-            Ok(Step::Done) => return self.done(),
+            Ok(Step::Done { sent }) => return self.done(sent),
             Ok(Step::Idle) => {
                 let decision = self.policy.decide(Outcome::Idle { unrecorded: self.ledger.is_pending() }, 0.0);
                 let state = self.policy.state();
@@ -251,7 +254,10 @@ impl Uplink {
                     self.store.call(Op::ClosedRemotely { session_id, reason: description }).await
                 };
                 match recorded {
-                    Ok(_) => self.done()?,
+                    Ok(_) => {
+                        self.policy.refusal_recorded();
+                        self.done(0)?
+                    }
                     Err(e) => self.store_failed(e.into(), cancel).await?,
                 }
             }
@@ -279,9 +285,9 @@ impl Uplink {
         Ok(())
     }
 
-    /// A request was accepted (or its refusal recorded): full speed again.
-    fn done(&mut self) -> anyhow::Result<()> {
-        if let Say::BackOnline { after_failures } = self.policy.decide(Outcome::Done, 0.0).say {
+    /// A request with `sent` passings was accepted (or its effect recorded).
+    fn done(&mut self, sent: usize) -> anyhow::Result<()> {
+        if let Say::BackOnline { after_failures } = self.policy.decide(Outcome::Done { sent }, 0.0).say {
             info!(after_failures, "uplink back online");
         }
         let now = crate::clock::rfc3339(crate::clock::now_us());
@@ -331,7 +337,7 @@ impl Uplink {
                 };
                 info!(session_id, alias = %alias, token = %short_token(&token), "remote session created");
                 self.store.call(Op::RemoteOpened { session_id, token }).await?;
-                Ok(Step::Done)
+                Ok(Step::Done { sent: 0 })
             }
             Work::Send { session_id, token, passings } => {
                 let first = passings.first().map(|p| p.num_passing).unwrap_or(0);
@@ -339,7 +345,7 @@ impl Uplink {
                 let cursor = Cursor { session_id, token, last };
                 // Read the batch after this one while the request is in flight (used only if
                 // this one is accepted): the database round trip overlaps the network's.
-                let next = self.spawn_query(self.batch_size, Some(cursor.clone()), true);
+                let next = self.spawn_query(self.policy.limit_if_accepted(passings.len()), Some(cursor.clone()), true);
                 let body = body.unwrap_or_else(|| api::batch_body(&cursor.token, &passings));
                 match self.client.post_passings(body).await {
                     Ok(reply) => {
@@ -362,7 +368,7 @@ impl Uplink {
                         // cursor), so the commit's fsync overlaps the next request.
                         self.record_delivered(Delivery { session_id, first, last, token: cursor.token.clone() });
                         self.cursor = Some(cursor);
-                        Ok(Step::Done)
+                        Ok(Step::Done { sent: passings.len() })
                     }
                     Err(error) => Err(Failure::Api {
                         call: Call::PostPassings,
@@ -378,7 +384,7 @@ impl Uplink {
                 self.client.close_session(&token).await.map_err(|e| failed(Call::CloseSession, session_id, e))?;
                 info!(session_id, "remote session closed");
                 self.store.call(Op::RemoteClosed { session_id }).await?;
-                Ok(Step::Done)
+                Ok(Step::Done { sent: 0 })
             }
         }
     }

@@ -24,8 +24,9 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
 pub enum Outcome<'a> {
     /// Nothing to send; `unrecorded` when deliveries still wait to be recorded by the store.
     Idle { unrecorded: bool },
-    /// The request was accepted (or its effect recorded: a refused passing, a session gone).
-    Done,
+    /// The request was accepted (or its effect recorded: a refused passing, a session gone),
+    /// with `sent` passings in it (0 for a session call).
+    Done { sent: usize },
     /// The request failed; `sent` passings were in it (0 for a session call), and
     /// `passing_id` names the passing when it was alone.
     Failed { call: Call, error: &'a ApiError, sent: usize, passing_id: Option<i64> },
@@ -80,6 +81,10 @@ pub struct Policy {
     state: UplinkState,
     failing: bool,
     succeeded: bool,
+    /// While a refused passing is being isolated: how many passings of the first refused batch
+    /// are still to go. Batches stay small until then, so each refusal halves the search (at most
+    /// log2(batch_size) + 1 refusals) instead of starting again at full size after every success.
+    isolating: usize,
 }
 
 impl Policy {
@@ -91,6 +96,7 @@ impl Policy {
             state: UplinkState::Idle,
             failing: false,
             succeeded: false,
+            isolating: 0,
         }
     }
 
@@ -98,6 +104,7 @@ impl Policy {
     pub fn reload(&mut self, batch_size: usize, retry_max_delay: Duration) {
         self.batch_size = batch_size;
         self.limit = batch_size;
+        self.isolating = 0;
         self.backoff = Backoff::new(BACKOFF_BASE, retry_max_delay);
         if self.state == UplinkState::AuthFailed {
             self.state = UplinkState::Idle;
@@ -107,6 +114,12 @@ impl Policy {
     /// How many passings the next batch may hold.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The batch size that will apply if a request with `sent` passings is accepted (to read the
+    /// next batch ahead while it is in flight).
+    pub fn limit_if_accepted(&self, sent: usize) -> usize {
+        if self.isolating > sent { self.limit } else { self.batch_size }
     }
 
     pub fn state(&self) -> UplinkState {
@@ -123,7 +136,7 @@ impl Policy {
                 let recheck = if unrecorded { STORE_RETRY } else { IDLE_RECHECK };
                 Decision { next: Next::Sleep(recheck), say: Say::Nothing }
             }
-            Outcome::Done => {
+            Outcome::Done { sent } => {
                 let say = if self.failing {
                     Say::BackOnline { after_failures: self.backoff.failures() }
                 } else {
@@ -132,7 +145,10 @@ impl Policy {
                 self.failing = false;
                 self.succeeded = true;
                 self.backoff.reset();
-                self.limit = self.batch_size;
+                self.isolating = self.isolating.saturating_sub(sent);
+                if self.isolating == 0 {
+                    self.limit = self.batch_size;
+                }
                 self.state = UplinkState::Online;
                 Decision { next: Next::Go, say }
             }
@@ -145,6 +161,9 @@ impl Policy {
                 }
                 ApiError::Refused { .. } if sent > 1 => {
                     // Halve until the refused passing is alone; the rest flows meanwhile.
+                    if self.isolating == 0 {
+                        self.isolating = sent;
+                    }
                     self.limit = sent.div_ceil(2);
                     Decision { next: Next::Go, say: Say::Split { batch: sent, next: self.limit } }
                 }
@@ -170,8 +189,9 @@ impl Policy {
         }
     }
 
-    /// A refused passing was recorded as undeliverable: full batches again.
+    /// A refused passing was recorded as undeliverable (or its session is gone): full batches again.
     pub fn refusal_recorded(&mut self) {
+        self.isolating = 0;
         self.limit = self.batch_size;
     }
 }
@@ -317,7 +337,7 @@ mod tests {
                 Transport(e) => Some(e),
             };
             let decision = match &error {
-                None => policy.decide(Outcome::Done, 0.999),
+                None => policy.decide(Outcome::Done { sent }, 0.999),
                 Some(error) => {
                     let passing_id = (sent == 1).then_some(42);
                     policy.decide(Outcome::Failed { call, error, sent, passing_id }, 0.999)
@@ -374,6 +394,65 @@ mod tests {
         assert_eq!(policy.limit(), 100);
     }
 
+    /// A queue of 40 passings, the 13th refused by the API: what the uplink sends, batch by batch.
+    fn isolate(batch_size: usize, bad: i64) -> (Vec<(i64, usize, bool)>, Vec<i64>) {
+        let mut policy = Policy::new(batch_size, CAP);
+        let refused = ApiError::Refused { status: 400, description: "Invalid passing".into() };
+        let mut queue: Vec<i64> = (1..=40).collect();
+        let (mut requests, mut delivered) = (Vec::new(), Vec::new());
+        while !queue.is_empty() {
+            let batch: Vec<i64> = queue.iter().copied().take(policy.limit()).collect();
+            let has_bad = batch.contains(&bad);
+            requests.push((batch[0], batch.len(), has_bad));
+            if has_bad {
+                let passing_id = (batch.len() == 1).then_some(bad);
+                let d = policy.decide(
+                    Outcome::Failed { call: Call::PostPassings, error: &refused, sent: batch.len(), passing_id },
+                    0.5,
+                );
+                if d.next == Next::Undeliverable(bad) {
+                    queue.retain(|n| *n != bad);
+                    policy.refusal_recorded();
+                }
+            } else {
+                let ahead = policy.limit_if_accepted(batch.len());
+                policy.decide(Outcome::Done { sent: batch.len() }, 0.5);
+                assert_eq!(ahead, policy.limit(), "the batch read ahead has the size that applies");
+                queue.drain(..batch.len());
+                delivered.extend(batch);
+            }
+        }
+        (requests, delivered)
+    }
+
+    #[test]
+    fn isolating_keeps_batches_small_until_past_the_refused_one() {
+        let (requests, delivered) = isolate(16, 13);
+        assert_eq!(delivered, (1..=40).filter(|n| *n != 13).collect::<Vec<_>>(), "everything else, in order");
+        let refused: Vec<usize> = requests.iter().filter(|r| r.2).map(|r| r.1).collect();
+        assert_eq!(refused, [16, 8, 4, 2, 1], "log2(16) + 1 refusals");
+        assert_eq!(
+            requests,
+            [
+                (1, 16, true),
+                (1, 8, false),
+                (9, 8, true),
+                (9, 4, false),
+                (13, 4, true),
+                (13, 2, true),
+                (13, 1, true),
+                (14, 16, false),
+                (30, 11, false)
+            ]
+        );
+        // Wherever the refused passing sits.
+        for bad in 1..=40 {
+            let (requests, delivered) = isolate(16, bad);
+            assert_eq!(delivered.len(), 39);
+            assert!(requests.iter().filter(|r| r.2).count() <= 5, "passing {bad}: {requests:?}");
+        }
+    }
+
     #[test]
     fn backoff_grows_to_the_cap_and_a_success_resets_it() {
         let cap = Duration::from_secs(10);
@@ -398,7 +477,7 @@ mod tests {
             panic!()
         };
         assert_eq!(zero, Duration::ZERO);
-        let d = policy.decide(Outcome::Done, 0.5);
+        let d = policy.decide(Outcome::Done { sent: 5 }, 0.5);
         assert_eq!(d, Decision { next: Next::Go, say: Say::BackOnline { after_failures: 9 } });
         assert_eq!(policy.state(), UplinkState::Online);
         let Next::Retry(after_reset) = fail(&mut policy).next else { panic!() };
@@ -438,7 +517,7 @@ mod tests {
         let mut policy = Policy::new(100, CAP);
         assert_eq!(policy.decide(Outcome::Idle { unrecorded: false }, 0.5).next, Next::Sleep(IDLE_RECHECK));
         assert_eq!(policy.state(), UplinkState::Idle);
-        policy.decide(Outcome::Done, 0.5);
+        policy.decide(Outcome::Done { sent: 1 }, 0.5);
         assert_eq!(policy.decide(Outcome::Idle { unrecorded: true }, 0.5).next, Next::Sleep(STORE_RETRY));
         assert_eq!(policy.state(), UplinkState::Online);
         // An offline spell ends as idle-but-online once the queue is empty and a request passed.

@@ -695,9 +695,20 @@ async fn aliases_are_bounded_and_bearer_is_case_insensitive() {
         http.post(&url).header("Authorization", auth).header("content-type", "application/json").body(body).send()
     };
     let bearer = format!("Bearer {TOKEN}");
-    let big = post(serde_json::json!({ "alias": huge }).to_string(), &bearer).await.unwrap().status();
+    // The server answers 413 after 4 KiB and closes: a client still sending the rest may see the
+    // connection reset before it reads the answer (TCP discards it). Either way it was refused.
+    let big = match post(serde_json::json!({ "alias": huge }).to_string(), &bearer).await {
+        Ok(big) => {
+            assert_eq!(big.status(), 413);
+            "413".to_string()
+        }
+        Err(e) => {
+            assert!(e.is_request(), "refused by closing the connection: {e}");
+            "connection closed after 4 KiB".to_string()
+        }
+    };
     let long = post(serde_json::json!({ "alias": "C".repeat(65) }).to_string(), &bearer).await.unwrap().status();
-    assert_eq!((big.as_u16(), long.as_u16()), (413, 400));
+    assert_eq!(long.as_u16(), 400);
     let lower =
         post(serde_json::json!({ "alias": "Meta 10K" }).to_string(), &format!("bearer  {TOKEN}")).await.unwrap();
     assert_eq!(lower.status(), 200, "the scheme is case-insensitive");
