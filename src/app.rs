@@ -21,6 +21,7 @@ use crate::logging::LogHandle;
 use crate::optional::Optional;
 use crate::reader::{Reader, ReaderStats};
 use crate::reload::Reloader;
+use crate::signal::{Event as SignalEvent, Signal};
 use crate::status::StatusSource;
 use crate::store::{Live, Store, StoreParts, StoreStats};
 use crate::uplink::{Uplink, UplinkStatus};
@@ -41,6 +42,7 @@ pub struct Running {
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
     reader: JoinHandle<anyhow::Result<()>>,
     store: JoinHandle<anyhow::Result<()>>,
+    signal: Option<Signal>,
 }
 
 /// How the gateway was started: what a reload needs, and whether signals are ours to handle.
@@ -81,6 +83,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         uplink: uplink_status.clone(),
         clock: ClockWatch::new(&cfg.clock),
         listening: Arc::default(),
+        signal: Arc::default(),
     };
     let (api_tx, api_rx) = watch::channel(cfg.api.clone());
     let reloader = options.config_path.map(|path| Reloader {
@@ -155,7 +158,33 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         let c = cancel.clone();
         tasks.spawn(async move { ("signals", crate::supervisor::watch_signals(c, reloader).await) });
     }
-    Ok(Running { cancel, live, status, tasks, reader, store })
+    // The LED and beeper: optional, on a thread of their own; a device that cannot be driven is
+    // reported, never a stop.
+    let source = status.clone();
+    let signal = match Signal::start(&cfg.signal, move || source.snapshot().ok(), status.signal.clone()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot start the LED and beeper; carrying on without them");
+            None
+        }
+    };
+    if let Some(signal) = &signal {
+        let (tx, mut passings, c) = (signal.sender(), live.passings.subscribe(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    event = passings.recv() => match event {
+                        // A full queue drops the blip, never waits.
+                        Ok(p) => { let _ = tx.try_send(SignalEvent::Passing { test: p.test }); }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+    }
+    Ok(Running { cancel, live, status, tasks, reader, store, signal })
 }
 
 impl Running {
@@ -177,6 +206,10 @@ impl Running {
         }
         // Every sender is gone now: the store drains, commits and returns.
         let store = tokio::task::spawn_blocking(move || self.store.join()).await?;
+        // Off, and the LED's own trigger given back.
+        if let Some(signal) = self.signal.take() {
+            let _ = tokio::task::spawn_blocking(move || signal.stop()).await;
+        }
         match store {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failure = failure.or(Some(e)),

@@ -54,6 +54,7 @@ pub mod optional;
 pub mod pty;
 pub mod reader;
 pub mod reload;
+pub mod signal;
 pub mod status;
 pub mod store;
 pub mod supervisor;

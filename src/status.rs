@@ -26,6 +26,9 @@ pub struct Status {
     /// Where the dashboard and the live feed listen (null when off).
     #[serde(default)]
     pub listening: Listening,
+    /// The LED and the beeper (`[signal]`); null when neither is configured.
+    #[serde(default)]
+    pub signal: Option<crate::signal::SignalStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -88,6 +91,7 @@ pub struct StatusSource {
     pub uplink: Arc<Mutex<UplinkStatus>>,
     pub clock: ClockWatch,
     pub listening: Arc<Mutex<Listening>>,
+    pub signal: Arc<Mutex<crate::signal::SignalStatus>>,
 }
 
 impl StatusSource {
@@ -132,6 +136,7 @@ impl StatusSource {
                 dropped_reads: self.store.dropped_reads.load(Ordering::Relaxed),
             },
             listening: self.listening.lock().map(|l| l.clone()).unwrap_or_default(),
+            signal: self.signal.lock().ok().map(|s| s.clone()).filter(|s| s.led.is_some() || s.beeper.is_some()),
         };
         Ok(with_problems(status, &held_sessions, readable))
     }
@@ -198,6 +203,9 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             "TEST SESSION {} ({}) OPEN: a chip check, nothing is sent to RUFUS; start the race with `rufus-gateway session start`",
             test.id, test.alias
         ));
+    }
+    if let Some(e) = s.signal.as_ref().and_then(|x| x.error.as_ref()) {
+        p.push(format!("LED OR BEEPER CANNOT BE DRIVEN ({e}); see the README's \"LED and beeper\""));
     }
     if s.queue.waiting_for_clock > 0 {
         p.push(format!(

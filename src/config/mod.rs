@@ -77,6 +77,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub http: HttpConfig,
     pub feed: FeedConfig,
+    pub signal: SignalConfig,
     pub log: LogConfig,
 }
 
@@ -329,6 +330,39 @@ pub struct HttpConfig {
 pub struct FeedConfig {
     #[serde(deserialize_with = "empty_is_none")]
     pub listen: Option<String>,
+}
+
+/// A LED and a beeper for a person next to the box (`signal.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalConfig {
+    /// A LED-class device under `leds_dir` ("ACT", "PWR", a gpio-led label); empty: none.
+    pub led: String,
+    /// A LED-class device wired to a buzzer; empty: none.
+    pub beeper: String,
+    pub beep_on_passing: BeepOn,
+    pub leds_dir: PathBuf,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        Self {
+            led: String::new(),
+            beeper: String::new(),
+            beep_on_passing: BeepOn::Test,
+            leds_dir: PathBuf::from("/sys/class/leds"),
+        }
+    }
+}
+
+/// When the beeper beeps for a passing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BeepOn {
+    /// In a test session (chip check) only.
+    Test,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

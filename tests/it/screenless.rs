@@ -294,3 +294,173 @@ async fn a_silent_antenna_is_reported_within_its_window_and_cleared_when_it_read
     assert_eq!(log.matches("ANTENNA SILENT").count(), 2, "once per silence:\n{log}");
     assert_eq!(log.matches("antenna reads again").count(), 1, "{log}");
 }
+
+/// A stand-in LED-class device: `brightness` is a FIFO, so every value the daemon writes is seen,
+/// with the time it arrived (no sampling to miss a 60 ms blip).
+struct FakeLed {
+    dir: std::path::PathBuf,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+}
+
+impl FakeLed {
+    fn new(leds: &std::path::Path, name: &str, max: &str, trigger: &str) -> FakeLed {
+        let dir = leds.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("max_brightness"), format!("{max}\n")).unwrap();
+        std::fs::write(dir.join("trigger"), format!("{trigger}\n")).unwrap();
+        let brightness = dir.join("brightness");
+        nix::unistd::mkfifo(&brightness, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Read and write: opening never blocks, and the daemon's opens for writing find a reader.
+        let fifo = std::fs::OpenOptions::new().read(true).write(true).open(&brightness).unwrap();
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = writes.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(fifo).lines().map_while(Result::ok) {
+                log.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        FakeLed { dir, writes }
+    }
+
+    /// Values written in [from, from + span).
+    fn between(&self, from: Instant, span: Duration) -> Vec<String> {
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < from + span)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn last(&self) -> Option<String> {
+        self.writes.lock().unwrap().last().map(|(_, v)| v.clone())
+    }
+
+    fn trigger(&self) -> String {
+        std::fs::read_to_string(self.dir.join("trigger")).unwrap().trim().to_string()
+    }
+}
+
+/// Wait for the LED pattern the daemon reports, then watch the LED itself for `span`: the number
+/// of changes and the level it ended at.
+async fn observe(gw: &Gateway, led: &FakeLed, pattern: &str, span: Duration) -> (usize, Option<String>) {
+    gw.wait_status(&format!("LED pattern {pattern}"), |s| s["signal"]["led_pattern"] == pattern).await;
+    let from = Instant::now();
+    tokio::time::sleep(span).await;
+    let changes = led.between(from, span);
+    (changes.len(), led.last())
+}
+
+/// Rising edges (beeps) written in [from, now).
+fn beeps(beeper: &FakeLed, from: Instant) -> usize {
+    beeper.between(from, from.elapsed()).iter().filter(|v| *v != "0").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_led_and_beeper_show_each_state_and_are_given_back_on_stop() {
+    let (fake, device) = fake().await;
+    let leds = tempfile::tempdir().unwrap();
+    let led = FakeLed::new(leds.path(), "ACT", "255", "none [mmc0] timer heartbeat");
+    let beeper = FakeLed::new(leds.path(), "buzzer", "1", "[none] timer");
+    let flag = leds.path().join("synchronized");
+    std::fs::write(&flag, "").unwrap();
+    let link = leds.path().join("reader");
+    let first = pty();
+    std::os::unix::fs::symlink(&first.path, &link).unwrap();
+    let extra = format!(
+        "reader.pattern = '^(?P<chip>[0-9A-F]{{8}}),(?P<timestamp>[^,]+)$'\nreader.timestamps = \"reader\"\n\
+         clock.source = \"timesyncd\"\nclock.timesyncd_flag = \"{}\"\n\
+         signal.led = \"ACT\"\nsignal.beeper = \"buzzer\"\nsignal.leds_dir = \"{}\"",
+        flag.display(),
+        leds.path().display()
+    );
+    let mut gw = Gateway::new(&fake, &device, &link.display().to_string(), &extra);
+    gw.start().await;
+    assert_eq!(led.trigger(), "none", "the LED's trigger is taken over");
+    let stamp = |ago: i64| (chrono::Utc::now() - chrono::Duration::seconds(ago)).to_rfc3339();
+
+    // No session yet: attention (slow). A race session and all well: steady on.
+    let (changes, _) = observe(&gw, &led, "slow", Duration::from_secs(2)).await;
+    assert!((3..=5).contains(&changes), "1 Hz: {changes} changes in 2 s");
+    gw.cli_ok(&["session", "start", "--alias", "RACE"]);
+    let (changes, level) = observe(&gw, &led, "steady", Duration::from_millis(1500)).await;
+    assert_eq!((changes, level.as_deref()), (0, Some("255")), "steady on");
+
+    // A passing: a blip (off, on again); no beep in a race with beep_on_passing = "test".
+    let mut first = first;
+    let sent = Instant::now();
+    write_lines(&mut first, &[format!("C0DE0001,{}", stamp(0))]);
+    gw.wait_status("the passing", |s| s["session"]["passings"] == 1).await;
+    let blip = {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let seen = led.between(sent, sent.elapsed());
+            if seen.len() >= 2 {
+                break seen;
+            }
+            assert!(Instant::now() < deadline, "no blip: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(blip[..2], ["0", "255"], "a blip is a short off");
+    assert_eq!(beeps(&beeper, sent), 0);
+
+    // The reader unplugged during the race: fast blink, and the alarm (three beeps).
+    std::fs::remove_file(&link).unwrap();
+    let unplugged = Instant::now();
+    drop(first);
+    let (changes, _) = observe(&gw, &led, "fast", Duration::from_secs(2)).await;
+    assert!((12..=20).contains(&changes), "4 Hz: {changes} changes in 2 s");
+    let deadline = Instant::now() + DEADLINE;
+    while beeps(&beeper, unplugged) < 3 {
+        assert!(Instant::now() < deadline, "no alarm: {:?}", beeper.between(unplugged, unplugged.elapsed()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(beeps(&beeper, unplugged), 3, "three beeps, then quiet until the next round (30 s)");
+    // Plugged back: steady again.
+    let mut second = pty();
+    std::os::unix::fs::symlink(&second.path, &link).unwrap();
+    let (changes, _) = observe(&gw, &led, "steady", Duration::from_secs(1)).await;
+    assert_eq!(changes, 0);
+
+    // The API stopped with a passing read 90 s ago waiting: slow. Back: steady.
+    fake.stop_listening();
+    write_lines(&mut second, &[format!("C0DE0002,{}", stamp(90))]);
+    let (changes, _) = observe(&gw, &led, "slow", Duration::from_secs(2)).await;
+    assert!((3..=5).contains(&changes), "1 Hz: {changes} changes in 2 s");
+    fake.resume().await.unwrap();
+    observe(&gw, &led, "steady", Duration::from_millis(500)).await;
+
+    // The clock loses synchronisation: slow. Back: steady.
+    std::fs::remove_file(&flag).unwrap();
+    let (changes, _) = observe(&gw, &led, "slow", Duration::from_secs(2)).await;
+    assert!((3..=5).contains(&changes), "1 Hz: {changes} changes in 2 s");
+    std::fs::write(&flag, "").unwrap();
+    observe(&gw, &led, "steady", Duration::from_millis(500)).await;
+
+    // A chip check: one beep per passing.
+    gw.cli_ok(&["session", "close"]);
+    gw.cli_ok(&["session", "start", "--test"]);
+    let checked = Instant::now();
+    for i in 0..3 {
+        write_lines(&mut second, &[format!("C0DE01{i:02},{}", stamp(0))]);
+        gw.wait_status("the chip's passing", |s| s["session"]["passings"] == i + 1).await;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while beeps(&beeper, checked) < 3 {
+        assert!(Instant::now() < deadline, "beeps: {:?}", beeper.between(checked, checked.elapsed()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.status()["signal"]["beeps_total"], 3);
+
+    // A clean stop: off, and the LED's own trigger back.
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let deadline = Instant::now() + DEADLINE;
+    while led.last().as_deref() != Some("0") {
+        assert!(Instant::now() < deadline, "the LED was left on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(led.trigger(), "mmc0", "its trigger is given back");
+    assert_eq!(beeper.last().as_deref(), Some("0"));
+}
