@@ -131,6 +131,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
             token: cfg.http.token.clone(),
             hosts: cfg.http.hosts.clone(),
             default_alias: cfg.session.alias.clone(),
+            bibs: live.bibs.clone(),
         };
         let (s, h, cap) = (status.clone(), handle.clone(), HttpServer::cap(status.listening.clone()));
         let bind = move |addr: &str| HttpServer::bind(addr, &options, s.clone(), h.clone(), cap.clone());

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +29,9 @@ use crate::store::{Op, StoreError, StoreHandle};
 const DASHBOARD: &str = include_str!("dashboard/index.html");
 /// Most passings one `/api/passings` answer carries (the page asks again for the rest).
 const PASSINGS_PAGE: i64 = 500;
+/// The chip check: its latest reads, and the chips counted (most recently read first).
+const CHIP_CHECK_READS: i64 = 50;
+const CHIP_CHECK_CHIPS: i64 = 500;
 /// A client has this long to send a request's headers (and an idle keep-alive connection this
 /// long to start its next request).
 pub const HEADER_WAIT: Duration = Duration::from_secs(10);
@@ -83,6 +85,7 @@ struct Shared {
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     refused_log: Throttle,
     host_log: Throttle,
+    bibs: Arc<std::sync::RwLock<crate::store::Bibs>>,
 }
 
 /// What the dashboard needs from the rest of the gateway.
@@ -90,6 +93,8 @@ pub struct HttpOptions {
     pub token: Option<Secret>,
     pub hosts: Vec<String>,
     pub default_alias: String,
+    /// The bib map in use, for the chip check.
+    pub bibs: Arc<std::sync::RwLock<crate::store::Bibs>>,
 }
 
 pub struct HttpServer {
@@ -125,6 +130,7 @@ impl HttpServer {
             failures: Mutex::new(HashMap::new()),
             refused_log: Throttle::new(LOG_EVERY),
             host_log: Throttle::new(LOG_EVERY),
+            bibs: options.bibs.clone(),
         };
         Ok(Self { listener, shared: Arc::new(shared), cap })
     }
@@ -144,6 +150,7 @@ impl HttpServer {
             .route("/api/status", get(status))
             .route("/api/passings", get(passings))
             .route("/api/reads-per-minute", get(reads_per_minute))
+            .route("/api/chipcheck", get(chip_check))
             .route("/api/session/start", post(session_start))
             .route("/api/session/close", post(session_close))
             .route("/metrics", get(metrics))
@@ -226,7 +233,13 @@ async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) 
             "this dashboard answers to its IP address, localhost and the names in http.hosts only",
         )
     };
+    let too_large = response.status() == StatusCode::PAYLOAD_TOO_LARGE;
     let headers = response.headers_mut();
+    if too_large {
+        // The rest of the body is not read: the connection cannot carry another request, and
+        // the client must be told so, or it reuses it and loses its next request.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
@@ -323,6 +336,27 @@ async fn passings(State(shared): AppState, Query(q): Query<Since>) -> Response {
 async fn reads_per_minute(State(shared): AppState) -> Response {
     match shared.db.run(|db| Ok(db.reads_per_minute(crate::clock::now_us(), 60)?)).await {
         Ok(v) => axum::Json(json!({ "minutes": v })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// The open test session's latest reads and a count per chip, with bibs from the bib map (null:
+/// not in it); `{"test": false}` when no test session is open.
+async fn chip_check(State(shared): AppState) -> Response {
+    let bibs = shared.bibs.read().map(|b| b.clone()).unwrap_or_default();
+    let result = shared
+        .db
+        .run(move |db| {
+            let Some(session) = db.open_session()?.filter(|s| s.test) else { return Ok(json!({ "test": false })) };
+            let mut reads = db.chip_check_reads(&session, CHIP_CHECK_READS)?;
+            let mut chips = db.chip_check_counts(&session, CHIP_CHECK_CHIPS)?;
+            reads.iter_mut().for_each(|r| r.bib = bibs.get(&r.chip).cloned());
+            chips.iter_mut().for_each(|c| c.bib = bibs.get(&c.chip).cloned());
+            Ok(json!({ "test": true, "session": session.id, "alias": session.alias, "reads": reads, "chips": chips }))
+        })
+        .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
         Err(e) => internal(e),
     }
 }
@@ -438,103 +472,11 @@ async fn session_close(
 async fn metrics(State(shared): AppState) -> Response {
     match snapshot(&shared).await {
         Ok(s) => {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render_metrics(&s)).into_response()
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render_metrics(&s))
+                .into_response()
         }
         Err(e) => internal(e),
     }
-}
-
-/// The Prometheus text exposition format.
-pub fn render_metrics(s: &Status) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let plain = |v: f64| vec![(String::new(), v)];
-    metric("rufus_reads_total", "counter", "Tag reads parsed since start.", &plain(s.reader.reads_total as f64));
-    let rejected: Vec<(String, f64)> =
-        s.reader.rejected.iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64)).collect();
-    metric("rufus_rejected_total", "counter", "Reader records rejected since start, by reason.", &rejected);
-    metric(
-        "rufus_reader_connected",
-        "gauge",
-        "1 when the reader port is open.",
-        &plain(s.reader.connected as u8 as f64),
-    );
-    let antenna = |f: &dyn Fn(&crate::antennas::AntennaStatus) -> f64| -> Vec<(String, f64)> {
-        s.reader.antennas.iter().map(|a| (format!("{{antenna=\"{}\"}}", a.antenna), f(a))).collect()
-    };
-    metric(
-        "rufus_antenna_reads_total",
-        "counter",
-        "Tag reads since start, by antenna (formats that carry one).",
-        &antenna(&|a| a.reads_total as f64),
-    );
-    metric(
-        "rufus_antenna_silent",
-        "gauge",
-        "1 while an antenna has been silent for reader.antenna_silence and the others read.",
-        &antenna(&|a| a.silent as u8 as f64),
-    );
-    let q = &s.queue;
-    let by_state =
-        [("pending", q.pending), ("delivered", q.delivered), ("undeliverable", q.undeliverable), ("held", q.held)];
-    let passings: Vec<(String, f64)> =
-        by_state.iter().map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v as f64)).collect();
-    metric(
-        "rufus_passings",
-        "gauge",
-        "Passings in the store, by state (held: of remotely closed sessions).",
-        &passings,
-    );
-    metric("rufus_queue_depth", "gauge", "Passings waiting to be sent.", &plain((q.pending - q.held) as f64));
-    let oldest = q
-        .oldest_pending_at
-        .as_deref()
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0)
-        .unwrap_or(0.0);
-    metric(
-        "rufus_oldest_pending_age_seconds",
-        "gauge",
-        "Age of the oldest passing still waiting.",
-        &plain(oldest.max(0.0)),
-    );
-    let u = &s.uplink;
-    let requests = vec![
-        ("{outcome=\"ok\"}".to_string(), u.requests_ok as f64),
-        ("{outcome=\"failed\"}".to_string(), u.requests_failed as f64),
-    ];
-    metric("rufus_uplink_requests_total", "counter", "Requests to the RUFUS API, by outcome.", &requests);
-    let states = ["idle", "online", "offline", "backing_off", "auth_failed"];
-    let state: Vec<(String, f64)> =
-        states.iter().map(|k| (format!("{{state=\"{k}\"}}"), (u.state.as_str() == *k) as u8 as f64)).collect();
-    metric("rufus_uplink_state", "gauge", "1 for the uplink's current state.", &state);
-    metric(
-        "rufus_clock_synchronized",
-        "gauge",
-        "1 when the system clock is synchronised.",
-        &plain(s.clock.synchronized as u8 as f64),
-    );
-    let refused: Vec<(String, f64)> =
-        s.listening.refused.iter().map(|(k, n)| (format!("{{listener=\"{k}\"}}"), *n as f64)).collect();
-    metric(
-        "rufus_connections_refused_total",
-        "counter",
-        "Connections refused because a listener had all the clients it takes.",
-        &refused,
-    );
-    metric(
-        "rufus_storage_buffered_reads",
-        "gauge",
-        "Reads held in memory because the database refuses writes.",
-        &plain(s.storage.buffered_reads as f64),
-    );
-    out
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ pub mod http;
 pub mod limits;
 pub mod liveness;
 pub mod logging;
+pub mod metrics;
 pub mod optional;
 pub mod pty;
 pub mod reader;

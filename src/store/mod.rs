@@ -97,14 +97,19 @@ pub struct Live {
     pub passings: broadcast::Sender<PassingEvent>,
     /// Reads, only while a `watch` listens (an `Arc` keeps the preallocated slots small).
     pub reads: broadcast::Sender<Arc<ReadEvent>>,
+    /// The bib map in use (replaced at a reload), for the dashboard's chip check.
+    pub bibs: Arc<std::sync::RwLock<Bibs>>,
 }
+
+/// A bib map, shared without copying.
+pub type Bibs = Arc<HashMap<String, String>>;
 
 /// Reads a slow watcher may fall behind by before it misses some: more than a mass start's burst.
 const WATCH_BACKLOG: usize = 4096;
 
 impl Live {
     pub fn new() -> Self {
-        Self { passings: broadcast::channel(1024).0, reads: broadcast::channel(WATCH_BACKLOG).0 }
+        Self { passings: broadcast::channel(1024).0, reads: broadcast::channel(WATCH_BACKLOG).0, bibs: Arc::default() }
     }
 }
 
@@ -253,7 +258,7 @@ pub struct Store {
     stats: Arc<StoreStats>,
     commit_interval: Duration,
     unmapped: Unmapped,
-    bibs: HashMap<String, String>,
+    bibs: Bibs,
     windows: Windows,
     boot: i64,
     clock: crate::clock::ClockWatch,
@@ -348,10 +353,13 @@ impl Store {
         live: Live,
         stats: Arc<StoreStats>,
     ) -> anyhow::Result<StoreParts> {
-        let bibs = match &cfg.passings.bib_map {
+        let bibs: Bibs = Arc::new(match &cfg.passings.bib_map {
             Some(p) => load_bib_map(p).with_context(|| format!("passings.bib_map: cannot load {}", p.display()))?,
             None => HashMap::new(),
-        };
+        });
+        if let Ok(mut shared) = live.bibs.write() {
+            *shared = bibs.clone();
+        }
         let (tx, commands) = crossbeam_channel::unbounded();
         let opened = Arc::new(AtomicU64::new(0));
         let mut store = Store {

@@ -180,6 +180,30 @@ pub enum Work {
     Idle,
 }
 
+/// A read of a chip check (`GET /api/chipcheck`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckedRead {
+    pub at: String,
+    pub chip: String,
+    /// From the bib map; null when the chip is not in it.
+    pub bib: Option<String>,
+    pub antenna: Option<i64>,
+    pub rssi: Option<i64>,
+    /// The passing it became, or null for a repeat.
+    pub passing: Option<i64>,
+}
+
+/// A chip's reads in a chip check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChipCount {
+    pub chip: String,
+    pub bib: Option<String>,
+    pub reads: i64,
+    pub antennas: Vec<i64>,
+    pub best_rssi: Option<i64>,
+    pub last_read_at: String,
+}
+
 /// Where the uplink stands: the last passing it delivered (perhaps not recorded yet), named by
 /// the session's id and remote token. The next batch starts after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,6 +351,48 @@ impl Db {
                 chip: r.get(2)?,
                 timestamp: crate::clock::api_timestamp(r.get(3)?),
                 state: r.get(4)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// A test session's latest reads, newest first, with the passing each became (if any).
+    /// Bounded to reads since the session began (on the `received_at` index).
+    pub fn chip_check_reads(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<CheckedRead>> {
+        let since = chrono::DateTime::parse_from_rfc3339(&session.created_at).map_or(0, |t| t.timestamp_micros());
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT r.timestamp, r.chip, r.antenna, r.rssi, (SELECT p.num_passing FROM passings p WHERE p.read_id = r.id)
+             FROM reads r WHERE r.received_at >= ?1 AND r.session_id = ?2 ORDER BY r.id DESC LIMIT ?3",
+        )?;
+        stmt.query_map(params![since, session.id, limit], |r| {
+            Ok(CheckedRead {
+                at: crate::clock::api_timestamp(r.get(0)?),
+                chip: r.get(1)?,
+                bib: None,
+                antenna: r.get(2)?,
+                rssi: r.get(3)?,
+                passing: r.get(4)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// A test session's reads per chip (most recently read first): count, antennas, best RSSI.
+    pub fn chip_check_counts(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<ChipCount>> {
+        let since = chrono::DateTime::parse_from_rfc3339(&session.created_at).map_or(0, |t| t.timestamp_micros());
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT chip, count(*), group_concat(DISTINCT antenna), max(rssi), max(received_at)
+             FROM reads WHERE received_at >= ?1 AND session_id = ?2 GROUP BY chip ORDER BY max(id) DESC LIMIT ?3",
+        )?;
+        stmt.query_map(params![since, session.id, limit], |r| {
+            let antennas: Option<String> = r.get(2)?;
+            Ok(ChipCount {
+                chip: r.get(0)?,
+                bib: None,
+                reads: r.get(1)?,
+                antennas: antennas.map(|a| a.split(',').filter_map(|n| n.parse().ok()).collect()).unwrap_or_default(),
+                best_rssi: r.get(3)?,
+                last_read_at: crate::clock::rfc3339(r.get(4)?),
             })
         })?
         .collect()

@@ -106,7 +106,10 @@ impl Store {
             Op::Reconfigure { bibs, unmapped, dedup_window } => {
                 info!(bib_map_entries = bibs.len(), "bib map and de-duplication settings reloaded");
                 self.unmapped = unmapped;
-                self.bibs = bibs;
+                self.bibs = Arc::new(bibs);
+                if let Ok(mut shared) = self.live.bibs.write() {
+                    *shared = self.bibs.clone();
+                }
                 self.windows.set_window(dedup_window);
                 self.dedup_window = dedup_window;
                 Ok(None)

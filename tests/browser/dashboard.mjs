@@ -34,11 +34,24 @@ try {
   const i = problems.findIndex((p) => p.includes("status of 401"));
   if (i >= 0) problems.splice(i, 1);
 
-  // The right one starts a session.
+  // A chip check first: its card appears, and the reads the test writes show up in it.
   await page.fill("#token", token);
+  await page.fill("#alias", "CHECK");
+  await page.click("#check");
+  await page.waitForFunction(() => document.getElementById("check-card").className !== "hidden");
+  say("CHECKING");
+  const reads = Number((await lines.next()).value);
+  await page.waitForFunction((n) => document.querySelectorAll("#check-reads tr").length >= n, reads, { timeout: 20000 });
+  const checked = await page.$$eval("#check-reads tr td:nth-child(3)", (tds) => tds.map((td) => td.textContent));
+  say("CHECKED " + checked.join(","));
+  await page.screenshot({ path: `${shots}/dashboard-chipcheck.png`, fullPage: true });
+
+  // The right one starts a session (which ends the chip check).
+  await page.fill("#alias", "FROM-THE-PAGE");
   await page.click("#start");
   await page.waitForFunction(() => document.getElementById("message").textContent === "Done.");
   await page.waitForFunction(() => document.getElementById("session-alias").textContent.includes("FROM-THE-PAGE"));
+  await page.waitForFunction(() => document.getElementById("check-card").className === "hidden");
   say("STARTED");
 
   // The test writes reads through the pseudo-terminal; they appear live.

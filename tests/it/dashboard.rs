@@ -236,7 +236,8 @@ async fn the_feed_replays_from_a_number_and_slow_clients_do_not_slow_the_gateway
 }
 
 /// The page in Debian's headless Chromium, driven by playwright-core (tests/browser/): it loads
-/// without console errors, a wrong token is refused, a session started from the page exists
+/// without console errors, a wrong token is refused, a chip check started from the page shows its
+/// reads (and reaches nobody), a session started from the page exists
 /// remotely, and passings read through the pseudo-terminal appear live. Screenshots at phone and
 /// laptop widths are taken (and copied to docs/screenshots/ with RUFUS_GATEWAY_UPDATE_SCREENSHOTS=1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +291,13 @@ async fn the_page_in_headless_chromium() {
     let refused = expect("REFUSED");
     assert!(refused.contains("wrong token"), "{refused}");
     assert!(fake.state().sessions.is_empty(), "nothing started with a wrong token");
+    // The chip check: three reads, shown with their bibs (no bib map here: "not in bib map").
+    expect("CHECKING");
+    write_lines(&mut pty, &chips(100..103));
+    writeln!(node.stdin.as_mut().unwrap(), "3").unwrap();
+    let checked = expect("CHECKED ");
+    assert_eq!(checked, "CHECKED not in bib map,not in bib map,not in bib map");
+    assert!(fake.state().sessions.is_empty(), "a chip check reaches nobody");
     expect("STARTED");
     wait_fake(&fake, &gw, "the session started from the page exists remotely", |s| {
         s.sessions.iter().any(|x| x.alias == "FROM-THE-PAGE")
@@ -306,7 +314,7 @@ async fn the_page_in_headless_chromium() {
     let problems = expect("PROBLEMS ");
     assert_eq!(problems, "PROBLEMS []", "no console errors");
     assert!(node.wait().unwrap().success());
-    for shot in ["dashboard-phone.png", "dashboard-laptop.png"] {
+    for shot in ["dashboard-phone.png", "dashboard-laptop.png", "dashboard-chipcheck.png"] {
         assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 10_000, "{shot} written by this run");
         if std::env::var_os("RUFUS_GATEWAY_UPDATE_SCREENSHOTS").is_some() {
             std::fs::copy(shots.join(shot), root.join("docs/screenshots").join(shot)).unwrap();

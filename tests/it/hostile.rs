@@ -700,6 +700,8 @@ async fn aliases_are_bounded_and_bearer_is_case_insensitive() {
     let big = match post(serde_json::json!({ "alias": huge }).to_string(), &bearer).await {
         Ok(big) => {
             assert_eq!(big.status(), 413);
+            // The rest of the body is not read: the connection is not for another request.
+            assert_eq!(big.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
             "413".to_string()
         }
         Err(e) => {

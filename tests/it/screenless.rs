@@ -19,7 +19,10 @@ async fn a_chip_check_reaches_nobody_and_the_race_after_it_starts_clean() {
     let dir = tempfile::tempdir().unwrap();
     let bibs = dir.path().join("bibs.csv");
     std::fs::write(&bibs, "chip,bib\nC0DE0000,100\nC0DE0001,101\nC0DE0002,102\n").unwrap();
-    let extra = format!("{WITH_ANTENNA}\npassings.bib_map = \"{}\"\npassings.dedup_window = \"3s\"", bibs.display());
+    let extra = format!(
+        "{WITH_ANTENNA}\npassings.bib_map = \"{}\"\npassings.dedup_window = \"3s\"\nhttp.listen = \"127.0.0.1:0\"",
+        bibs.display()
+    );
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &extra);
     gw.start().await;
 
@@ -58,10 +61,60 @@ async fn a_chip_check_reaches_nobody_and_the_race_after_it_starts_clean() {
     assert_eq!(list[0]["test"], true);
     assert_eq!(list[0]["remote_state"], "local");
 
+    // The dashboard's chip check: the latest reads (newest first) and a count per chip.
+    let url = format!("http://{}/api/chipcheck", s["listening"]["http"].as_str().unwrap());
+    let check: Value = http_client().get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(check["test"], true);
+    let reads: Vec<(String, Value, Value, Value)> = check["reads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["chip"].as_str().unwrap().to_string(), r["bib"].clone(), r["antenna"].clone(), r["passing"].clone())
+        })
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            ("C0DE00FF".into(), Value::Null, 4.into(), 4.into()),
+            ("C0DE0002".into(), "102".into(), 3.into(), 3.into()),
+            ("C0DE0000".into(), "100".into(), 1.into(), Value::Null),
+            ("C0DE0001".into(), "101".into(), 2.into(), 2.into()),
+            ("C0DE0000".into(), "100".into(), 1.into(), 1.into()),
+        ],
+        "not in the bib map: null; a repeat: no passing"
+    );
+    let counts: Vec<(String, i64, i64)> = check["chips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (c["chip"].as_str().unwrap().to_string(), c["reads"].as_i64().unwrap(), c["best_rssi"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("C0DE00FF".into(), 1, -80),
+            ("C0DE0002".into(), 1, -70),
+            ("C0DE0000".into(), 2, -58),
+            ("C0DE0001".into(), 1, -55)
+        ]
+    );
+    let per_antenna: Vec<(i64, i64)> = s["reader"]["antennas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["antenna"].as_i64().unwrap(), a["reads_total"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(per_antenna, [(1, 2), (2, 1), (3, 1), (4, 1)]);
+
     // A race session started now closes the chip check and numbers from 1.
     gw.cli_ok(&["session", "start", "--alias", "RACE"]);
     let list: Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
     assert_eq!((list[0]["state"].as_str(), list[0]["remote_state"].as_str()), (Some("closed"), Some("local")));
+    let check: Value = http_client().get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(check, serde_json::json!({ "test": false }));
     write_lines(&mut pty, &["C0DE0001,2,-50".into(), "C0DE0005,1,-50".into()]);
     wait_fake(&fake, &gw, "the race's two passings", |s| s.total_passings() == 2).await;
     {
