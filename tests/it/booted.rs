@@ -417,6 +417,13 @@ async fn a_fresh_debian_installs_and_runs_the_gateway_under_systemd() {
         let verify = m.exec("systemd-analyze verify /usr/lib/systemd/system/rufus-gateway.service /usr/lib/systemd/system/rufus-gateway@.service");
         let said = String::from_utf8_lossy(&verify.stderr).to_string() + &String::from_utf8_lossy(&verify.stdout);
         assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+        // The LED and beeper of [signal]: the udev rule that lets the service's group write
+        // LED-class devices, and the unit's exception for where the Pi's LEDs live (absent here,
+        // which must not stop the unit: it is running).
+        let rule = m.sh("cat /usr/lib/udev/rules.d/60-rufus-gateway-leds.rules");
+        assert!(rule.contains("SUBSYSTEM==\"leds\"") && rule.contains("chgrp rufus-gateway"), "{rule}");
+        let writable = m.sh("systemctl show -p ReadWritePaths --value rufus-gateway");
+        assert!(writable.contains("/sys/devices/platform/leds"), "{writable}");
 
         // The live unit's exposure.
         let security = m.sh("systemd-analyze security --no-pager rufus-gateway.service");
