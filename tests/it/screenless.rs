@@ -273,6 +273,19 @@ async fn watch_sees_every_read_of_a_burst_in_order_and_a_stalled_one_slows_nothi
         "gateway CPU per 2,000-read burst (10 ms ticks): nobody watching {quiet:.1} (mean of 3), one watcher {watched_cpu}, a stalled watcher {stalled_cpu:.1} (mean of 3)"
     );
     drop(stalled);
+
+    // The daemon stops: the watch ends by itself, saying so (exit 69, as for a daemon not running).
+    let mut watcher = Watcher::start(&gw).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    let deadline = Instant::now() + DEADLINE;
+    let code = loop {
+        if let Some(status) = watcher.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "watch did not end with the daemon");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(69));
 }
 
 /// Keep antennas `reading` busy (one read each per round) until `cond` holds on the status.
