@@ -43,6 +43,7 @@ pub struct Running {
     reader: JoinHandle<anyhow::Result<()>>,
     store: JoinHandle<anyhow::Result<()>>,
     signal: Option<Signal>,
+    backup_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How the gateway was started: what a reload needs, and whether signals are ours to handle.
@@ -84,6 +85,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         clock: ClockWatch::new(&cfg.clock),
         listening: Arc::default(),
         signal: Arc::default(),
+        backup: cfg.backup.dir.is_some().then(Arc::default),
     };
     let (api_tx, api_rx) = watch::channel(cfg.api.clone());
     let reloader = options.config_path.map(|path| Reloader {
@@ -159,6 +161,17 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         let c = cancel.clone();
         tasks.spawn(async move { ("signals", crate::supervisor::watch_signals(c, reloader).await) });
     }
+    // The USB stick backup: optional, on a thread of its own that nothing waits for (a hung
+    // stick leaves only that thread stuck; it is not joined at a stop).
+    let backup_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(backup) =
+        status.backup.clone().and_then(|b| crate::backup::Backup::new(&cfg.backup, &cfg.storage.path, b))
+    {
+        let stop = backup_stop.clone();
+        if let Err(e) = std::thread::Builder::new().name("backup".into()).spawn(move || backup.run(stop)) {
+            warn!(error = %e, "cannot start the USB backup; carrying on without it");
+        }
+    }
     // The LED and beeper: optional, on a thread of their own; a device that cannot be driven is
     // reported, never a stop.
     let source = status.clone();
@@ -185,7 +198,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
             }
         });
     }
-    Ok(Running { cancel, live, status, tasks, reader, store, signal })
+    Ok(Running { cancel, live, status, tasks, reader, store, signal, backup_stop })
 }
 
 impl Running {
@@ -207,6 +220,7 @@ impl Running {
         }
         // Every sender is gone now: the store drains, commits and returns.
         let store = tokio::task::spawn_blocking(move || self.store.join()).await?;
+        self.backup_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         // Off, and the LED's own trigger given back.
         if let Some(signal) = self.signal.take() {
             let _ = tokio::task::spawn_blocking(move || signal.stop()).await;

@@ -23,6 +23,9 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
         "error",
         "delivered_at",
         "resent_from",
+        // The box's local date and time, as RUFUS Race Manager's backup import splits them.
+        "date",
+        "time",
     ])?;
     let mut stmt = db.connection().prepare(&format!(
         // A passing delivered by the watermark has its time in the delivery range that holds it.
@@ -38,6 +41,7 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
     let mut n = 0;
     while let Some(r) = rows.next()? {
         let text = |i| -> rusqlite::Result<String> { Ok(cell(&r.get::<_, String>(i)?).into_owned()) };
+        let (date, time) = crate::backup::local_date_time(r.get(5)?);
         csv.write_record([
             r.get::<_, i64>(0)?.to_string(),
             text(1)?,
@@ -49,6 +53,8 @@ pub fn passings(db: &Db, session: Option<i64>, out: impl Write) -> anyhow::Resul
             cell(&r.get::<_, Option<String>>(7)?.unwrap_or_default()).into_owned(),
             r.get::<_, Option<i64>>(8)?.map(rfc3339).unwrap_or_default(),
             r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+            date,
+            time,
         ])?;
         n += 1;
     }

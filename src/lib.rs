@@ -35,6 +35,7 @@
 
 pub mod antennas;
 pub mod app;
+pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod config;

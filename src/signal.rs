@@ -6,7 +6,7 @@
 //! |---|---|
 //! | steady on | all well: reader connected, a session open, uplink online or idle, clock synchronised |
 //! | fast blink (4 Hz) | the reader is disconnected, or storage fails |
-//! | slow blink (1 Hz) | needs attention: passings wait over a minute for the API, the key is refused, the clock is not synchronised, an antenna is silent, or no session is open |
+//! | slow blink (1 Hz) | needs attention: passings wait over a minute for the API, the key is refused, the clock is not synchronised, an antenna is silent, the backup cannot be written, or no session is open |
 //! | a short blip | a passing |
 //! | off | the daemon is stopped (its trigger is given back) |
 //!
@@ -93,6 +93,7 @@ pub fn pattern_for(s: &Status, now: chrono::DateTime<chrono::Utc>) -> Pattern {
         || s.uplink.state == UplinkState::AuthFailed
         || !s.clock.synchronized
         || s.reader.antennas.iter().any(|a| a.silent)
+        || s.backup.as_ref().is_some_and(|b| b.error.is_some())
         || !session_open
     {
         return Pattern::Slow;

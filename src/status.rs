@@ -29,6 +29,9 @@ pub struct Status {
     /// The LED and the beeper (`[signal]`); null when neither is configured.
     #[serde(default)]
     pub signal: Option<crate::signal::SignalStatus>,
+    /// The USB stick backup (`[backup]`); null when `backup.dir` is not set.
+    #[serde(default)]
+    pub backup: Option<crate::backup::BackupStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -92,6 +95,8 @@ pub struct StatusSource {
     pub clock: ClockWatch,
     pub listening: Arc<Mutex<Listening>>,
     pub signal: Arc<Mutex<crate::signal::SignalStatus>>,
+    /// None when `backup.dir` is not set.
+    pub backup: Option<Arc<Mutex<crate::backup::BackupStatus>>>,
 }
 
 impl StatusSource {
@@ -137,6 +142,7 @@ impl StatusSource {
             },
             listening: self.listening.lock().map(|l| l.clone()).unwrap_or_default(),
             signal: self.signal.lock().ok().map(|s| s.clone()).filter(|s| s.led.is_some() || s.beeper.is_some()),
+            backup: self.backup.as_ref().and_then(|b| b.lock().ok().map(|b| b.shown(crate::clock::now_us()))),
         };
         Ok(with_problems(status, &held_sessions, readable))
     }
@@ -203,6 +209,18 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             "TEST SESSION {} ({}) OPEN: a chip check, nothing is sent to RUFUS; start the race with `rufus-gateway session start`",
             test.id, test.alias
         ));
+    }
+    if let Some(b) = &s.backup {
+        match &b.error {
+            Some(e) => p.push(format!(
+                "BACKUP NOT WRITTEN to {} ({e}); reading, storing and uploading are not affected",
+                b.dir
+            )),
+            None if !b.mounted => {
+                p.push(format!("NO BACKUP STICK at {}: plug in the stick labelled RUFUSBACKUP", b.dir))
+            }
+            None => {}
+        }
     }
     if let Some(e) = s.signal.as_ref().and_then(|x| x.error.as_ref()) {
         p.push(format!("LED OR BEEPER CANNOT BE DRIVEN ({e}); see the README's \"LED and beeper\""));

@@ -78,6 +78,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub feed: FeedConfig,
     pub signal: SignalConfig,
+    pub backup: BackupConfig,
     pub log: LogConfig,
 }
 
@@ -352,6 +353,27 @@ impl Default for SignalConfig {
             beep_on_passing: BeepOn::Test,
             leds_dir: PathBuf::from("/sys/class/leds"),
         }
+    }
+}
+
+/// A live copy of the passings on a USB stick (`backup.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Where the stick is mounted (e.g. "/media/rufus-backup"); empty: no backup.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub dir: Option<PathBuf>,
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Write only when `dir` is a mount point, so a missing stick never fills the SD card.
+    pub require_mount: bool,
+    /// Also keep the raw reads there.
+    pub reads: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { dir: None, interval: Duration::from_secs(5), require_mount: true, reads: false }
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod backup;
 mod booted;
 mod config;
 mod crash;
