@@ -26,6 +26,8 @@ use crate::store::query::{Db, SessionRow};
 
 /// The header RUFUS Race Manager's import maps (Chip, BIB, Date, Time), and what identifies a row.
 pub const HEADER: &str = "num_passing,bib,chip,date,time,timestamp,session_id,alias,state";
+/// The raw reads beside it (`backup.reads`); `read_id` is what a pass resumes from.
+pub const READS_HEADER: &str = "read_id,received_at,chip,antenna,rssi,reader_time,session_id";
 /// A pass that takes longer than this (a hung USB device) is reported.
 const STALL: Duration = Duration::from_secs(10);
 /// Rows read from the database per query.
@@ -151,13 +153,13 @@ fn rows_after(db: &Db, session: &SessionRow, after: i64) -> rusqlite::Result<Vec
     .collect()
 }
 
-/// Open a session's file for appending, cutting off a torn last line; returns it with the last
-/// `num_passing` it holds (0 when only the header, or new).
-fn open_file(path: &Path) -> std::io::Result<(File, i64)> {
+/// Open a session's file for appending, cutting off a torn last line; returns it with the number
+/// in the first column of its last row (0 when only the header, or new).
+fn open_file(path: &Path, header: &str) -> std::io::Result<(File, i64)> {
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
     let len = file.metadata()?.len();
     if len == 0 {
-        file.write_all(format!("{HEADER}\n").as_bytes())?;
+        file.write_all(format!("{header}\n").as_bytes())?;
         return Ok((file, 0));
     }
     // The tail holds the last complete line (rows are short).
@@ -181,7 +183,7 @@ fn open_file(path: &Path) -> std::io::Result<(File, i64)> {
         // Nothing whole at all (not even the header): start again.
         file.set_len(0)?;
         file.seek(SeekFrom::Start(0))?;
-        file.write_all(format!("{HEADER}\n").as_bytes())?;
+        file.write_all(format!("{header}\n").as_bytes())?;
         return Ok((file, 0));
     }
     file.seek(SeekFrom::End(0))?;
@@ -196,6 +198,8 @@ pub struct Backup {
     status: Arc<Mutex<BackupStatus>>,
     /// Per session: the last `num_passing` known to be in its file, while the same stick is in.
     written: HashMap<i64, i64>,
+    /// Closed sessions whose reads file is complete on this stick.
+    reads_done: std::collections::HashSet<i64>,
     /// The mount the cache belongs to (device id of `dir`).
     mounted_dev: Option<u64>,
     db: Option<Db>,
@@ -216,6 +220,7 @@ impl Backup {
             host,
             status,
             written: HashMap::new(),
+            reads_done: Default::default(),
             mounted_dev: None,
             db: None,
         })
@@ -265,12 +270,14 @@ impl Backup {
             // Nothing is written to a directory that is not a stick: the SD card never fills.
             self.mounted_dev = None;
             self.written.clear();
+            self.reads_done.clear();
             return Ok(());
         }
         let dev = std::fs::metadata(&self.dir)?.dev();
         if self.mounted_dev != Some(dev) {
             // Another stick, or the same one plugged back: its files say what they hold.
             self.written.clear();
+            self.reads_done.clear();
             self.mounted_dev = Some(dev);
         }
         if self.db.is_none() {
@@ -285,8 +292,11 @@ impl Backup {
             None => return Ok(()),
         };
         // Chip checks stay on the box: the stick holds races.
-        for session in sessions.iter().filter(|s| s.passings > 0 && !s.test) {
-            if self.written.get(&session.id).is_some_and(|last| *last >= session.passings) {
+        for session in sessions.iter().filter(|s| !s.test) {
+            if self.cfg.reads {
+                self.session_reads(session)?;
+            }
+            if session.passings == 0 || self.written.get(&session.id).is_some_and(|last| *last >= session.passings) {
                 continue;
             }
             self.session(session)?;
@@ -296,7 +306,7 @@ impl Backup {
 
     fn session(&mut self, session: &SessionRow) -> anyhow::Result<()> {
         let path = self.dir.join(file_name(&self.host, session.id, &session.alias));
-        let (mut file, mut last) = open_file(&path)?;
+        let (mut file, mut last) = open_file(&path, HEADER)?;
         let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
         let mut appended = 0u64;
         loop {
@@ -324,6 +334,54 @@ impl Backup {
         self.written.insert(session.id, last);
         Ok(())
     }
+
+    /// The session's raw reads (`backup.reads`), by read id; a closed session found complete is
+    /// not looked at again while the same stick is in.
+    fn session_reads(&mut self, session: &SessionRow) -> anyhow::Result<()> {
+        if self.reads_done.contains(&session.id) {
+            return Ok(());
+        }
+        let name = file_name(&self.host, session.id, &session.alias);
+        let path = self.dir.join(format!("{}-reads.csv", name.trim_end_matches(".csv")));
+        let (mut file, mut last) = open_file(&path, READS_HEADER)?;
+        let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
+        let mut appended = 0u64;
+        loop {
+            // By rowid from the last one written: a range, not a scan of the table.
+            let mut stmt = db.connection().prepare_cached(
+                "SELECT id, received_at, chip, antenna, rssi, reader_time FROM reads
+                 WHERE id > ?1 AND session_id = ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows: Vec<(i64, String)> = stmt
+                .query_map(params![last, session.id, PAGE], |r| {
+                    let id: i64 = r.get(0)?;
+                    let number = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+                    let cells = [
+                        id.to_string(),
+                        crate::clock::api_timestamp(r.get(1)?),
+                        r.get::<_, String>(2)?,
+                        number(r.get(3)?),
+                        number(r.get(4)?),
+                        r.get::<_, Option<i64>>(5)?.map(crate::clock::api_timestamp).unwrap_or_default(),
+                        session.id.to_string(),
+                    ];
+                    let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
+                    Ok((id, crate::csv_cell::csv_line(&refs)))
+                })?
+                .collect::<Result<_, _>>()?;
+            let Some((newest, _)) = rows.last() else { break };
+            last = *newest;
+            let text: String = rows.iter().map(|(_, line)| line.as_str()).collect();
+            file.write_all(text.as_bytes())?;
+            appended += rows.len() as u64;
+        }
+        if appended > 0 {
+            file.sync_all()?;
+        } else if session.state == crate::store::query::SessionState::Closed {
+            self.reads_done.insert(session.id);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -340,12 +398,12 @@ mod tests {
     fn a_torn_last_line_is_cut_and_the_last_number_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.csv");
-        let (_, last) = open_file(&path).unwrap();
+        let (_, last) = open_file(&path, HEADER).unwrap();
         assert_eq!(last, 0);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{HEADER}\n"));
         std::fs::write(&path, format!("{HEADER}\n1,7,C1,d,t,ts,1,A,pending\n2,8,C2,d,t,ts,1,A,pending\n3,9,C"))
             .unwrap();
-        let (mut file, last) = open_file(&path).unwrap();
+        let (mut file, last) = open_file(&path, HEADER).unwrap();
         assert_eq!(last, 2, "the torn third row does not count");
         file.write_all(b"3,9,C3,d,t,ts,1,A,pending\n").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -353,7 +411,7 @@ mod tests {
         assert!(text.ends_with("2,8,C2,d,t,ts,1,A,pending\n3,9,C3,d,t,ts,1,A,pending\n"), "{text}");
         // A header torn in two starts the file again.
         std::fs::write(&path, "num_pass").unwrap();
-        let (_, last) = open_file(&path).unwrap();
+        let (_, last) = open_file(&path, HEADER).unwrap();
         assert_eq!((last, std::fs::read_to_string(&path).unwrap()), (0, format!("{HEADER}\n")));
     }
 

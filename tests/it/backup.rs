@@ -75,12 +75,14 @@ impl Stick {
         result
     }
 
+    /// The passings files on the stick (not the reads files beside them).
     fn files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.mnt)
             .map(|d| {
                 d.filter_map(Result::ok)
                     .map(|e| e.path())
                     .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+                    .filter(|p| !p.to_string_lossy().ends_with("-reads.csv"))
                     .collect()
             })
             .unwrap_or_default();
@@ -167,7 +169,7 @@ async fn a_stick_in_before_the_race_holds_what_export_says_within_the_interval()
     let Some(stick) = Stick::new(16) else { return };
     let (fake, device) = fake().await;
     let mut pty = pty();
-    let gw = gateway(&fake, &device, &pty, &stick.mnt, "").await;
+    let gw = gateway(&fake, &device, &pty, &stick.mnt, "backup.reads = true").await;
     gw.cli_ok(&["session", "start", "--alias", "10K FINISH:A"]);
     let session = gw.status()["session"]["id"].as_i64().unwrap();
 
@@ -192,6 +194,23 @@ async fn a_stick_in_before_the_race_holds_what_export_says_within_the_interval()
     let local = utc.with_timezone(&chrono_tz::Europe::Madrid);
     assert_eq!(first["date"], local.format("%Y-%m-%d").to_string());
     assert_eq!(first["time"], local.format("%H:%M:%S%.3f").to_string());
+    // The raw reads beside it (backup.reads), numbered by read.
+    let reads_file = file.to_string_lossy().replace(".csv", "-reads.csv");
+    let deadline = Instant::now() + DEADLINE;
+    let reads = loop {
+        let text = std::fs::read_to_string(&reads_file).unwrap_or_default();
+        if text.lines().count() == 51 {
+            break table(&text);
+        }
+        assert!(Instant::now() < deadline, "reads file: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let chips_read: Vec<&str> = reads.iter().map(|r| r["chip"].as_str()).collect();
+    let chips_sent = chips(0..50);
+    assert_eq!(chips_read, chips_sent.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        reads.windows(2).all(|w| w[0]["read_id"].parse::<i64>().unwrap() < w[1]["read_id"].parse::<i64>().unwrap())
+    );
     let s = gw.status();
     assert_eq!(s["backup"]["mounted"], true);
     assert_eq!(s["backup"]["rows"], 50);
