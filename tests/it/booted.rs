@@ -424,6 +424,12 @@ async fn a_fresh_debian_installs_and_runs_the_gateway_under_systemd() {
         assert!(rule.contains("SUBSYSTEM==\"leds\"") && rule.contains("chgrp rufus-gateway"), "{rule}");
         let writable = m.sh("systemctl show -p ReadWritePaths --value rufus-gateway");
         assert!(writable.contains("/sys/devices/platform/leds"), "{writable}");
+        // The backup stick: its rule, the mount helper, the mount point, and the unit's exception.
+        let rule = m.sh("cat /usr/lib/udev/rules.d/61-rufus-gateway-backup.rules");
+        assert!(rule.contains("RUFUSBACKUP") && rule.contains("/usr/lib/rufus-gateway/mount-backup"), "{rule}");
+        assert_eq!(m.sh("stat -c '%a %U' /usr/lib/rufus-gateway/mount-backup").trim(), "755 root");
+        assert!(m.exec("test -d /media/rufus-backup").status.success(), "the mount point is made");
+        assert!(writable.contains("/media/rufus-backup"), "{writable}");
 
         // The live unit's exposure.
         let security = m.sh("systemd-analyze security --no-pager rufus-gateway.service");
