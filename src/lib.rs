@@ -11,15 +11,19 @@
 //! ```
 //!
 //! - [`reader`]: port open/reopen (serial or TCP, [`reader::transport`]), framing
-//!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`].
+//!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`];
+//!   reads per antenna and silent antennas in [`antennas`].
 //! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions, retention; the
 //!   read side in [`store::query`].
 //! - [`uplink`]: the RUFUS client ([`uplink::api`]), the pure decision after each outcome
 //!   ([`uplink::policy`]), deliveries awaiting their record ([`uplink::ledger`]), and the replay loop.
-//! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports.
-//! - [`http`] (dashboard, JSON API, `/metrics`) and [`feed`] (passings as TCP lines): optional
+//! - [`control`]: the Unix socket the CLI talks to; [`status`] is what it reports; [`watch`]
+//!   streams the reads through it.
+//! - [`http`] (dashboard, JSON API, [`metrics`]) and [`feed`] (passings as TCP lines): optional
 //!   listeners ([`optional`]); every listener's bounds (caps, deadlines, bounded lines) are in
 //!   [`limits`]. [`export`] writes CSV; every CSV cell follows [`csv_cell`].
+//! - For a person next to the box, optional threads of their own: [`signal`] (a LED and a
+//!   beeper through the Linux LED class) and [`backup`] (a live CSV copy on a USB stick).
 //! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] handles the
 //!   signals and the watchdog (fed by [`liveness`]), [`reload`] a SIGHUP; [`fdstore`] keeps the
 //!   reader's port in systemd's descriptor store; [`clock`] stamps and watches synchronisation;
