@@ -52,7 +52,7 @@ pub struct BackupStatus {
 }
 
 impl BackupStatus {
-    /// The status as shown: a pass running longer than [`STALL`] is an error.
+    /// The status as shown: a pass running longer than 10 s (a hung stick) is an error.
     pub fn shown(&self, now_us: i64) -> BackupStatus {
         let mut s = self.clone();
         if s.busy_since_us > 0 && now_us - s.busy_since_us > STALL.as_micros() as i64 {
