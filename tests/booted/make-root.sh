@@ -1,6 +1,6 @@
 #!/bin/sh
 # Prepare the Debian 12 root the booted-system suite (tests/it/booted.rs) boots: a debootstrap
-# minbase with systemd, as a freshly installed box would have it, and never the package.
+# minbase with systemd and udev, as a freshly installed box would have it, and never the package.
 #   tests/booted/make-root.sh ROOT [MIRROR]
 set -eu
 root=$1
@@ -12,7 +12,7 @@ if [ -x "$root/usr/lib/systemd/systemd" ]; then
 fi
 rm -rf "$root.partial"
 debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,ca-certificates,python3,adduser \
+    --include=systemd,systemd-sysv,udev,dbus,ca-certificates,python3,adduser \
     bookworm "$root.partial" "$mirror"
 # No console login and no network management inside the container: the host's network is shared.
 chroot "$root.partial" systemctl mask console-getty.service systemd-networkd.service systemd-resolved.service >/dev/null 2>&1 || true

@@ -638,3 +638,92 @@ async fn no_read_is_lost_to_a_restart_an_upgrade_or_a_crash() {
     });
     drop(root);
 }
+
+/// A loop device on the host, detached on drop.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// The USB backup through what the package ships: an ext4 image labelled RUFUSBACKUP (this
+/// kernel has no vfat) is attached as a block device, udev's own rule processing (`udevadm test`,
+/// as udevd is not run in a container) yields the shipped rule's command, which mounts it at
+/// /media/rufus-backup with systemd-mount; the service, under its hardened unit, keeps the race's
+/// passings there, equal to `export`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stick_plugged_in_is_mounted_by_the_shipped_rule_and_holds_the_race() {
+    let Some(s) = setup("a_stick_plugged_in_is_mounted_by_the_shipped_rule_and_holds_the_race") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (fake, deviceid) = crate::common::fake().await;
+    let (root, m, _) = tokio::task::block_in_place(|| installed(&s, &fake, &deviceid));
+    tokio::task::block_in_place(|| {
+        // The stick, plugged in: a block device the container can see.
+        let image = root.dir.path().join("stick.img");
+        std::fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "RUFUSBACKUP"]).arg(&image));
+        let dev = String::from_utf8(run(Command::new("losetup").args(["-f", "--show"]).arg(&image)).stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let _attached = LoopDevice(dev.clone());
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&dev).unwrap());
+        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        m.sh(&format!("[ -e {dev} ] || mknod {dev} b {major} {minor}"));
+
+        // What udev does on the "add" event: its rules, the shipped one among them.
+        let name = Path::new(&dev).file_name().unwrap().to_str().unwrap().to_string();
+        let test = m.sh(&format!("udevadm test --action=add /sys/class/block/{name} 2>&1"));
+        let line = test
+            .lines()
+            .find(|l| l.contains("/usr/lib/rufus-gateway/mount-backup"))
+            .unwrap_or_else(|| panic!("the shipped rule did not match a device labelled RUFUSBACKUP:\n{test}"));
+        let command = line[line.find("/usr/lib/rufus-gateway/mount-backup").unwrap()..].trim_end_matches(['\'', '"']);
+        assert_eq!(command, format!("/usr/lib/rufus-gateway/mount-backup {dev} ext4"), "{line}");
+        m.sh(command);
+        m.wait_for("the stick mounted", || m.exec("findmnt -n /media/rufus-backup").status.success().then_some(()));
+        let options = m.sh("findmnt -no OPTIONS /media/rufus-backup");
+        for option in ["nodev", "nosuid", "noexec"] {
+            assert!(options.contains(option), "{options}");
+        }
+        // An ext4 stick keeps its owners: given to the service once, as the README says.
+        m.sh("chown rufus-gateway: /media/rufus-backup && chmod 700 /media/rufus-backup");
+
+        let config = config(&fake, &deviceid, "/run/reader0", "STICK")
+            + "\n[backup]\ndir = \"/media/rufus-backup\"\ninterval = \"1s\"\n";
+        root.write("/etc/rufus-gateway/config.toml", &config);
+        m.sh("systemctl enable --now rufus-gateway");
+        let sim = Sim::start(&m, "reader0", "/run/reader0", RATE, 1);
+        sim.sent_at_least(&m, 100);
+        sim.stop(&m);
+        let exported = m.wait_for("the stick equal to export", || {
+            let export = m.sh("rufus-gateway export --session 1");
+            let file = m.exec("cat /media/rufus-backup/rufus-gateway-*-1-STICK.csv");
+            let file = String::from_utf8_lossy(&file.stdout).to_string();
+            let rows = |text: &str, cols: &[usize]| -> Vec<Vec<String>> {
+                text.lines()
+                    .skip(1)
+                    .map(|l| {
+                        let cells: Vec<&str> = l.split(',').collect();
+                        cols.iter().map(|i| cells.get(*i).unwrap_or(&"").to_string()).collect()
+                    })
+                    .collect()
+            };
+            // export: session_id,alias,num_passing,bib,chip,timestamp,state,…,date,time;
+            // the stick: num_passing,bib,chip,date,time,timestamp,session_id,alias,state.
+            let from_export = rows(&export, &[2, 3, 4, 10, 11, 5, 0, 1]);
+            let on_stick = rows(&file, &[0, 1, 2, 3, 4, 5, 6, 7]);
+            (!from_export.is_empty() && from_export.len() >= 100 && from_export == on_stick)
+                .then_some(from_export.len())
+        });
+        let owner = m.sh("stat -c %U /media/rufus-backup/rufus-gateway-*-1-STICK.csv");
+        assert_eq!(owner.trim(), "rufus-gateway", "written by the service, under its hardened unit");
+        let status = m.status("/etc/rufus-gateway/config.toml");
+        assert_eq!(status["backup"]["mounted"], true);
+        assert!(status["backup"]["error"].is_null(), "{}", status["backup"]);
+        println!("the stick, mounted by the shipped rule, holds the race's {exported} passings, equal to export");
+        m.sh("systemctl stop rufus-gateway && umount /media/rufus-backup");
+    });
+}
