@@ -34,8 +34,11 @@ const FAST: Duration = Duration::from_millis(125);
 const SLOW: Duration = Duration::from_millis(500);
 /// A passing's blip: the LED inverted this long.
 const BLIP: Duration = Duration::from_millis(60);
-/// A beep.
+/// A beep, and the silence after it before the next one (passings close together still beep
+/// once each, up to `BEEPS_QUEUED` waiting).
 const BEEP: Duration = Duration::from_millis(60);
+const BEEP_GAP: Duration = Duration::from_millis(80);
+const BEEPS_QUEUED: u32 = 4;
 /// The reader-lost alarm: three beeps of this length, this far apart, repeated every `ALARM_EVERY`.
 const ALARM_BEEP: Duration = Duration::from_millis(150);
 const ALARM_EVERY: Duration = Duration::from_secs(30);
@@ -251,6 +254,9 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Stat
     let mut next_health = Instant::now();
     let mut blip_until: Option<Instant> = None;
     let mut beep_until: Option<Instant> = None;
+    // Beeps asked for and not begun yet; the next may begin at `beep_next`.
+    let mut beeps_waiting = 0u32;
+    let mut beep_next = Instant::now();
     // The alarm: when the current round started, and when the next one is due.
     let mut alarm: Option<Instant> = None;
     let mut lost_in_race = false;
@@ -290,6 +296,12 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Stat
             let slot = t / ALARM_BEEP.as_millis();
             slot < 6 && slot.is_multiple_of(2)
         });
+        if beeps_waiting > 0 && now >= beep_next {
+            beeps_waiting -= 1;
+            beep_until = Some(now + BEEP);
+            beep_next = now + BEEP + BEEP_GAP;
+            update(&|s| s.beeps_total += 1);
+        }
         let beep = beep_until.is_some_and(|t| now < t) || alarm_on;
         let mut result = Ok(());
         if let Some(d) = led.as_mut() {
@@ -312,7 +324,8 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Stat
         }
         // Sleep until the next thing that can change.
         let mut wake = next_health;
-        for t in [blip_until, beep_until].into_iter().flatten().filter(|t| *t > now) {
+        let queued = (beeps_waiting > 0).then_some(beep_next);
+        for t in [blip_until, beep_until, queued].into_iter().flatten().filter(|t| *t > now) {
             wake = wake.min(t);
         }
         if let Some(edge) = pattern.next_edge(now - epoch) {
@@ -333,8 +346,7 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Stat
                     BeepOn::Never => false,
                 };
                 if wanted && beeper.is_some() {
-                    beep_until = Some(at + BEEP);
-                    update(&|s| s.beeps_total += 1);
+                    beeps_waiting = (beeps_waiting + 1).min(BEEPS_QUEUED);
                 }
             }
             Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
