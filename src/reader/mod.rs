@@ -1,6 +1,7 @@
 //! The reader actor: a dedicated thread that opens the port (reopening it with backoff when it is
 //! missing or fails), frames and parses records, stamps them, and hands reads to the store.
 
+pub mod control;
 pub mod format;
 pub mod framing;
 pub mod transport;
