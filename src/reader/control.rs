@@ -1,6 +1,7 @@
 //! Talking back to a reader (reader-control.md): the commands that get and set its clock and
 //! replay what it stored, and the replies to them, per family. Pure codecs, tested against every
-//! vector of the reference; the connection logic that uses them is separate.
+//! vector of the reference; the connection logic that uses them is separate. Impinj has no
+//! commands on its data channel (its clock is measured from `firstSeenTimestamp`).
 
 /// IPICO Lite control frames (`ab…`, on the stream's own socket or serial line).
 pub mod ipico {
@@ -165,6 +166,38 @@ pub mod ipico {
             (0x4c, 9) => Reply::SyncDelay { ms: u16::from(data[7]) << 8 | u16::from(data[8]) },
             _ => Reply::Other { instruction, data: data.to_vec() },
         })
+    }
+}
+
+/// IPICO Elite: text commands on its control port (TCP 9999), one per line. A single source
+/// (ChronoKeep), no capture: behind an option that is off by default.
+pub mod elite {
+    use chrono::NaiveDateTime;
+
+    pub const GET_CLOCK: &str = "getdate\n";
+
+    /// `setdate.yyMMddHH:mm:ss` (local wall time, to the second).
+    pub fn set_clock(local: NaiveDateTime) -> String {
+        format!("setdate.{}\n", local.format("%y%m%d%H:%M:%S"))
+    }
+
+    /// Replay what reader 1 (`ttyS0`) or 2 (`ttyS1`) stored since `since` (all of it without),
+    /// to TCP 10300; the replay ends when the reader closes that connection.
+    pub fn replay_start(reader: u8, since: Option<NaiveDateTime>) -> String {
+        let file = format!("file.ttyS{} port.10300", reader.saturating_sub(1));
+        match since {
+            Some(t) => format!("replay_start {file} datetime.{}\n", t.format("%y%m%d%H%M%S")),
+            None => format!("replay_start {file}\n"),
+        }
+    }
+
+    /// The `getdate` reply, Linux `date` output after `date.`: `Wed Nov 12 15:30:30 CST 2008`
+    /// (the zone name is not trusted: the reader's wall time is taken as local).
+    pub fn parse_clock(line: &str) -> Option<NaiveDateTime> {
+        let text = line.trim().strip_prefix("date.")?;
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let [_, month, day, time, _zone, year] = parts.as_slice() else { return None };
+        NaiveDateTime::parse_from_str(&format!("{month} {day} {year} {time}"), "%b %d %Y %H:%M:%S").ok()
     }
 }
 
@@ -350,6 +383,21 @@ mod tests {
         assert_eq!(after, Reply::Download { state: 1, extent: 0x0204f6, progress: 0x0204f6 });
         // A corrupted LRC is refused (as the spec's own GET example would be: its LRC is wrong).
         assert!(parse("ab0009022603060518554437274f").unwrap_err().contains("bad LRC"));
+    }
+
+    #[test]
+    fn elite_commands_and_replies() {
+        use elite::*;
+        assert_eq!(set_clock(at(2026, 3, 6, 19, 49, 21, 0)), "setdate.26030619:49:21\n");
+        assert_eq!(GET_CLOCK, "getdate\n");
+        assert_eq!(parse_clock("date.Wed Nov 12 15:30:30 CST 2008"), Some(at(2008, 11, 12, 15, 30, 30, 0)));
+        assert_eq!(parse_clock("date.Mon Mar  2 09:05:01 UTC 2026"), Some(at(2026, 3, 2, 9, 5, 1, 0)), "one-digit day");
+        assert_eq!(parse_clock("Wed Nov 12 15:30:30 CST 2008"), None);
+        assert_eq!(replay_start(1, None), "replay_start file.ttyS0 port.10300\n");
+        assert_eq!(
+            replay_start(2, Some(at(2026, 3, 6, 19, 49, 21, 0))),
+            "replay_start file.ttyS1 port.10300 datetime.260306194921\n"
+        );
     }
 
     #[test]
