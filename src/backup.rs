@@ -78,9 +78,12 @@ pub fn file_name(host: &str, session_id: i64, alias: &str) -> String {
 /// the mount table).
 pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else { return false };
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|table| {
-        table.lines().any(|line| line.split(' ').nth(4).is_some_and(|point| unescape(point) == dir.as_os_str()))
-    })
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|table| listed(&table, &dir))
+}
+
+/// Whether a mount table (`/proc/self/mountinfo`, mount point in the fifth field) lists `dir`.
+fn listed(table: &str, dir: &Path) -> bool {
+    table.lines().any(|line| line.split(' ').nth(4).is_some_and(|point| unescape(point) == dir.as_os_str()))
 }
 
 /// Mount table paths escape space, tab, newline and backslash as octal.
@@ -418,7 +421,13 @@ mod tests {
     #[test]
     fn mount_table_paths_are_unescaped() {
         assert_eq!(unescape("/media/my\\040stick"), std::ffi::OsString::from("/media/my stick"));
-        assert!(is_mount_point(Path::new("/")));
+        // Lines as the kernel writes them (a chroot or a container lists its own).
+        let table = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                     91 22 7:0 / /media/rufus\\040backup rw,nodev,nosuid shared:50 - vfat /dev/sdb1 rw\n";
+        assert!(listed(table, Path::new("/media/rufus backup")));
+        assert!(listed(table, Path::new("/")));
+        assert!(!listed(table, Path::new("/media")));
+        // A fresh temporary directory is never a mount point.
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_mount_point(dir.path()));
     }
