@@ -5,6 +5,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use proptest::prelude::*;
 use rufus_gateway::config::{ChipEncoding, Format, ReaderConfig};
+use rufus_gateway::pty::Pty;
 use rufus_gateway::reader::format::{Parsed, ParsedRead, Parser};
 use rufus_gateway::reader::framing::{Framed, Framer};
 
@@ -162,7 +163,7 @@ async fn deliver(
     extra: &str,
     bytes: Vec<u8>,
     expect: usize,
-) -> (std::collections::BTreeMap<String, String>, Gateway, rufus_gateway::fake_api::FakeApi) {
+) -> (std::collections::BTreeMap<String, String>, Gateway, rufus_gateway::fake_api::FakeApi, Pty) {
     let (fake, device) = fake().await;
     let pty = pty();
     let extra = format!("reader.format = \"{format}\"\npassings.dedup_window = \"120s\"\n{extra}");
@@ -177,13 +178,15 @@ async fn deliver(
         writer_pty
     });
     wait_fake(&fake, &gw, &format!("{expect} passings"), |s| s.total_passings() >= expect).await;
-    let _pty = writer.join().unwrap();
+    // The reader side stays open until the caller is done: closing a pty's master discards what
+    // the gateway has not read yet, and the tail of the bytes may still be in flight.
+    let reader = writer.join().unwrap();
     let status = gw.wait_status("all reads in", |s| s["queue"]["pending"] == 0).await;
     let passings: std::collections::BTreeMap<String, String> =
         fake.state().sessions[0].passings.values().map(|p| (p.bib.clone(), p.timestamp.clone())).collect();
     assert_eq!(passings.len(), expect, "one passing per tag; status {status:#}");
     assert_eq!(fake.state().total_passings(), expect, "no more than one per tag");
-    (passings, gw, fake)
+    (passings, gw, fake, reader)
 }
 
 fn first_time(reads: &[TagRead], chip: &str) -> String {
@@ -198,7 +201,7 @@ async fn ipico_reader_local_time_in_summer() {
         format!("{:012x}", 0x58000128600u64 + t as u64)
     });
     let bytes: Vec<u8> = reads.iter().flat_map(|r| readers::ipico(r, tz)).collect();
-    let (passings, gw, _fake) =
+    let (passings, gw, _fake, _pty) =
         deliver("ipico", "reader.timestamps = \"reader\"\nreader.timezone = \"Europe/Madrid\"", bytes, 30).await;
     for (chip, ts) in &passings {
         assert_eq!(ts, &first_time(&reads, chip), "{chip}");
@@ -221,7 +224,7 @@ async fn ultra_reader_local_time_in_winter_with_rewinds_and_triggers() {
         let line = String::from_utf8(readers::ultra(r, tz, i as u64)).unwrap().replacen(",0,1,1,", ",1,1,1,", 1);
         bytes.extend(line.into_bytes());
     }
-    let (passings, _gw, _fake) =
+    let (passings, _gw, _fake, _pty) =
         deliver("ultra", "reader.timestamps = \"reader\"\nreader.timezone = \"America/New_York\"", bytes, 25).await;
     for (chip, ts) in &passings {
         assert_eq!(ts, &first_time(&reads, chip), "{chip}");
@@ -240,7 +243,7 @@ async fn impinj_json_with_strongest_read_selection() {
         }
     }
     let extra = "reader.timestamps = \"reader\"\npassings.dedup_keep = \"strongest\"\npassings.dedup_window = \"3s\"";
-    let (passings, _gw, _fake) = deliver("impinj-json", extra, bytes, 20).await;
+    let (passings, _gw, _fake, _pty) = deliver("impinj-json", extra, bytes, 20).await;
     for (chip, ts) in &passings {
         let strongest =
             reads.iter().filter(|r| &r.chip == chip).max_by_key(|r| (r.rssi, std::cmp::Reverse(r.at))).unwrap();
@@ -261,7 +264,7 @@ async fn regex_csv_in_a_dst_zone() {
         readers::CSV_PATTERN,
         readers::CSV_TIME
     );
-    let (passings, _gw, _fake) = deliver("regex", &extra, bytes, 20).await;
+    let (passings, _gw, _fake, _pty) = deliver("regex", &extra, bytes, 20).await;
     for (chip, ts) in &passings {
         assert_eq!(ts, &first_time(&reads, chip), "{chip}");
     }
@@ -285,7 +288,7 @@ async fn reader_times_after_2038_keep_their_value() {
         readers::CSV_PATTERN,
         readers::CSV_TIME
     );
-    let (passings, gw, _fake) = deliver("regex", &extra, bytes, 20).await;
+    let (passings, gw, _fake, _pty) = deliver("regex", &extra, bytes, 20).await;
     for (chip, ts) in &passings {
         assert_eq!(ts, &first_time(&reads, chip), "{chip}");
     }
@@ -319,7 +322,7 @@ async fn chafon_ascii_chips_bib_map_and_unmapped_skipped() {
         map.display()
     );
     let written = Utc::now();
-    let (passings, gw, fake) = deliver("chafon", &extra, bytes, 20).await;
+    let (passings, gw, fake, _pty) = deliver("chafon", &extra, bytes, 20).await;
     let bibs: Vec<&String> = passings.keys().collect();
     assert_eq!(bibs, (500..520).map(|b| b.to_string()).collect::<Vec<_>>().iter().collect::<Vec<_>>());
     for ts in passings.values() {
