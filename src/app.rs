@@ -58,6 +58,21 @@ pub struct Options {
     pub kept_port: Option<std::os::fd::OwnedFd>,
 }
 
+/// What the store holds from the reader, for a rewind (nothing to recall when rewinds are off).
+fn recall(cfg: &Config) -> crate::reader::talk::Recall {
+    if !cfg.reader.rewind {
+        return Default::default();
+    }
+    // Replayed reads come in out of order: the newest among the last few hundred is the newest.
+    match crate::store::query::Db::open_readonly(&cfg.storage.path).and_then(|db| db.last_reads(500)) {
+        Ok(rows) => crate::reader::talk::Recall::from_reads(rows.iter().map(|(t, raw)| (*t, raw.as_slice()))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell what the store holds from the reader; no rewind at the first connect");
+            Default::default()
+        }
+    }
+}
+
 /// Start every actor. Returns once the store is open, the reader started and the socket bound.
 pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyhow::Result<Running> {
     let reader_stats = Arc::new(ReaderStats::default());
@@ -72,7 +87,8 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let store_stats_live = store_stats.live.clone();
     let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
 
-    let reader = Reader::new(cfg, reads_tx, reader_stats.clone())?.with_kept_port(options.kept_port);
+    let reader =
+        Reader::new(cfg, reads_tx, reader_stats.clone())?.with_kept_port(options.kept_port).with_recall(recall(cfg));
     let reader_cancel = cancel.clone();
     let reader = std::thread::Builder::new().name("reader".into()).spawn(move || reader.run(reader_cancel))?;
 

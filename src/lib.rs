@@ -12,7 +12,8 @@
 //!
 //! - [`reader`]: port open/reopen (serial or TCP, [`reader::transport`]), framing
 //!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`];
-//!   the commands that get and set a reader's clock and replay its memory in [`reader::control`];
+//!   the commands that get and set a reader's clock and replay its memory in [`reader::control`],
+//!   used by [`reader::talk`] to measure and set the clock and rewind after a reconnect;
 //!   reads per antenna and silent antennas in [`antennas`].
 //! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions, retention; the
 //!   read side in [`store::query`].

@@ -40,6 +40,32 @@ pub fn render_metrics(s: &Status) -> String {
         "1 while an antenna has been silent for reader.antenna_silence and the others read.",
         &antenna(&|a| a.silent as u8 as f64),
     );
+    let offset: Vec<(String, f64)> =
+        s.reader.clock.clock_offset_ms.map(|ms| (String::new(), ms as f64 / 1000.0)).into_iter().collect();
+    metric(
+        "rufus_reader_clock_offset_seconds",
+        "gauge",
+        "The reader clock minus the host clock, last measured (positive: the reader is fast).",
+        &offset,
+    );
+    metric(
+        "rufus_rewind_reads_total",
+        "counter",
+        "Reads the reader replayed in rewinds, taken in since start.",
+        &plain(s.reader.rewind.reads_total as f64),
+    );
+    metric(
+        "rufus_rewinds_total",
+        "counter",
+        "Rewinds finished (or ended early) since start.",
+        &plain(s.reader.rewind.rewinds_total as f64),
+    );
+    metric(
+        "rufus_rewind_running",
+        "gauge",
+        "1 while the reader replays what it stored.",
+        &plain((s.reader.rewind.state == crate::reader::talk::RewindState::Running) as u8 as f64),
+    );
     let q = &s.queue;
     let by_state =
         [("pending", q.pending), ("delivered", q.delivered), ("undeliverable", q.undeliverable), ("held", q.held)];

@@ -95,6 +95,7 @@ pub fn pattern_for(s: &Status, now: chrono::DateTime<chrono::Utc>) -> Pattern {
     if waiting_too_long
         || s.uplink.state == UplinkState::AuthFailed
         || !s.clock.synchronized
+        || s.reader.clock.clock_off
         || s.reader.antennas.iter().any(|a| a.silent)
         || s.backup.as_ref().is_some_and(|b| b.error.is_some())
         || !session_open

@@ -183,6 +183,25 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             s.reader.last_error.as_deref().unwrap_or("waiting for the port")
         ));
     }
+    if s.reader.clock.clock_off
+        && let Some(ms) = s.reader.clock.clock_offset_ms
+    {
+        p.push(format!(
+            "READER CLOCK {} by {:.3} s (measured {}): reader timestamps are off by as much; set its clock, or reader.clock = \"set\"",
+            if ms > 0 { "FAST" } else { "SLOW" },
+            ms.abs() as f64 / 1000.0,
+            s.reader.clock.clock_measured_at.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(e) = &s.reader.clock.clock_error {
+        p.push(format!("READER CLOCK: {e} (reader.clock = \"ignore\" stops asking)"));
+    }
+    if let (crate::reader::talk::RewindState::Failed, Some(e)) = (s.reader.rewind.state, &s.reader.rewind.error) {
+        p.push(format!(
+            "REWIND INCOMPLETE: {e}; {} replayed reads were taken in; it is asked again at the next connect",
+            s.reader.rewind.reads
+        ));
+    }
     for (what, f) in &s.listening.failing {
         let name = match what.as_str() {
             "http" => "DASHBOARD",
@@ -266,6 +285,22 @@ impl Status {
                 .map(|a| format!("{}: {}/min{}", a.antenna, a.reads_last_minute, if a.silent { " SILENT" } else { "" }))
                 .collect();
             out.push_str(&format!("antennas  {}\n", each.join(", ")));
+        }
+        if let Some(ms) = r.clock.clock_offset_ms {
+            out.push_str(&format!(
+                "rdr clock {:+.3} s from ours (measured {}){}\n",
+                ms as f64 / 1000.0,
+                r.clock.clock_measured_at.as_deref().unwrap_or(""),
+                if r.clock.clock_off { ", BEYOND TOLERANCE" } else { "" }
+            ));
+        }
+        if r.rewind.state != crate::reader::talk::RewindState::Off {
+            out.push_str(&format!(
+                "rewind    {:?}: {} replayed reads{}\n",
+                r.rewind.state,
+                r.rewind.reads,
+                r.rewind.asked.as_deref().map(|a| format!(" ({a})")).unwrap_or_default()
+            ));
         }
         match &self.session {
             Some(s) => out.push_str(&format!(

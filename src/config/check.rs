@@ -50,6 +50,20 @@ pub fn console_warning(reader: &ReaderConfig) -> Option<String> {
 /// What is valid but unwise: printed by `check-config`, logged at start.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut out: Vec<String> = console_warning(&cfg.reader).into_iter().collect();
+    if cfg.reader.rewind && cfg.reader.format == Format::Ipico {
+        out.push(
+            "reader.rewind: an IPICO Lite is rewound by its stored-read download, known only from captures of \
+             later firmware (not in the 2007 serial spec): try it on your reader before race day"
+                .into(),
+        );
+    }
+    if cfg.reader.clock_mode() == ClockMode::Set && cfg.reader.format == Format::Ultra {
+        out.push(
+            "reader.clock: setting an Ultra's clock is known from one source only, and only while it is not \
+             reading: check the reader's clock after the first connect"
+                .into(),
+        );
+    }
     if let Some(file) = &cfg.api.api_key_file
         && let Ok(meta) = std::fs::metadata(file)
     {
@@ -161,6 +175,30 @@ impl Config {
                 return Err("reader.pattern: needs a named group (?P<chip>…) that captures the chip code".into());
             }
         }
+        match (self.reader.clock_mode(), self.reader.format) {
+            (ClockMode::Measure, Format::Regex | Format::Chafon) => {
+                return Err(format!(
+                    "reader.clock: a {:?} reader cannot tell its time; use \"ignore\" (measure works with ipico, ultra and impinj-json)",
+                    self.reader.format
+                ));
+            }
+            (ClockMode::Set, Format::Regex | Format::Chafon | Format::ImpinjJson) => {
+                return Err(format!(
+                    "reader.clock: the gateway cannot set a {:?} reader's clock; use \"measure\" or \"ignore\" (set works with ipico and ultra)",
+                    self.reader.format
+                ));
+            }
+            _ => {}
+        }
+        if self.reader.clock_tolerance.is_zero() {
+            return Err("reader.clock_tolerance: must be more than 0, e.g. \"1s\"".into());
+        }
+        if self.reader.rewind && !matches!(self.reader.format, Format::Ipico | Format::Ultra) {
+            return Err(format!(
+                "reader.rewind: a {:?} reader cannot replay its reads (ipico and ultra can); set rewind = false",
+                self.reader.format
+            ));
+        }
         if self.passings.dedup_keep == DedupKeep::Strongest && self.passings.dedup_window.is_zero() {
             return Err(
                 "passings.dedup_keep: \"strongest\" needs a window; set passings.dedup_window, e.g. \"3s\"".into()
@@ -254,6 +292,13 @@ impl Config {
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "none (bib = chip)".into())
             ),
+            format!(
+                "rdr clock  {} (checked every {}, tolerance {}), rewind {}",
+                self.reader.clock_mode().as_str(),
+                humantime::format_duration(self.reader.clock_check),
+                humantime::format_duration(self.reader.clock_tolerance),
+                if self.reader.rewind { "on" } else { "off" }
+            ),
             format!("session    alias {}, auto start {}", self.session.alias, self.session.auto_start),
             format!("clock      {:?}", self.clock.source),
             format!(
@@ -294,6 +339,37 @@ mod tests {
         assert_eq!(console_warning_for(&usb, pi, dev.path()), None);
         assert_eq!(console_warning_for(&serial0, "console=tty1 quiet", dev.path()), None);
         assert_eq!(console_warning_for("tcp://192.0.2.1:23", pi, dev.path()), None);
+    }
+
+    #[test]
+    fn the_reader_clock_and_rewind_fit_the_format() {
+        let reader = |format, clock, rewind| Config {
+            reader: ReaderConfig { format, clock, rewind, ..ReaderConfig::default() },
+            ..Config::default()
+        };
+        for (format, default) in [
+            (Format::Ipico, ClockMode::Measure),
+            (Format::Ultra, ClockMode::Measure),
+            (Format::ImpinjJson, ClockMode::Measure),
+            (Format::Chafon, ClockMode::Ignore),
+            (Format::Regex, ClockMode::Ignore),
+        ] {
+            assert_eq!(reader(format, None, false).reader.clock_mode(), default, "{format:?}");
+            assert_eq!(reader(format, None, false).validate(Purpose::Local), Ok(()), "{format:?}");
+        }
+        let refused = [
+            (Format::Chafon, Some(ClockMode::Measure), false, "reader.clock: a Chafon reader cannot tell its time"),
+            (Format::ImpinjJson, Some(ClockMode::Set), false, "reader.clock: the gateway cannot set"),
+            (Format::Regex, None, true, "reader.rewind: a Regex reader cannot replay"),
+            (Format::ImpinjJson, None, true, "reader.rewind"),
+        ];
+        for (format, clock, rewind, error) in refused {
+            let e = reader(format, clock, rewind).validate(Purpose::Local).unwrap_err();
+            assert!(e.starts_with(error), "{e}");
+        }
+        assert_eq!(reader(Format::Ultra, Some(ClockMode::Set), true).validate(Purpose::Local), Ok(()));
+        let warned = warnings(&reader(Format::Ipico, None, true));
+        assert!(warned.iter().any(|w| w.starts_with("reader.rewind: an IPICO Lite")), "{warned:?}");
     }
 
     #[test]

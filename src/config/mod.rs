@@ -14,7 +14,10 @@ use serde::{Deserialize, Deserializer};
 pub use crate::timestamp::TimestampFormat;
 
 mod check;
+mod reader;
+
 pub use check::{ALIAS_MAX, TOKEN_MIN, alias_or_default, check_alias, console_warning, warnings};
+pub use reader::*;
 
 /// Where the config lives unless `-c` or `RUFUS_GATEWAY_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rufus-gateway/config.toml";
@@ -110,87 +113,6 @@ impl Default for ApiConfig {
             timeout: Duration::from_secs(15),
             batch_size: 200,
             retry_max_delay: Duration::from_secs(15),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Odd,
-    Even,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlowControl {
-    None,
-    Software,
-    Hardware,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Format {
-    Regex,
-    Ipico,
-    Chafon,
-    Ultra,
-    ImpinjJson,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TimestampSource {
-    Host,
-    Reader,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReaderConfig {
-    #[serde(deserialize_with = "empty_is_none")]
-    pub port: Option<String>,
-    pub baud_rate: u32,
-    pub data_bits: u8,
-    pub parity: Parity,
-    pub stop_bits: u8,
-    pub flow_control: FlowControl,
-    pub format: Format,
-    pub pattern: String,
-    pub timestamps: TimestampSource,
-    /// Parsed once, here: a bad value is a config error naming the key.
-    #[serde(deserialize_with = "timestamp_format")]
-    pub timestamp_format: TimestampFormat,
-    #[serde(deserialize_with = "zone")]
-    pub timezone: chrono_tz::Tz,
-    #[serde(deserialize_with = "duration")]
-    pub poll_interval: Duration,
-    /// Antennas that must read, even if never seen yet; others are tracked once seen.
-    pub antennas: Vec<i64>,
-    /// An antenna silent this long while the others read is a problem ("0s": never).
-    #[serde(deserialize_with = "duration")]
-    pub antenna_silence: Duration,
-}
-
-impl Default for ReaderConfig {
-    fn default() -> Self {
-        Self {
-            port: None,
-            baud_rate: 115_200,
-            data_bits: 8,
-            parity: Parity::None,
-            stop_bits: 1,
-            flow_control: FlowControl::None,
-            format: Format::Regex,
-            pattern: "^(?P<chip>[0-9A-Fa-f]+)$".into(),
-            timestamps: TimestampSource::Host,
-            timestamp_format: TimestampFormat::Rfc3339,
-            timezone: chrono_tz::Tz::UTC,
-            poll_interval: Duration::ZERO,
-            antennas: Vec::new(),
-            antenna_silence: Duration::from_secs(300),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod format;
 pub mod framing;
+pub mod talk;
 pub mod transport;
 
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub struct ReaderStats {
     pub last_error: Mutex<Option<String>>,
     /// Reads per antenna, and antennas gone quiet (set up by `Reader::new`).
     pub antennas: Mutex<Option<crate::antennas::Antennas>>,
+    /// The reader's clock and rewinds (see [`talk`]).
+    pub talk: Arc<talk::Shared>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +86,10 @@ pub struct ReaderStatus {
     /// Per antenna, where the format carries one (and those `reader.antennas` names).
     #[serde(default)]
     pub antennas: Vec<crate::antennas::AntennaStatus>,
+    #[serde(flatten)]
+    pub clock: talk::ClockStatus,
+    #[serde(default)]
+    pub rewind: talk::RewindStatus,
 }
 
 impl ReaderStats {
@@ -107,6 +114,8 @@ impl ReaderStats {
                 .ok()
                 .and_then(|a| a.as_ref().map(|a| a.status(crate::clock::monotonic_us())))
                 .unwrap_or_default(),
+            clock: self.talk.clock.lock().map(|c| c.clone()).unwrap_or_default(),
+            rewind: self.talk.rewind.lock().map(|r| r.clone()).unwrap_or_default(),
         }
     }
 
@@ -125,6 +134,8 @@ pub struct Reader {
     stats: Arc<ReaderStats>,
     /// The port a previous process kept open in systemd's descriptor store, to be taken back.
     kept: Option<std::os::fd::OwnedFd>,
+    /// What the store holds from this reader: where a rewind begins.
+    recall: talk::Recall,
 }
 
 impl Reader {
@@ -153,7 +164,14 @@ impl Reader {
             out,
             stats,
             kept: None,
+            recall: talk::Recall::default(),
         })
+    }
+
+    /// What the store already holds from the reader (see [`talk::Recall`]).
+    pub fn with_recall(mut self, recall: talk::Recall) -> Self {
+        self.recall = recall;
+        self
     }
 
     /// Start from the port a previous process kept open (see [`crate::fdstore`]).
@@ -200,7 +218,10 @@ impl Reader {
                     self.stats.connected.store(true, Ordering::Relaxed);
                     self.stats.set_error(None);
                     info!(port = %port_name, "reader connected");
+                    let synced = session.clock_synced();
+                    session.talk.connected(Stamp::now(), synced);
                     let outcome = session.pump(&mut port, &cancel);
+                    session.talk.disconnected(Stamp::now());
                     self.stats.connected.store(false, Ordering::Relaxed);
                     session.framer.reset();
                     match outcome {
@@ -249,6 +270,7 @@ struct ReadSession<'a> {
     synced_checked: Option<Instant>,
     rejects_since_log: u64,
     last_reject_log: Option<Instant>,
+    talk: talk::Talk,
 }
 
 impl<'a> ReadSession<'a> {
@@ -260,6 +282,7 @@ impl<'a> ReadSession<'a> {
             synced_checked: None,
             rejects_since_log: 0,
             last_reject_log: None,
+            talk: talk::Talk::new(&reader.cfg, reader.recall, reader.stats.talk.clone()),
         }
     }
 
@@ -270,6 +293,8 @@ impl<'a> ReadSession<'a> {
         let mut next_poll = Instant::now();
         let mut next_antenna_check = Instant::now();
         let mut stopping: Option<Instant> = None;
+        let usual_timeout = transport::read_timeout(&self.reader.cfg);
+        let mut timeout = usual_timeout;
         loop {
             if cancel.is_cancelled() {
                 // A record whose first bytes were read is finished first: stopping now would
@@ -293,6 +318,28 @@ impl<'a> ReadSession<'a> {
                     return Pump::Lost(e);
                 }
                 next_poll = Instant::now() + *every;
+            }
+            if stopping.is_none() {
+                let synced = self.clock_synced();
+                for command in self.talk.poll(Stamp::now(), synced) {
+                    if let Err(e) = port.send(&command) {
+                        return Pump::Lost(e);
+                    }
+                }
+                // Wake in time for the next command (an aligned clock set is due to the ms).
+                let wanted = match self.talk.next_due() {
+                    Some(due) => {
+                        let wait = due - crate::clock::monotonic_us();
+                        usual_timeout.min(Duration::from_micros(wait.max(1000) as u64))
+                    }
+                    None => usual_timeout,
+                };
+                if wanted != timeout {
+                    if let Err(e) = port.set_timeout(wanted) {
+                        return Pump::Lost(e);
+                    }
+                    timeout = wanted;
+                }
             }
             if Instant::now() >= next_antenna_check {
                 self.check_antennas();
@@ -336,6 +383,9 @@ impl<'a> ReadSession<'a> {
                 return true;
             }
         };
+        if self.talk.reply(&bytes, stamp) {
+            return true;
+        }
         let today = chrono::DateTime::from_timestamp_micros(stamp.utc_us).unwrap_or_else(Utc::now).date_naive();
         match self.reader.parser.parse(&bytes, today) {
             Parsed::Skip => true,
@@ -351,6 +401,9 @@ impl<'a> ReadSession<'a> {
     /// Hand one parsed read to the store. Returns false when the store has gone away.
     fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
         let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
+        if !self.talk.admit(reader_time_us, &bytes, stamp) {
+            return true;
+        }
         let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us) {
             (TimestampSource::Reader, Some(t)) => (t, false),
             _ => (stamp.utc_us, true),

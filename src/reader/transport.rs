@@ -26,7 +26,7 @@ fn enable_keepalive(stream: &TcpStream) -> io::Result<()> {
 pub const READ_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A polled reader must be written to on time, so its reads block no longer than the poll interval.
-fn read_timeout(cfg: &ReaderConfig) -> Duration {
+pub fn read_timeout(cfg: &ReaderConfig) -> Duration {
     if cfg.poll_interval.is_zero() { READ_TIMEOUT } else { READ_TIMEOUT.min(cfg.poll_interval) }
 }
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -204,6 +204,15 @@ impl Port {
     }
 
     /// Send a command to the reader (formats that must be polled).
+    /// How long one `receive` waits for data (shortened while a command is due sooner).
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        match self {
+            Port::Serial(p) => p.set_timeout(timeout).map_err(io::Error::from),
+            Port::Tcp(s) => s.set_read_timeout(Some(timeout)),
+        }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Port::Serial(p) => p.write_all(bytes),

@@ -245,6 +245,12 @@ impl Db {
             .optional()
     }
 
+    /// The reader time and raw bytes of the last `n` reads stored: where a rewind begins.
+    pub fn last_reads(&self, n: usize) -> rusqlite::Result<Vec<(Option<i64>, Vec<u8>)>> {
+        let mut stmt = self.conn.prepare_cached("SELECT reader_time, raw FROM reads ORDER BY id DESC LIMIT ?1")?;
+        stmt.query_map([n as i64], |r| Ok((r.get(0)?, r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default())))?.collect()
+    }
+
     /// The session reads are assigned to, if any.
     pub fn open_session(&self) -> rusqlite::Result<Option<SessionRow>> {
         self.conn

@@ -20,4 +20,5 @@ mod operations;
 mod pipeline;
 mod screenless;
 mod systemd;
+mod talk;
 mod upgrade;

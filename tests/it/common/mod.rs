@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod emulator;
 pub mod readers;
 
 use std::path::PathBuf;

@@ -1,0 +1,591 @@
+//! The conversation with a reader that can be asked things (reader-control.md): how far its clock
+//! is from ours (measured at connect and every `reader.clock_check`, and set when configured),
+//! and the rewind of what it read while we were not listening (`reader.rewind`).
+//!
+//! Pure: the reader thread hands every record here before parsing (replies are taken here),
+//! asks [`Talk::admit`] about every parsed read, and sends what [`Talk::poll`] returns. Every
+//! method takes the time it is called at, so the tests drive it without a clock.
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use tracing::{info, warn};
+
+use super::control::{ipico, ultra};
+use crate::clock::Stamp;
+use crate::config::{ClockMode, Format, ReaderConfig, UltraRewindForm};
+
+mod shared;
+#[cfg(test)]
+mod tests;
+
+pub use shared::{ClockStatus, Recall, RewindState, RewindStatus, Shared};
+
+/// A clock request without an answer for this long has failed.
+const PROBE_TIMEOUT_US: i64 = 2_000_000;
+/// Requests that fail in a row before a measurement gives up (until the next check).
+const PROBE_ATTEMPTS: u32 = 3;
+/// IPICO: samples per measurement (the one with the shortest round trip counts; the median round
+/// trip gives the one-way latency that aligns a set).
+const IPICO_SAMPLES: usize = 3;
+/// A download step without an answer is sent again after this long.
+const STEP_TIMEOUT_US: i64 = 3_000_000;
+/// A rewind that brings nothing new for this long is over (the Ultra has no end signal; an IPICO
+/// download that stops progressing has failed).
+const REWIND_IDLE_US: i64 = 30_000_000;
+/// Impinj: reads per measurement window, and the shortest first window.
+const IMPINJ_SAMPLES: usize = 5;
+const IMPINJ_FIRST_WINDOW_US: i64 = 5_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Ipico,
+    Ultra,
+    Impinj,
+    Mute,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rtt_us: i64,
+    offset_us: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Report,
+    Set,
+}
+
+#[derive(Debug)]
+enum ClockJob {
+    Idle {
+        next_mono: Option<i64>,
+    },
+    Measuring {
+        samples: Vec<Sample>,
+        sent: Option<Stamp>,
+        failures: u32,
+        then: Then,
+    },
+    /// IPICO: send the set at `send_mono` for the reader to show `target` at the next second.
+    Setting {
+        send_mono: i64,
+        target: DateTime<Utc>,
+    },
+    Verifying {
+        at_mono: i64,
+    },
+}
+
+#[derive(Debug)]
+enum Rewind {
+    Off,
+    Idle,
+    /// IPICO download: the step sent last (0 init, 1 configure, 2 start, 3 running), when, the
+    /// progress seen and when it last moved; reads older than `since` are not ours to take.
+    Download {
+        step: u8,
+        sent_mono: i64,
+        progress: Option<u32>,
+        moved_mono: i64,
+        since: i64,
+    },
+    /// Ultra by log index.
+    Log {
+        from: u64,
+        to: u64,
+        last_mono: i64,
+        got: u64,
+    },
+}
+
+pub struct Talk {
+    family: Family,
+    mode: ClockMode,
+    check_us: i64,
+    tolerance_us: i64,
+    tz: Tz,
+    form: ultra::Form,
+    want_rewind: bool,
+    shared: std::sync::Arc<Shared>,
+    recall: Recall,
+    clock: ClockJob,
+    /// A set is owed: refused while the host clock was unsynchronised (IPICO: done once it is).
+    set_owed: bool,
+    rewind: Rewind,
+    /// Ultra: gaps in the log waiting for their rewind.
+    gaps: Vec<(u64, u64)>,
+    /// Impinj: the window's largest (reader − host) and its size and start.
+    window: (Option<i64>, usize, i64),
+    reported_off: bool,
+    connected_at: Option<Stamp>,
+    /// Commands decided on a reply, sent at the next poll.
+    pending: Vec<Vec<u8>>,
+}
+
+impl Talk {
+    pub fn new(cfg: &ReaderConfig, recall: Recall, shared: std::sync::Arc<Shared>) -> Talk {
+        let family = match cfg.format {
+            Format::Ipico => Family::Ipico,
+            Format::Ultra => Family::Ultra,
+            Format::ImpinjJson => Family::Impinj,
+            Format::Regex | Format::Chafon => Family::Mute,
+        };
+        let mode = if family == Family::Mute { ClockMode::Ignore } else { cfg.clock_mode() };
+        let want_rewind = cfg.rewind && matches!(family, Family::Ipico | Family::Ultra);
+        shared.clock(|c| c.clock = Some(mode.as_str().to_string()));
+        shared.rewind(|r| r.state = if want_rewind { RewindState::Idle } else { RewindState::Off });
+        Talk {
+            family,
+            mode,
+            check_us: cfg.clock_check.as_micros() as i64,
+            tolerance_us: cfg.clock_tolerance.as_micros() as i64,
+            tz: cfg.timezone,
+            form: match cfg.ultra_rewind_form {
+                UltraRewindForm::Ascii => ultra::Form::Ascii,
+                UltraRewindForm::Binary => ultra::Form::Binary,
+            },
+            want_rewind,
+            shared,
+            recall,
+            clock: ClockJob::Idle { next_mono: None },
+            set_owed: false,
+            rewind: Rewind::Off,
+            gaps: Vec::new(),
+            window: (None, 0, 0),
+            reported_off: false,
+            connected_at: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// A fresh connection: measure (and set) the clock now, rewind what we missed.
+    pub fn connected(&mut self, now: Stamp, host_synced: bool) {
+        self.connected_at = Some(now);
+        self.gaps.clear();
+        self.pending.clear();
+        self.window = (None, 0, now.monotonic_us);
+        self.rewind = if self.want_rewind { Rewind::Idle } else { Rewind::Off };
+        self.clock = ClockJob::Idle { next_mono: None };
+        if matches!(self.family, Family::Ipico | Family::Ultra) && self.mode != ClockMode::Ignore {
+            let then = if self.mode == ClockMode::Set {
+                if host_synced {
+                    Then::Set
+                } else {
+                    self.refuse_set();
+                    Then::Report
+                }
+            } else {
+                Then::Report
+            };
+            self.clock = ClockJob::Measuring { samples: Vec::new(), sent: None, failures: 0, then };
+        }
+    }
+
+    fn refuse_set(&mut self) {
+        self.set_owed = true;
+        warn!("reader clock NOT SET: the host clock is not synchronised (reader.clock = \"set\" waits for NTP)");
+        self.shared.clock(|c| c.clock_error = Some("not set: the host clock is not synchronised".into()));
+    }
+
+    /// The connection is gone: an unfinished rewind is asked again at the next connect.
+    pub fn disconnected(&mut self, now: Stamp) {
+        if matches!(self.rewind, Rewind::Download { .. } | Rewind::Log { .. }) {
+            self.finish(now, Some("the connection was lost before the rewind ended".into()));
+        }
+        self.connected_at = None;
+    }
+
+    /// When `poll` next has something to do (monotonic µs), if it waits on time.
+    pub fn next_due(&self) -> Option<i64> {
+        if !self.pending.is_empty() {
+            return Some(0);
+        }
+        let clock = match &self.clock {
+            ClockJob::Idle { next_mono } => *next_mono,
+            ClockJob::Measuring { sent: Some(s), .. } => Some(s.monotonic_us + PROBE_TIMEOUT_US),
+            ClockJob::Measuring { sent: None, .. } => Some(0),
+            ClockJob::Setting { send_mono, .. } => Some(*send_mono),
+            ClockJob::Verifying { at_mono } => Some(*at_mono),
+        };
+        let rewind = match &self.rewind {
+            Rewind::Download { sent_mono, moved_mono, step, .. } => {
+                Some(if *step < 3 { sent_mono + STEP_TIMEOUT_US } else { moved_mono + REWIND_IDLE_US })
+            }
+            Rewind::Log { last_mono, .. } => Some(last_mono + REWIND_IDLE_US),
+            Rewind::Idle if !self.gaps.is_empty() => Some(0),
+            _ => None,
+        };
+        match (clock, rewind) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What to send the reader now.
+    pub fn poll(&mut self, now: Stamp, host_synced: bool) -> Vec<Vec<u8>> {
+        let mut out = std::mem::take(&mut self.pending);
+        self.poll_clock(now, host_synced, &mut out);
+        self.poll_rewind(now, &mut out);
+        out
+    }
+
+    fn get_clock(&self) -> Vec<u8> {
+        match self.family {
+            Family::Ipico => ipico::get_clock().into_bytes(),
+            _ => ultra::GET_CLOCK.to_vec(),
+        }
+    }
+
+    fn poll_clock(&mut self, now: Stamp, host_synced: bool, out: &mut Vec<Vec<u8>>) {
+        let mono = now.monotonic_us;
+        match &mut self.clock {
+            ClockJob::Idle { next_mono: Some(at) } if mono >= *at => {
+                let then = if self.set_owed && host_synced && self.family == Family::Ipico {
+                    info!("the host clock is synchronised now: setting the reader's clock");
+                    Then::Set
+                } else {
+                    Then::Report
+                };
+                self.clock = ClockJob::Measuring { samples: Vec::new(), sent: None, failures: 0, then };
+                self.poll_clock(now, host_synced, out);
+            }
+            ClockJob::Idle { .. } => {}
+            ClockJob::Measuring { sent: None, .. } => {
+                let command = self.get_clock();
+                if let ClockJob::Measuring { sent, .. } = &mut self.clock {
+                    *sent = Some(now);
+                }
+                out.push(command);
+            }
+            ClockJob::Measuring { sent: Some(s), failures, .. } if mono - s.monotonic_us >= PROBE_TIMEOUT_US => {
+                *failures += 1;
+                if *failures >= PROBE_ATTEMPTS {
+                    warn!("the reader does not answer clock requests; its clock is not measured");
+                    self.shared.clock(|c| c.clock_error = Some("the reader does not answer clock requests".into()));
+                    self.clock = ClockJob::Idle { next_mono: self.next_check(mono) };
+                } else {
+                    let command = self.get_clock();
+                    if let ClockJob::Measuring { sent, .. } = &mut self.clock {
+                        *sent = Some(now);
+                    }
+                    out.push(command);
+                }
+            }
+            ClockJob::Measuring { .. } => {}
+            ClockJob::Setting { send_mono, target } if mono >= *send_mono => {
+                let local = target.with_timezone(&self.tz).naive_local();
+                let (command, settle) = match self.family {
+                    Family::Ipico => (ipico::set_clock(local).into_bytes(), ipico::SET_ROLLOVER_MS as i64 * 1000),
+                    _ => (ultra::set_clock(local), 1_000_000),
+                };
+                out.push(command);
+                info!(to = %local, "reader clock set");
+                self.set_owed = false;
+                self.shared.clock(|c| {
+                    c.clock_set_at = Some(crate::clock::rfc3339(now.utc_us));
+                    c.clock_error = None;
+                });
+                // Verify once the new second has taken effect.
+                self.clock = ClockJob::Verifying { at_mono: mono + settle + 200_000 };
+            }
+            ClockJob::Setting { .. } => {}
+            ClockJob::Verifying { at_mono } if mono >= *at_mono => {
+                self.clock = ClockJob::Measuring { samples: Vec::new(), sent: None, failures: 0, then: Then::Report };
+                self.poll_clock(now, host_synced, out);
+            }
+            ClockJob::Verifying { .. } => {}
+        }
+    }
+
+    fn next_check(&self, mono: i64) -> Option<i64> {
+        (self.check_us > 0).then_some(mono + self.check_us)
+    }
+
+    /// Take a control reply. True when the record was one (it is not a read).
+    pub fn reply(&mut self, record: &[u8], at: Stamp) -> bool {
+        match self.family {
+            Family::Ipico if record.starts_with(b"ab") => {
+                let Ok(reply) = ipico::parse(&String::from_utf8_lossy(record)) else { return true };
+                match reply {
+                    ipico::Reply::Clock { local, .. } => self.clock_reply(local, 10_000, at),
+                    ipico::Reply::Download { extent, progress, .. } => self.download_reply(extent, progress, at),
+                    _ => {}
+                }
+                true
+            }
+            Family::Ultra => {
+                let Some(local) = std::str::from_utf8(record).ok().and_then(ultra::parse_clock) else { return false };
+                self.clock_reply(local, 1_000_000, at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn clock_reply(&mut self, local: NaiveDateTime, resolution_us: i64, at: Stamp) {
+        let ClockJob::Measuring { samples, sent: Some(sent), then, .. } = &mut self.clock else { return };
+        let Some(reader) = self.tz.from_local_datetime(&local).earliest() else { return };
+        let rtt_us = at.monotonic_us - sent.monotonic_us;
+        // The reader's clock was read about halfway through the round trip; its reading is
+        // truncated to its resolution, so the middle of that step is the best guess.
+        let offset_us = reader.timestamp_micros() + resolution_us / 2 - (sent.utc_us + rtt_us / 2);
+        samples.push(Sample { rtt_us, offset_us });
+        let want = if self.family == Family::Ipico { IPICO_SAMPLES } else { 1 };
+        if samples.len() < want {
+            *self.clock_sent_mut() = None;
+            return;
+        }
+        let best = samples.iter().min_by_key(|s| s.rtt_us).copied().unwrap_or(Sample { rtt_us, offset_us });
+        let mut rtts: Vec<i64> = samples.iter().map(|s| s.rtt_us).collect();
+        rtts.sort_unstable();
+        let one_way = rtts[rtts.len() / 2] / 2;
+        let then = *then;
+        self.report(best.offset_us, at);
+        if then == Then::Set {
+            // Aim for the next whole second far enough ahead to send in time: the reader takes
+            // the new second about 500 ms after the command arrives (reader-control.md §1).
+            let lead = ipico::SET_ROLLOVER_MS as i64 * 1000 + one_way;
+            let now_utc = at.utc_us;
+            let target_us = (now_utc + lead + 200_000).div_euclid(1_000_000) * 1_000_000 + 1_000_000;
+            let send_utc = if self.family == Family::Ipico { target_us - lead } else { target_us - one_way };
+            let target = DateTime::from_timestamp_micros(target_us).unwrap_or_else(Utc::now);
+            self.clock = ClockJob::Setting { send_mono: at.monotonic_us + (send_utc - now_utc), target };
+        } else {
+            self.clock = ClockJob::Idle { next_mono: self.next_check(at.monotonic_us) };
+        }
+    }
+
+    fn clock_sent_mut(&mut self) -> &mut Option<Stamp> {
+        match &mut self.clock {
+            ClockJob::Measuring { sent, .. } => sent,
+            _ => unreachable!("only called while measuring"),
+        }
+    }
+
+    fn report(&mut self, offset_us: i64, at: Stamp) {
+        let off = offset_us.abs() > self.tolerance_us;
+        let ms = (offset_us as f64 / 1000.0).round() as i64;
+        if off && !self.reported_off {
+            warn!(
+                offset_ms = ms,
+                "READER CLOCK {} by {:.3} s (beyond reader.clock_tolerance): its timestamps are off by as much",
+                if offset_us > 0 { "FAST" } else { "SLOW" },
+                offset_us.abs() as f64 / 1e6
+            );
+        } else if !off && self.reported_off {
+            info!(offset_ms = ms, "reader clock within tolerance again");
+        } else {
+            info!(offset_ms = ms, "reader clock measured");
+        }
+        self.reported_off = off;
+        self.shared.clock(|c| {
+            c.clock_offset_ms = Some(ms);
+            c.clock_measured_at = Some(crate::clock::rfc3339(at.utc_us));
+            c.clock_off = off;
+            if !self.set_owed {
+                c.clock_error = None;
+            }
+        });
+    }
+
+    fn poll_rewind(&mut self, now: Stamp, out: &mut Vec<Vec<u8>>) {
+        let mono = now.monotonic_us;
+        // The IPICO download waits for the clock work of a connect, which shares the line.
+        let clock_busy = !matches!(self.clock, ClockJob::Idle { .. });
+        match &mut self.rewind {
+            Rewind::Idle if self.family == Family::Ipico && !clock_busy && self.connected_at.is_some() => {
+                let Some(since) = self.recall.reader_time_us else {
+                    info!("nothing to rewind: no read from this reader is stored yet");
+                    self.rewind = Rewind::Off;
+                    return;
+                };
+                self.start(now, format!("stored reads since {}", crate::clock::rfc3339(since)));
+                out.push(ipico::download_init().into_bytes());
+                self.rewind = Rewind::Download { step: 0, sent_mono: mono, progress: None, moved_mono: mono, since };
+            }
+            Rewind::Idle if self.family == Family::Ultra && !self.gaps.is_empty() => {
+                let (from, to) = self.gaps.remove(0);
+                self.start(now, format!("log {from}..{to}"));
+                out.push(ultra::rewind_by_index(self.form, from, to));
+                self.rewind = Rewind::Log { from, to, last_mono: mono, got: 0 };
+            }
+            Rewind::Download { step, sent_mono, .. } if *step < 3 && mono - *sent_mono >= STEP_TIMEOUT_US => {
+                *sent_mono = mono;
+                out.push(Self::download_step(*step));
+            }
+            Rewind::Download { step: 3, moved_mono, .. } if mono - *moved_mono >= REWIND_IDLE_US => {
+                out.push(ipico::download_stop().into_bytes());
+                out.push(ipico::download_cleanup().into_bytes());
+                self.finish(now, Some("the download stopped progressing".into()));
+            }
+            Rewind::Log { last_mono, from, to, got } if mono - *last_mono >= REWIND_IDLE_US => {
+                // The Ultra sends no end: what did not come in this long is not coming.
+                let asked = *to - *from + 1;
+                let error = (*got < asked).then(|| format!("the reader replayed {got} of the {asked} reads asked for"));
+                self.finish(now, error);
+            }
+            _ => {}
+        }
+    }
+
+    fn download_step(step: u8) -> Vec<u8> {
+        match step {
+            0 => ipico::download_init(),
+            1 => ipico::download_configure(),
+            _ => ipico::download_start(),
+        }
+        .into_bytes()
+    }
+
+    fn download_reply(&mut self, extent: u32, progress: u32, at: Stamp) {
+        let Rewind::Download { step, sent_mono, progress: seen, moved_mono, .. } = &mut self.rewind else { return };
+        let mono = at.monotonic_us;
+        if *step < 2 {
+            *step += 1;
+            *sent_mono = mono;
+            let next = Self::download_step(*step);
+            self.pending.push(next);
+            return;
+        }
+        if *step == 2 {
+            *step = 3;
+            *moved_mono = mono;
+        }
+        if *seen != Some(progress) {
+            *seen = Some(progress);
+            *moved_mono = mono;
+        }
+        if extent == 0 || progress >= extent {
+            self.pending.push(ipico::download_stop().into_bytes());
+            self.pending.push(ipico::download_cleanup().into_bytes());
+            self.finish(at, None);
+        }
+    }
+
+    fn start(&mut self, now: Stamp, asked: String) {
+        info!(asked = %asked, "rewinding the reader");
+        self.shared.rewind(|r| {
+            r.state = RewindState::Running;
+            r.asked = Some(asked);
+            r.started_at = Some(crate::clock::rfc3339(now.utc_us));
+            r.finished_at = None;
+            r.reads = 0;
+            r.error = None;
+        });
+    }
+
+    fn finish(&mut self, now: Stamp, error: Option<String>) {
+        let reads = self.shared.rewind.lock().map(|r| r.reads).unwrap_or(0);
+        match &error {
+            None => info!(reads, "rewind finished"),
+            Some(e) => warn!(reads, error = %e, "rewind ended early"),
+        }
+        self.shared.rewind(|r| {
+            r.state = if error.is_some() { RewindState::Failed } else { RewindState::Done };
+            r.finished_at = Some(crate::clock::rfc3339(now.utc_us));
+            r.rewinds_total += 1;
+            r.error = error;
+        });
+        self.rewind = Rewind::Idle;
+        if self.family == Family::Ipico {
+            // One download per connect: the whole memory is replayed each time.
+            self.rewind = Rewind::Off;
+        }
+    }
+
+    /// Whether a parsed read is taken in (false: an old stored read replayed by an IPICO
+    /// download, from before what we have). Notes what a rewind needs.
+    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp) -> bool {
+        match self.family {
+            Family::Ipico => {
+                if let Rewind::Download { since, moved_mono, .. } = &mut self.rewind {
+                    if reader_time_us.is_some_and(|t| t < *since) {
+                        return false;
+                    }
+                    *moved_mono = at.monotonic_us;
+                    // Reads stamped after the last one we have and before we connected were
+                    // stored while we were away. (Those at the very instant of the last one are
+                    // taken in too, as repeats or not, but not counted: they may be repeats.)
+                    let since = *since;
+                    let before = self.connected_at.map(|c| c.utc_us).unwrap_or(at.utc_us);
+                    let offset = self.offset_us();
+                    if reader_time_us.is_some_and(|t| t > since && t - offset < before) {
+                        self.count_replayed();
+                    }
+                }
+                self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
+                true
+            }
+            Family::Ultra => {
+                let Some((replayed, index)) = std::str::from_utf8(raw).ok().and_then(ultra::replay_marks) else {
+                    return true;
+                };
+                if replayed {
+                    if let Rewind::Log { from, to, last_mono, got } = &mut self.rewind
+                        && (*from..=*to).contains(&index)
+                    {
+                        *last_mono = at.monotonic_us;
+                        *got += 1;
+                        let done = index >= *to;
+                        self.count_replayed();
+                        if done {
+                            self.finish(at, None);
+                        }
+                    }
+                    return true;
+                }
+                match self.recall.ultra_index {
+                    Some(last) if index > last + 1 && self.want_rewind => self.gaps.push((last + 1, index - 1)),
+                    Some(last) if index + 1 < last => {
+                        warn!(
+                            index,
+                            last,
+                            "the reader's log starts again (it was cleared or replaced): nothing before this is rewound"
+                        )
+                    }
+                    _ => {}
+                }
+                if self.recall.ultra_index.is_none_or(|last| index > last || index + 1 < last) {
+                    self.recall.ultra_index = Some(index);
+                }
+                true
+            }
+            Family::Impinj => {
+                if self.mode != ClockMode::Ignore
+                    && let Some(t) = reader_time_us
+                {
+                    self.impinj_sample(t - at.utc_us, at);
+                }
+                true
+            }
+            Family::Mute => true,
+        }
+    }
+
+    /// Impinj: `firstSeenTimestamp` minus arrival is the offset less the latency, so the largest
+    /// over a window is the best estimate.
+    fn impinj_sample(&mut self, sample: i64, at: Stamp) {
+        let (best, n, start) = &mut self.window;
+        *best = (*best).max(Some(sample));
+        *n += 1;
+        let first = self.reported_off || self.shared.clock.lock().map(|c| c.clock_offset_ms.is_none()).unwrap_or(true);
+        let span = if first { IMPINJ_FIRST_WINDOW_US } else { self.check_us.max(IMPINJ_FIRST_WINDOW_US) };
+        if *n >= IMPINJ_SAMPLES && at.monotonic_us - *start >= span {
+            let offset = best.unwrap_or(0);
+            self.window = (None, 0, at.monotonic_us);
+            self.report(offset, at);
+        }
+    }
+
+    fn offset_us(&self) -> i64 {
+        self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0) * 1000
+    }
+
+    fn count_replayed(&self) {
+        self.shared.rewind(|r| {
+            r.reads += 1;
+            r.reads_total += 1;
+        });
+    }
+}

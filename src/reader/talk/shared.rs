@@ -1,0 +1,96 @@
+//! What status and metrics see of the conversation with the reader, and what the store
+//! remembers of it (where a rewind begins).
+
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reader::control::ultra;
+
+/// What the reader last gave us, from the store at start and from every read after: where a
+/// rewind begins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recall {
+    /// The latest reader time among stored reads (UTC µs).
+    pub reader_time_us: Option<i64>,
+    /// Ultra: the highest log index stored.
+    pub ultra_index: Option<u64>,
+}
+
+impl Recall {
+    /// From the raw bytes and reader times of the last reads stored.
+    pub fn from_reads<'a>(reads: impl IntoIterator<Item = (Option<i64>, &'a [u8])>) -> Recall {
+        let mut recall = Recall::default();
+        for (time, raw) in reads {
+            recall.reader_time_us = recall.reader_time_us.max(time);
+            if let Some((_, index)) = std::str::from_utf8(raw).ok().and_then(ultra::replay_marks) {
+                recall.ultra_index = recall.ultra_index.max(Some(index));
+            }
+        }
+        recall
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewindState {
+    /// `reader.rewind` is off, or the reader cannot replay.
+    #[default]
+    Off,
+    /// Waiting for something to rewind.
+    Idle,
+    Running,
+    Done,
+    Failed,
+}
+
+/// `status.reader.rewind`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RewindStatus {
+    pub state: RewindState,
+    /// What was asked for, in words (`log 101..600`, `stored reads since …`).
+    pub asked: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Replayed reads taken in by the current or last rewind.
+    pub reads: u64,
+    /// Replayed reads taken in since the gateway started, and rewinds finished.
+    pub reads_total: u64,
+    pub rewinds_total: u64,
+    pub error: Option<String>,
+}
+
+/// The clock part of `status.reader`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    pub clock: Option<String>,
+    /// Reader clock minus host clock, ms (positive: the reader is fast).
+    pub clock_offset_ms: Option<i64>,
+    pub clock_measured_at: Option<String>,
+    /// The offset is beyond `reader.clock_tolerance`.
+    #[serde(default)]
+    pub clock_off: bool,
+    pub clock_set_at: Option<String>,
+    /// Why the clock could not be measured or set.
+    pub clock_error: Option<String>,
+}
+
+/// What status and metrics see of the conversation.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub clock: Mutex<ClockStatus>,
+    pub rewind: Mutex<RewindStatus>,
+}
+
+impl Shared {
+    pub(super) fn clock(&self, f: impl FnOnce(&mut ClockStatus)) {
+        if let Ok(mut c) = self.clock.lock() {
+            f(&mut c);
+        }
+    }
+    pub(super) fn rewind(&self, f: impl FnOnce(&mut RewindStatus)) {
+        if let Ok(mut r) = self.rewind.lock() {
+            f(&mut r);
+        }
+    }
+}

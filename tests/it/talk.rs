@@ -1,0 +1,338 @@
+//! Talking back to the reader, through the real binary against the reader emulator
+//! (`common::emulator`): the clock measured and set, and what the reader read while we were not
+//! listening rewound, across a crash, a clean stop and a pulled cable.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::Value;
+
+use crate::common::emulator::{Emulator, Family};
+use crate::common::*;
+
+fn ultra_chip(i: usize) -> String {
+    format!("{}", 20_000 + i)
+}
+
+fn ipico_chip(i: usize) -> String {
+    format!("0580{i:08x}")
+}
+
+/// Wait for the emulator to have a live connection from the gateway.
+async fn wait_connected(emu: &Emulator, gw: &Gateway) {
+    let deadline = Instant::now() + DEADLINE;
+    while !emu.connected() {
+        assert!(Instant::now() < deadline, "the gateway did not connect to the emulator; log:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Per chip, the `num_passing`s RUFUS received for it (every session of the fake).
+fn received(fake: &rufus_gateway::fake_api::FakeApi) -> BTreeMap<String, Vec<i64>> {
+    let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for s in &fake.state().sessions {
+        for (num, p) in &s.passings {
+            out.entry(p.bib.clone()).or_default().push(*num);
+        }
+    }
+    out
+}
+
+/// Reads stored as new (not as repeats of a replay), per chip.
+fn stored(gw: &Gateway) -> BTreeMap<String, usize> {
+    let conn = rusqlite::Connection::open(&gw.db).unwrap();
+    let mut stmt = conn.prepare("SELECT chip, count(*) FROM reads WHERE replay_key IS NOT NULL GROUP BY chip").unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Away {
+    Kill,
+    CleanStop,
+    CablePull,
+}
+
+const REWIND_ULTRA: &str =
+    "reader.format = \"ultra\"\nreader.timestamps = \"reader\"\nreader.rewind = true\npassings.dedup_window = \"0s\"";
+
+/// 100 reads, then the gateway is away for 10 s while the reader reads 500 more, then 10 after
+/// its return: every read is stored once and reaches RUFUS once, the 500 after the first 100.
+async fn zero_loss_across(away: Away) {
+    let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 0);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &emu.port, REWIND_ULTRA);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "REWIND"]);
+    wait_connected(&emu, &gw).await;
+    for i in 0..100 {
+        emu.read(&ultra_chip(i));
+    }
+    wait_fake(&fake, &gw, "the first 100 passings", |s| s.total_passings() >= 100).await;
+    match away {
+        Away::Kill => gw.kill9(),
+        Away::CleanStop => assert!(gw.terminate().await.success(), "clean stop; log:\n{}", gw.logs()),
+        Away::CablePull => emu.unplug(),
+    }
+    // 500 reads over 10 s (the emulator's pace, not a wait for anything).
+    for i in 100..600 {
+        emu.read(&ultra_chip(i));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let back = Instant::now();
+    match away {
+        Away::Kill | Away::CleanStop => gw.start().await,
+        Away::CablePull => emu.plug(),
+    }
+    wait_connected(&emu, &gw).await;
+    for i in 600..610 {
+        emu.read(&ultra_chip(i));
+    }
+    wait_fake(&fake, &gw, "all 610 passings", |s| s.total_passings() >= 610).await;
+    let status = gw
+        .wait_status("the rewind done", |s| s["reader"]["rewind"]["state"] == "done" && s["queue"]["pending"] == 0)
+        .await;
+    let took = back.elapsed();
+
+    let got = received(&fake);
+    let stored = stored(&gw);
+    for i in 0..610 {
+        let chip = ultra_chip(i);
+        assert_eq!(
+            got.get(&chip).map(Vec::len),
+            Some(1),
+            "{away:?}: chip {chip} reached RUFUS once; log:\n{}",
+            gw.logs()
+        );
+        assert_eq!(stored.get(&chip), Some(&1), "{away:?}: chip {chip} is stored once as a new read");
+    }
+    assert_eq!(fake.state().total_passings(), 610, "{away:?}: nothing else was sent");
+    let before = (0..100).map(|i| got[&ultra_chip(i)][0]).max().unwrap();
+    let recovered: Vec<i64> = (100..600).map(|i| got[&ultra_chip(i)][0]).collect();
+    assert!(recovered.iter().all(|n| *n > before), "{away:?}: the recovered passings come after the first 100");
+    assert!(recovered.windows(2).all(|w| w[0] < w[1]), "{away:?}: and in the order they were read");
+    let rewind = &status["reader"]["rewind"];
+    assert_eq!(rewind["reads"], 500, "{away:?}: {rewind:#}");
+    assert_eq!(emu.rewinds().len(), 1, "{away:?}: one rewind asked: {:?}", emu.rewinds());
+    assert_eq!(emu.rewinds()[0].1, b'6', "by log index");
+    let metrics = format!("{}", status["reader"]["rewind"]["reads_total"]);
+    eprintln!(
+        "{away:?}: 500 reads made while away recovered by {}, all 610 passings delivered {:.2} s after the return",
+        rewind["asked"],
+        took.as_secs_f64()
+    );
+    assert_eq!(metrics, "500");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_a_crash() {
+    zero_loss_across(Away::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_a_clean_stop() {
+    zero_loss_across(Away::CleanStop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_across_a_pulled_cable() {
+    zero_loss_across(Away::CablePull).await;
+}
+
+/// Both forms of the Ultra's rewind command reach the reader as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ultra_rewind_form_is_a_setting() {
+    let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 0);
+    let (fake, device) = fake().await;
+    let mut gw =
+        Gateway::new(&fake, &device, &emu.port, &format!("{REWIND_ULTRA}\nreader.ultra_rewind_form = \"binary\""));
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "FORM"]);
+    wait_connected(&emu, &gw).await;
+    emu.read(&ultra_chip(0));
+    wait_fake(&fake, &gw, "the first passing", |s| s.total_passings() >= 1).await;
+    emu.unplug();
+    for i in 1..4 {
+        emu.read(&ultra_chip(i));
+    }
+    emu.plug();
+    wait_connected(&emu, &gw).await;
+    emu.read(&ultra_chip(4));
+    wait_fake(&fake, &gw, "all 5 passings", |s| s.total_passings() >= 5).await;
+    assert_eq!(emu.rewinds(), vec![("binary", b'6', 2, 4)]);
+    let sent = emu.commands().into_iter().find(|c| c.starts_with(b"6")).unwrap();
+    assert_eq!(sent, b"6\0\x002\r4\r", "PikaTimer's form, byte for byte");
+}
+
+/// A rewind of 4,000 reads made while the gateway was down, timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_of_four_thousand_reads() {
+    let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 0);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &emu.port, REWIND_ULTRA);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "BIG"]);
+    wait_connected(&emu, &gw).await;
+    emu.read(&ultra_chip(0));
+    wait_fake(&fake, &gw, "the first passing", |s| s.total_passings() >= 1).await;
+    gw.kill9();
+    for i in 1..4001 {
+        emu.read(&ultra_chip(i));
+    }
+    gw.start().await;
+    wait_connected(&emu, &gw).await;
+    let t0 = Instant::now();
+    emu.read(&ultra_chip(4001));
+    let s = gw.wait_status("the rewind done", |s| s["reader"]["rewind"]["state"] == "done").await;
+    let rewound = t0.elapsed();
+    wait_fake(&fake, &gw, "all 4002 passings", |s| s.total_passings() >= 4002).await;
+    let delivered = t0.elapsed();
+    assert_eq!(s["reader"]["rewind"]["reads"], 4000, "{:#}", s["reader"]["rewind"]);
+    let got = received(&fake);
+    assert!((0..4002).all(|i| got.get(&ultra_chip(i)).map(Vec::len) == Some(1)), "each read reached RUFUS once");
+    eprintln!(
+        "rewind of 4,000 reads: asked, replayed and stored in {:.2} s; all delivered to the fake API {:.2} s after the first live read",
+        rewound.as_secs_f64(),
+        delivered.as_secs_f64()
+    );
+}
+
+/// IPICO Lite: the download replays the whole memory; what is older than the last read we have
+/// (yesterday's race) is left out, what we have is a repeat, what we missed is taken in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipico_download_takes_in_only_what_was_missed() {
+    let emu = Emulator::tcp(Family::Ipico, Tz::UTC, 0);
+    let yesterday = Utc::now() - chrono::TimeDelta::days(1);
+    for i in 0..200 {
+        emu.remember(&format!("0999{i:08x}"), yesterday + chrono::TimeDelta::seconds(i as i64));
+    }
+    let (fake, device) = fake().await;
+    let extra = "reader.format = \"ipico\"\nreader.timestamps = \"reader\"\nreader.rewind = true\npassings.dedup_window = \"0s\"";
+    let mut gw = Gateway::new(&fake, &device, &emu.port, extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "LITE"]);
+    wait_connected(&emu, &gw).await;
+    for i in 0..50 {
+        emu.read(&ipico_chip(i));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    wait_fake(&fake, &gw, "the first 50 passings", |s| s.total_passings() >= 50).await;
+    gw.kill9();
+    for i in 50..350 {
+        emu.read(&ipico_chip(i));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    gw.start().await;
+    wait_connected(&emu, &gw).await;
+    let s = gw.wait_status("the download done", |s| s["reader"]["rewind"]["state"] == "done").await;
+    for i in 350..360 {
+        emu.read(&ipico_chip(i));
+    }
+    wait_fake(&fake, &gw, "360 passings", |s| s.total_passings() >= 360).await;
+    gw.wait_status("all sent", |s| s["queue"]["pending"] == 0).await;
+    let got = received(&fake);
+    assert_eq!(fake.state().total_passings(), 360, "nothing of yesterday, nothing twice: {:?}", got.keys().take(5));
+    assert!((0..360).all(|i| got.get(&ipico_chip(i)).map(Vec::len) == Some(1)), "each read reached RUFUS once");
+    assert_eq!(s["reader"]["rewind"]["reads"], 300, "{:#}", s["reader"]["rewind"]);
+    let commands: Vec<String> = emu.commands().iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    for step in ["ab00014b02b9", "ab00034b07010586", "ab00024b01011a", "ab00024b010019", "ab00024b07001f"] {
+        assert!(commands.iter().any(|c| c == step), "{step} sent: {commands:?}");
+    }
+}
+
+fn offset_ms(s: &Value) -> i64 {
+    s["reader"]["clock_offset_ms"].as_i64().unwrap()
+}
+
+/// An IPICO on a serial line whose clock is 3.2 s fast: measured within 50 ms, a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipico_clock_three_seconds_fast_is_measured_and_reported() {
+    let emu = Emulator::pty(Family::Ipico, Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &emu.port, "reader.format = \"ipico\"\nreader.timestamps = \"reader\"");
+    gw.start().await;
+    let s = gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    eprintln!("IPICO 3.2 s fast: measured {measured} ms, true {truth:.1} ms, error {:.1} ms", measured as f64 - truth);
+    assert!((measured as f64 - truth).abs() <= 50.0, "measured {measured} ms, true {truth} ms");
+    assert_eq!(s["reader"]["clock"], "measure", "the default for an IPICO");
+    assert_eq!(s["reader"]["clock_off"], true);
+    let problems = s["problems"].to_string();
+    assert!(problems.contains("READER CLOCK FAST by 3."), "{problems}");
+    assert_eq!(emu.clock_sets(), 0, "measure never sets");
+    let metrics = gw.cli_ok(&["status", "--json"]);
+    assert!(metrics.contains("clock_measured_at"));
+}
+
+/// An Ultra 3.2 s fast: measured within its 1 s resolution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ultra_clock_three_seconds_fast_is_measured_within_a_second() {
+    let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &emu.port, "reader.format = \"ultra\"");
+    gw.start().await;
+    let s = gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    eprintln!("Ultra 3.2 s fast: measured {measured} ms, true {truth:.1} ms, error {:.1} ms", measured as f64 - truth);
+    assert!((measured as f64 - truth).abs() <= 1000.0, "measured {measured} ms, true {truth} ms");
+    assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
+}
+
+/// `set` brings an IPICO 3.2 s fast to within 50 ms, verified by the measurement after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_brings_an_ipico_clock_within_fifty_ms() {
+    let emu = Emulator::pty(Family::Ipico, Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &emu.port,
+        "reader.format = \"ipico\"\nreader.timestamps = \"reader\"\nreader.clock = \"set\"",
+    );
+    gw.start().await;
+    let s = gw
+        .wait_status("the set verified", |s| {
+            let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
+        })
+        .await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    eprintln!("IPICO set: reader now {truth:.1} ms from ours; the verifying measurement says {measured} ms");
+    assert_eq!(emu.clock_sets(), 1);
+    assert!(truth.abs() <= 50.0, "the reader's clock is {truth} ms off after the set");
+    assert!((measured as f64 - truth).abs() <= 50.0, "measured {measured} ms, true {truth} ms");
+    assert_eq!(s["reader"]["clock_off"], false);
+    assert!(!s["problems"].to_string().contains("READER CLOCK"), "{}", s["problems"]);
+}
+
+/// `set` while the host clock is not synchronised: measured, never set, and said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_is_refused_while_the_host_clock_is_unsynchronised() {
+    let emu = Emulator::pty(Family::Ipico, Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("synchronized");
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &emu.port,
+        &format!(
+            "reader.format = \"ipico\"\nreader.clock = \"set\"\nreader.clock_check = \"1s\"\nclock.source = \"timesyncd\"\nclock.timesyncd_flag = \"{}\"",
+            flag.display()
+        ),
+    );
+    gw.start().await;
+    let s = gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    assert!(s["reader"]["clock_error"].as_str().unwrap_or("").contains("not synchronised"), "{:#}", s["reader"]);
+    assert_eq!(emu.clock_sets(), 0, "never set from an unsynchronised host");
+    assert!(!emu.commands().iter().any(|c| c.starts_with(b"ab000701")), "no set command was sent");
+    assert!((offset_ms(&s) - 3200).abs() <= 50, "still measured: {}", offset_ms(&s));
+    // Once the host synchronises, the owed set is made at the next check.
+    std::fs::write(&flag, "").unwrap();
+    gw.wait_status("set once synchronised", |s| s["reader"]["clock_set_at"].is_string()).await;
+    assert_eq!(emu.clock_sets(), 1);
+}
