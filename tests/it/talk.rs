@@ -10,6 +10,7 @@ use chrono_tz::Tz;
 use serde_json::Value;
 
 use crate::common::emulator::{Emulator, Family};
+use crate::common::readers;
 use crate::common::*;
 
 fn ultra_chip(i: usize) -> String {
@@ -335,4 +336,36 @@ async fn set_is_refused_while_the_host_clock_is_unsynchronised() {
     std::fs::write(&flag, "").unwrap();
     gw.wait_status("set once synchronised", |s| s["reader"]["clock_set_at"].is_string()).await;
     assert_eq!(emu.clock_sets(), 1);
+}
+
+/// Impinj: nothing is sent to it; its clock is measured from `firstSeenTimestamp` over a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impinj_clock_is_measured_from_its_timestamps() {
+    let mut pty = pty();
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), "reader.format = \"impinj-json\"");
+    gw.start().await;
+    let started = Instant::now();
+    let mut i = 0;
+    // A read every 100 ms, stamped by a reader 2.5 s fast, until the first window is measured.
+    let s = loop {
+        let r = readers::TagRead {
+            chip: format!("E28011606000{i:012X}"),
+            at: Utc::now() + chrono::TimeDelta::milliseconds(2500),
+            antenna: 1,
+            rssi: -60,
+        };
+        pty.write(&readers::impinj(&r)).unwrap();
+        i += 1;
+        if let Some(s) = gw.try_status().filter(|s| s["reader"]["clock_offset_ms"].is_i64()) {
+            break s;
+        }
+        assert!(started.elapsed() < DEADLINE, "not measured; log:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let measured = offset_ms(&s);
+    eprintln!("Impinj 2.5 s fast: measured {measured} ms after {i} reads");
+    // The estimate is the offset less the shortest latency (pty and parsing: milliseconds).
+    assert!((2400..=2500).contains(&measured), "{measured}");
+    assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
 }
