@@ -50,7 +50,13 @@ pub fn console_warning(reader: &ReaderConfig) -> Option<String> {
 /// What is valid but unwise: printed by `check-config`, logged at start.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut out: Vec<String> = console_warning(&cfg.reader).into_iter().collect();
-    if cfg.reader.rewind && cfg.reader.format == Format::Ipico {
+    if cfg.reader.elite_control.is_some() {
+        out.push(
+            "reader.elite_control: an IPICO Elite's control and replay ports are known from one program only \
+             (no capture): check its clock and a rewind on your reader before race day"
+                .into(),
+        );
+    } else if cfg.reader.rewind && cfg.reader.format == Format::Ipico {
         out.push(
             "reader.rewind: an IPICO Lite is rewound by its stored-read download, known only from captures of \
              later firmware (not in the 2007 serial spec): try it on your reader before race day"
@@ -189,6 +195,16 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if let Some(control) = &self.reader.elite_control {
+            if self.reader.format != Format::Ipico {
+                return Err("reader.elite_control: only for an IPICO Elite (reader.format = \"ipico\")".into());
+            }
+            if control.strip_prefix("tcp://").and_then(|a| a.rsplit_once(':')).is_none() {
+                return Err(format!(
+                    "reader.elite_control: \"{control}\" is not tcp://host:port, e.g. \"tcp://192.168.1.50:9999\""
+                ));
+            }
         }
         if self.reader.clock_tolerance.is_zero() {
             return Err("reader.clock_tolerance: must be more than 0, e.g. \"1s\"".into());

@@ -73,6 +73,13 @@ pub struct ReaderConfig {
     pub rewind: bool,
     /// The Ultra's rewind command: ChronoKeep's `600…\n` or PikaTimer's `6␀␀…\r`.
     pub ultra_rewind_form: UltraRewindForm,
+    /// An IPICO Elite's text control port (`tcp://host:9999`): its clock is asked and set there
+    /// (`getdate`, `setdate.`), and a rewind is a `replay_start` to `elite_replay_port`. Empty: an
+    /// IPICO Lite, talked to on its stream.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub elite_control: Option<String>,
+    /// The port an Elite replays to (on the control port's host).
+    pub elite_replay_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -134,6 +141,8 @@ impl Default for ReaderConfig {
             clock_tolerance: Duration::from_secs(1),
             rewind: false,
             ultra_rewind_form: UltraRewindForm::Ascii,
+            elite_control: None,
+            elite_replay_port: 10300,
         }
     }
 }

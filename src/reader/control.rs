@@ -182,9 +182,9 @@ pub mod elite {
     }
 
     /// Replay what reader 1 (`ttyS0`) or 2 (`ttyS1`) stored since `since` (all of it without),
-    /// to TCP 10300; the replay ends when the reader closes that connection.
-    pub fn replay_start(reader: u8, since: Option<NaiveDateTime>) -> String {
-        let file = format!("file.ttyS{} port.10300", reader.saturating_sub(1));
+    /// to TCP `port` (10300 in the source); the replay ends when the reader closes that connection.
+    pub fn replay_start(reader: u8, port: u16, since: Option<NaiveDateTime>) -> String {
+        let file = format!("file.ttyS{} port.{port}", reader.saturating_sub(1));
         match since {
             Some(t) => format!("replay_start {file} datetime.{}\n", t.format("%y%m%d%H%M%S")),
             None => format!("replay_start {file}\n"),
@@ -393,9 +393,9 @@ mod tests {
         assert_eq!(parse_clock("date.Wed Nov 12 15:30:30 CST 2008"), Some(at(2008, 11, 12, 15, 30, 30, 0)));
         assert_eq!(parse_clock("date.Mon Mar  2 09:05:01 UTC 2026"), Some(at(2026, 3, 2, 9, 5, 1, 0)), "one-digit day");
         assert_eq!(parse_clock("Wed Nov 12 15:30:30 CST 2008"), None);
-        assert_eq!(replay_start(1, None), "replay_start file.ttyS0 port.10300\n");
+        assert_eq!(replay_start(1, 10300, None), "replay_start file.ttyS0 port.10300\n");
         assert_eq!(
-            replay_start(2, Some(at(2026, 3, 6, 19, 49, 21, 0))),
+            replay_start(2, 10300, Some(at(2026, 3, 6, 19, 49, 21, 0))),
             "replay_start file.ttyS1 port.10300 datetime.260306194921\n"
         );
     }

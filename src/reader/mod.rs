@@ -2,6 +2,7 @@
 //! missing or fails), frames and parses records, stamps them, and hands reads to the store.
 
 pub mod control;
+pub mod elite;
 pub mod format;
 pub mod framing;
 pub mod talk;
@@ -271,6 +272,8 @@ struct ReadSession<'a> {
     rejects_since_log: u64,
     last_reject_log: Option<Instant>,
     talk: talk::Talk,
+    /// The records being handled came from an Elite's replay port.
+    replaying: bool,
 }
 
 impl<'a> ReadSession<'a> {
@@ -283,6 +286,7 @@ impl<'a> ReadSession<'a> {
             rejects_since_log: 0,
             last_reject_log: None,
             talk: talk::Talk::new(&reader.cfg, reader.recall, reader.stats.talk.clone()),
+            replaying: false,
         }
     }
 
@@ -294,6 +298,9 @@ impl<'a> ReadSession<'a> {
         let mut next_antenna_check = Instant::now();
         let mut stopping: Option<Instant> = None;
         let usual_timeout = transport::read_timeout(&self.reader.cfg);
+        // An IPICO Elite's control and replay ports, for this connection.
+        let elite =
+            self.reader.cfg.elite_control.as_deref().map(|c| elite::Elite::start(c, self.reader.cfg.elite_replay_port));
         let mut timeout = usual_timeout;
         loop {
             if cancel.is_cancelled() {
@@ -324,6 +331,14 @@ impl<'a> ReadSession<'a> {
                 for command in self.talk.poll(Stamp::now(), synced) {
                     if let Err(e) = port.send(&command) {
                         return Pump::Lost(e);
+                    }
+                }
+                if let Some(elite) = &elite {
+                    for request in self.talk.take_elite() {
+                        elite.send(request);
+                    }
+                    if !self.elite_events(elite) {
+                        return Pump::StoreGone;
                     }
                 }
                 // Wake in time for the next command (an aligned clock set is due to the ms).
@@ -374,6 +389,29 @@ impl<'a> ReadSession<'a> {
         }
     }
 
+    /// What an Elite's control and replay ports brought. False when the store has gone away.
+    fn elite_events(&mut self, elite: &elite::Elite) -> bool {
+        for event in elite.events() {
+            match event {
+                elite::Event::Line(line, at) => self.talk.elite_line(&line, at),
+                elite::Event::Replayed(bytes, stamp) => {
+                    self.replaying = true;
+                    let alive = self.handle(Framed::Record { bytes, stamp });
+                    self.replaying = false;
+                    if !alive {
+                        return false;
+                    }
+                }
+                elite::Event::ReplayEnd(error) => self.talk.replay_end(error, Stamp::now()),
+                elite::Event::Error(e) => {
+                    warn!(error = %e, "IPICO Elite control port");
+                    self.reader.stats.talk.clock.lock().map(|mut c| c.clock_error = Some(e)).ok();
+                }
+            }
+        }
+        true
+    }
+
     /// Returns false when the store has gone away.
     fn handle(&mut self, frame: Framed<Stamp>) -> bool {
         let (bytes, stamp) = match frame {
@@ -401,7 +439,7 @@ impl<'a> ReadSession<'a> {
     /// Hand one parsed read to the store. Returns false when the store has gone away.
     fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
         let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
-        if !self.talk.admit(reader_time_us, &bytes, stamp) {
+        if !self.talk.admit(reader_time_us, &bytes, stamp, self.replaying) {
             return true;
         }
         let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us) {

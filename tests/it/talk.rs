@@ -245,6 +245,18 @@ async fn an_ipico_download_takes_in_only_what_was_missed() {
     }
 }
 
+/// A plain LED-class directory: the daemon's LED pattern shows in `status.signal`.
+fn leds() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let led = dir.path().join("ACT");
+    std::fs::create_dir(&led).unwrap();
+    for (file, text) in [("brightness", "0\n"), ("max_brightness", "1\n"), ("trigger", "[none] mmc0\n")] {
+        std::fs::write(led.join(file), text).unwrap();
+    }
+    let extra = format!("signal.led = \"ACT\"\nsignal.leds_dir = \"{}\"", dir.path().display());
+    (dir, extra)
+}
+
 fn offset_ms(s: &Value) -> i64 {
     s["reader"]["clock_offset_ms"].as_i64().unwrap()
 }
@@ -254,8 +266,15 @@ fn offset_ms(s: &Value) -> i64 {
 async fn an_ipico_clock_three_seconds_fast_is_measured_and_reported() {
     let emu = Emulator::pty(Family::Ipico, Tz::UTC, 3200);
     let (fake, device) = fake().await;
-    let mut gw = Gateway::new(&fake, &device, &emu.port, "reader.format = \"ipico\"\nreader.timestamps = \"reader\"");
+    let (_leds, signal) = leds();
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &emu.port,
+        &format!("reader.format = \"ipico\"\nreader.timestamps = \"reader\"\n{signal}"),
+    );
     gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "CLOCK"]);
     let s = gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
     let (measured, truth) = (offset_ms(&s), emu.offset_ms());
     eprintln!("IPICO 3.2 s fast: measured {measured} ms, true {truth:.1} ms, error {:.1} ms", measured as f64 - truth);
@@ -265,8 +284,14 @@ async fn an_ipico_clock_three_seconds_fast_is_measured_and_reported() {
     let problems = s["problems"].to_string();
     assert!(problems.contains("READER CLOCK FAST by 3."), "{problems}");
     assert_eq!(emu.clock_sets(), 0, "measure never sets");
-    let metrics = gw.cli_ok(&["status", "--json"]);
-    assert!(metrics.contains("clock_measured_at"));
+    // All else is well (reader, session, API): the reader's clock alone makes the LED blink slowly.
+    let s = gw
+        .wait_status("the session open remotely", |s| {
+            s["session"]["remote_state"] == "open" && s["uplink"]["state"] == "online"
+        })
+        .await;
+    assert_eq!(s["signal"]["led_pattern"], "slow", "{:#}", s["problems"]);
+    assert_eq!(s["problems"].as_array().unwrap().len(), 1, "{:#}", s["problems"]);
 }
 
 /// An Ultra 3.2 s fast: measured within its 1 s resolution.
@@ -288,13 +313,15 @@ async fn an_ultra_clock_three_seconds_fast_is_measured_within_a_second() {
 async fn set_brings_an_ipico_clock_within_fifty_ms() {
     let emu = Emulator::pty(Family::Ipico, Tz::UTC, 3200);
     let (fake, device) = fake().await;
+    let (_leds, signal) = leds();
     let mut gw = Gateway::new(
         &fake,
         &device,
         &emu.port,
-        "reader.format = \"ipico\"\nreader.timestamps = \"reader\"\nreader.clock = \"set\"",
+        &format!("reader.format = \"ipico\"\nreader.timestamps = \"reader\"\nreader.clock = \"set\"\n{signal}"),
     );
     gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "SET"]);
     let s = gw
         .wait_status("the set verified", |s| {
             let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
@@ -308,6 +335,7 @@ async fn set_brings_an_ipico_clock_within_fifty_ms() {
     assert!((measured as f64 - truth).abs() <= 50.0, "measured {measured} ms, true {truth} ms");
     assert_eq!(s["reader"]["clock_off"], false);
     assert!(!s["problems"].to_string().contains("READER CLOCK"), "{}", s["problems"]);
+    gw.wait_status("a steady LED", |s| s["signal"]["led_pattern"] == "steady").await;
 }
 
 /// `set` while the host clock is not synchronised: measured, never set, and said.
@@ -368,4 +396,80 @@ async fn an_impinj_clock_is_measured_from_its_timestamps() {
     // The estimate is the offset less the shortest latency (pty and parsing: milliseconds).
     assert!((2400..=2500).contains(&measured), "{measured}");
     assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
+}
+
+/// IPICO Elite (behind `reader.elite_control`): the clock asked on its control port, and a
+/// rewind replayed on its replay port since the newest read we have, the replay's end being the
+/// reader closing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elite_is_measured_and_replays_on_its_own_ports() {
+    let (emu, control, replay_port) = Emulator::elite(Tz::UTC, 3200);
+    let yesterday = Utc::now() - chrono::TimeDelta::days(1);
+    for i in 0..100 {
+        emu.remember(&format!("0999{i:08x}"), yesterday + chrono::TimeDelta::seconds(i as i64));
+    }
+    let (fake, device) = fake().await;
+    let extra = format!(
+        "reader.format = \"ipico\"\nreader.timestamps = \"reader\"\nreader.rewind = true\npassings.dedup_window = \"0s\"\nreader.elite_control = \"{control}\"\nreader.elite_replay_port = {replay_port}"
+    );
+    let mut gw = Gateway::new(&fake, &device, &emu.port, &extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "ELITE"]);
+    let s = gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    eprintln!("Elite 3.2 s fast: measured {measured} ms, true {truth:.1} ms (1 s resolution)");
+    assert!((measured as f64 - truth).abs() <= 1000.0, "measured {measured} ms, true {truth} ms");
+    assert!(emu.commands().iter().any(|c| c == b"getdate"), "asked on the control port");
+    wait_connected(&emu, &gw).await;
+    for i in 0..50 {
+        emu.read(&ipico_chip(i));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    wait_fake(&fake, &gw, "the first 50 passings", |s| s.total_passings() >= 50).await;
+    gw.kill9();
+    for i in 50..350 {
+        emu.read(&ipico_chip(i));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    gw.start().await;
+    let s = gw.wait_status("the replay done", |s| s["reader"]["rewind"]["state"] == "done").await;
+    wait_connected(&emu, &gw).await;
+    for i in 350..360 {
+        emu.read(&ipico_chip(i));
+    }
+    wait_fake(&fake, &gw, "360 passings", |s| s.total_passings() >= 360).await;
+    gw.wait_status("all sent", |s| s["queue"]["pending"] == 0).await;
+    let got = received(&fake);
+    assert_eq!(fake.state().total_passings(), 360, "nothing of yesterday, nothing twice");
+    assert!((0..360).all(|i| got.get(&ipico_chip(i)).map(Vec::len) == Some(1)), "each read reached RUFUS once");
+    assert_eq!(s["reader"]["rewind"]["reads"], 300, "{:#}", s["reader"]["rewind"]);
+    let replay = emu.commands().into_iter().find(|c| c.starts_with(b"replay_start")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&replay).starts_with(&format!("replay_start file.ttyS0 port.{replay_port} datetime.")),
+        "{}",
+        String::from_utf8_lossy(&replay)
+    );
+}
+
+/// IPICO Elite `set`: `setdate.` on the control port, then verified by `getdate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_brings_an_elite_clock_within_its_second() {
+    let (emu, control, replay_port) = Emulator::elite(Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let extra = format!(
+        "reader.format = \"ipico\"\nreader.clock = \"set\"\nreader.elite_control = \"{control}\"\nreader.elite_replay_port = {replay_port}"
+    );
+    let mut gw = Gateway::new(&fake, &device, &emu.port, &extra);
+    gw.start().await;
+    let s = gw
+        .wait_status("the set verified", |s| {
+            let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+            matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
+        })
+        .await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    eprintln!("Elite set: reader now {truth:.1} ms from ours; the verifying measurement says {measured} ms");
+    assert_eq!(emu.clock_sets(), 1);
+    assert!(truth.abs() < 1000.0, "{truth}");
+    assert_eq!(s["reader"]["clock_off"], false);
 }

@@ -10,10 +10,11 @@ use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use tracing::{info, warn};
 
-use super::control::{ipico, ultra};
+use super::control::{elite, ipico, ultra};
 use crate::clock::Stamp;
 use crate::config::{ClockMode, Format, ReaderConfig, UltraRewindForm};
 
+mod rewind;
 mod shared;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,8 @@ const IMPINJ_FIRST_WINDOW_US: i64 = 5_000_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     Ipico,
+    /// An IPICO Elite, talked to on its control port (see [`super::elite`]).
+    Elite,
     Ultra,
     Impinj,
     Mute,
@@ -90,6 +93,10 @@ enum Rewind {
         moved_mono: i64,
         since: i64,
     },
+    /// Elite: `replay_start` since `since`; the helper reads the replay port to its end.
+    Replay {
+        since: i64,
+    },
     /// Ultra by log index.
     Log {
         from: u64,
@@ -121,18 +128,22 @@ pub struct Talk {
     connected_at: Option<Stamp>,
     /// Commands decided on a reply, sent at the next poll.
     pending: Vec<Vec<u8>>,
+    /// For an Elite's control and replay ports.
+    elite_out: Vec<super::elite::Request>,
+    replay_port: u16,
 }
 
 impl Talk {
     pub fn new(cfg: &ReaderConfig, recall: Recall, shared: std::sync::Arc<Shared>) -> Talk {
         let family = match cfg.format {
+            Format::Ipico if cfg.elite_control.is_some() => Family::Elite,
             Format::Ipico => Family::Ipico,
             Format::Ultra => Family::Ultra,
             Format::ImpinjJson => Family::Impinj,
             Format::Regex | Format::Chafon => Family::Mute,
         };
         let mode = if family == Family::Mute { ClockMode::Ignore } else { cfg.clock_mode() };
-        let want_rewind = cfg.rewind && matches!(family, Family::Ipico | Family::Ultra);
+        let want_rewind = cfg.rewind && matches!(family, Family::Ipico | Family::Elite | Family::Ultra);
         shared.clock(|c| c.clock = Some(mode.as_str().to_string()));
         shared.rewind(|r| r.state = if want_rewind { RewindState::Idle } else { RewindState::Off });
         Talk {
@@ -156,6 +167,8 @@ impl Talk {
             reported_off: false,
             connected_at: None,
             pending: Vec::new(),
+            elite_out: Vec::new(),
+            replay_port: cfg.elite_replay_port,
         }
     }
 
@@ -167,7 +180,8 @@ impl Talk {
         self.window = (None, 0, now.monotonic_us);
         self.rewind = if self.want_rewind { Rewind::Idle } else { Rewind::Off };
         self.clock = ClockJob::Idle { next_mono: None };
-        if matches!(self.family, Family::Ipico | Family::Ultra) && self.mode != ClockMode::Ignore {
+        self.elite_out.clear();
+        if matches!(self.family, Family::Ipico | Family::Elite | Family::Ultra) && self.mode != ClockMode::Ignore {
             let then = if self.mode == ClockMode::Set {
                 if host_synced {
                     Then::Set
@@ -190,7 +204,7 @@ impl Talk {
 
     /// The connection is gone: an unfinished rewind is asked again at the next connect.
     pub fn disconnected(&mut self, now: Stamp) {
-        if matches!(self.rewind, Rewind::Download { .. } | Rewind::Log { .. }) {
+        if matches!(self.rewind, Rewind::Download { .. } | Rewind::Log { .. } | Rewind::Replay { .. }) {
             self.finish(now, Some("the connection was lost before the rewind ended".into()));
         }
         self.connected_at = None;
@@ -233,7 +247,29 @@ impl Talk {
     fn get_clock(&self) -> Vec<u8> {
         match self.family {
             Family::Ipico => ipico::get_clock().into_bytes(),
+            Family::Elite => elite::GET_CLOCK.as_bytes().to_vec(),
             _ => ultra::GET_CLOCK.to_vec(),
+        }
+    }
+
+    /// A command to the reader: on its own line, or an Elite's control port.
+    fn send_reader(&mut self, out: &mut Vec<Vec<u8>>, command: Vec<u8>) {
+        if self.family == Family::Elite {
+            self.elite_out.push(super::elite::Request::Command(command));
+        } else {
+            out.push(command);
+        }
+    }
+
+    /// What to ask of an Elite's control and replay ports now.
+    pub fn take_elite(&mut self) -> Vec<super::elite::Request> {
+        std::mem::take(&mut self.elite_out)
+    }
+
+    /// A line from an Elite's control port.
+    pub fn elite_line(&mut self, line: &str, at: Stamp) {
+        if let Some(local) = elite::parse_clock(line) {
+            self.clock_reply(local, 1_000_000, at);
         }
     }
 
@@ -241,7 +277,7 @@ impl Talk {
         let mono = now.monotonic_us;
         match &mut self.clock {
             ClockJob::Idle { next_mono: Some(at) } if mono >= *at => {
-                let then = if self.set_owed && host_synced && self.family == Family::Ipico {
+                let then = if self.set_owed && host_synced && matches!(self.family, Family::Ipico | Family::Elite) {
                     info!("the host clock is synchronised now: setting the reader's clock");
                     Then::Set
                 } else {
@@ -256,7 +292,7 @@ impl Talk {
                 if let ClockJob::Measuring { sent, .. } = &mut self.clock {
                     *sent = Some(now);
                 }
-                out.push(command);
+                self.send_reader(out, command);
             }
             ClockJob::Measuring { sent: Some(s), failures, .. } if mono - s.monotonic_us >= PROBE_TIMEOUT_US => {
                 *failures += 1;
@@ -269,7 +305,7 @@ impl Talk {
                     if let ClockJob::Measuring { sent, .. } = &mut self.clock {
                         *sent = Some(now);
                     }
-                    out.push(command);
+                    self.send_reader(out, command);
                 }
             }
             ClockJob::Measuring { .. } => {}
@@ -277,9 +313,10 @@ impl Talk {
                 let local = target.with_timezone(&self.tz).naive_local();
                 let (command, settle) = match self.family {
                     Family::Ipico => (ipico::set_clock(local).into_bytes(), ipico::SET_ROLLOVER_MS as i64 * 1000),
+                    Family::Elite => (elite::set_clock(local).into_bytes(), 1_000_000),
                     _ => (ultra::set_clock(local), 1_000_000),
                 };
-                out.push(command);
+                self.send_reader(out, command);
                 info!(to = %local, "reader clock set");
                 self.set_owed = false;
                 self.shared.clock(|c| {
@@ -389,115 +426,25 @@ impl Talk {
         });
     }
 
-    fn poll_rewind(&mut self, now: Stamp, out: &mut Vec<Vec<u8>>) {
-        let mono = now.monotonic_us;
-        // The IPICO download waits for the clock work of a connect, which shares the line.
-        let clock_busy = !matches!(self.clock, ClockJob::Idle { .. });
-        match &mut self.rewind {
-            Rewind::Idle if self.family == Family::Ipico && !clock_busy && self.connected_at.is_some() => {
-                let Some(since) = self.recall.reader_time_us else {
-                    info!("nothing to rewind: no read from this reader is stored yet");
-                    self.rewind = Rewind::Off;
-                    return;
-                };
-                self.start(now, format!("stored reads since {}", crate::clock::rfc3339(since)));
-                out.push(ipico::download_init().into_bytes());
-                self.rewind = Rewind::Download { step: 0, sent_mono: mono, progress: None, moved_mono: mono, since };
-            }
-            Rewind::Idle if self.family == Family::Ultra && !self.gaps.is_empty() => {
-                let (from, to) = self.gaps.remove(0);
-                self.start(now, format!("log {from}..{to}"));
-                out.push(ultra::rewind_by_index(self.form, from, to));
-                self.rewind = Rewind::Log { from, to, last_mono: mono, got: 0 };
-            }
-            Rewind::Download { step, sent_mono, .. } if *step < 3 && mono - *sent_mono >= STEP_TIMEOUT_US => {
-                *sent_mono = mono;
-                out.push(Self::download_step(*step));
-            }
-            Rewind::Download { step: 3, moved_mono, .. } if mono - *moved_mono >= REWIND_IDLE_US => {
-                out.push(ipico::download_stop().into_bytes());
-                out.push(ipico::download_cleanup().into_bytes());
-                self.finish(now, Some("the download stopped progressing".into()));
-            }
-            Rewind::Log { last_mono, from, to, got } if mono - *last_mono >= REWIND_IDLE_US => {
-                // The Ultra sends no end: what did not come in this long is not coming.
-                let asked = *to - *from + 1;
-                let error = (*got < asked).then(|| format!("the reader replayed {got} of the {asked} reads asked for"));
-                self.finish(now, error);
-            }
-            _ => {}
-        }
-    }
-
-    fn download_step(step: u8) -> Vec<u8> {
-        match step {
-            0 => ipico::download_init(),
-            1 => ipico::download_configure(),
-            _ => ipico::download_start(),
-        }
-        .into_bytes()
-    }
-
-    fn download_reply(&mut self, extent: u32, progress: u32, at: Stamp) {
-        let Rewind::Download { step, sent_mono, progress: seen, moved_mono, .. } = &mut self.rewind else { return };
-        let mono = at.monotonic_us;
-        if *step < 2 {
-            *step += 1;
-            *sent_mono = mono;
-            let next = Self::download_step(*step);
-            self.pending.push(next);
-            return;
-        }
-        if *step == 2 {
-            *step = 3;
-            *moved_mono = mono;
-        }
-        if *seen != Some(progress) {
-            *seen = Some(progress);
-            *moved_mono = mono;
-        }
-        if extent == 0 || progress >= extent {
-            self.pending.push(ipico::download_stop().into_bytes());
-            self.pending.push(ipico::download_cleanup().into_bytes());
-            self.finish(at, None);
-        }
-    }
-
-    fn start(&mut self, now: Stamp, asked: String) {
-        info!(asked = %asked, "rewinding the reader");
-        self.shared.rewind(|r| {
-            r.state = RewindState::Running;
-            r.asked = Some(asked);
-            r.started_at = Some(crate::clock::rfc3339(now.utc_us));
-            r.finished_at = None;
-            r.reads = 0;
-            r.error = None;
-        });
-    }
-
-    fn finish(&mut self, now: Stamp, error: Option<String>) {
-        let reads = self.shared.rewind.lock().map(|r| r.reads).unwrap_or(0);
-        match &error {
-            None => info!(reads, "rewind finished"),
-            Some(e) => warn!(reads, error = %e, "rewind ended early"),
-        }
-        self.shared.rewind(|r| {
-            r.state = if error.is_some() { RewindState::Failed } else { RewindState::Done };
-            r.finished_at = Some(crate::clock::rfc3339(now.utc_us));
-            r.rewinds_total += 1;
-            r.error = error;
-        });
-        self.rewind = Rewind::Idle;
-        if self.family == Family::Ipico {
-            // One download per connect: the whole memory is replayed each time.
-            self.rewind = Rewind::Off;
-        }
-    }
-
     /// Whether a parsed read is taken in (false: an old stored read replayed by an IPICO
     /// download, from before what we have). Notes what a rewind needs.
-    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp) -> bool {
+    /// `replayed`: it came from an Elite's replay port.
+    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp, replayed: bool) -> bool {
         match self.family {
+            Family::Elite => {
+                if replayed {
+                    let Rewind::Replay { since } = self.rewind else { return false };
+                    // The reader replays from the start of a whole second: what is older than
+                    // the newest read we have is not ours to take, what is at it may be a repeat.
+                    match reader_time_us {
+                        Some(t) if t < since => return false,
+                        Some(t) if t > since => self.count_replayed(),
+                        _ => {}
+                    }
+                }
+                self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
+                true
+            }
             Family::Ipico => {
                 if let Rewind::Download { since, moved_mono, .. } = &mut self.rewind {
                     if reader_time_us.is_some_and(|t| t < *since) {
@@ -580,12 +527,5 @@ impl Talk {
 
     fn offset_us(&self) -> i64 {
         self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0) * 1000
-    }
-
-    fn count_replayed(&self) {
-        self.shared.rewind(|r| {
-            r.reads += 1;
-            r.reads_total += 1;
-        });
     }
 }

@@ -142,10 +142,10 @@ fn an_ultra_gap_is_rewound_by_index_and_ends_at_its_last_read() {
     let (mut talk, shared) = new(&c, recall);
     talk.connected(at(0), true);
     assert!(talk.poll(at(0), true).is_empty(), "nothing known to be missing yet");
-    assert!(talk.admit(None, &ultra_line(601, false), at(1)));
+    assert!(talk.admit(None, &ultra_line(601, false), at(1), false));
     assert_eq!(talk.poll(at(2), true), vec![b"600101\r600\n".to_vec()]);
     for i in 101..=600 {
-        assert!(talk.admit(None, &ultra_line(i, true), at(3)));
+        assert!(talk.admit(None, &ultra_line(i, true), at(3), false));
     }
     let r = shared.rewind.lock().unwrap().clone();
     assert_eq!((r.state, r.reads, r.rewinds_total), (RewindState::Done, 500, 1), "{r:?}");
@@ -157,9 +157,9 @@ fn an_ultra_rewind_that_stops_short_is_a_failure() {
     let recall = Recall { reader_time_us: None, ultra_index: Some(10) };
     let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
-    talk.admit(None, &ultra_line(21, false), at(0));
+    talk.admit(None, &ultra_line(21, false), at(0), false);
     talk.poll(at(0), true);
-    talk.admit(None, &ultra_line(11, true), at(10));
+    talk.admit(None, &ultra_line(11, true), at(10), false);
     talk.poll(at(10 + 29_000), true);
     assert_eq!(shared.rewind.lock().unwrap().state, RewindState::Running);
     talk.poll(at(10 + 30_000), true);
@@ -173,9 +173,9 @@ fn a_restarted_ultra_log_is_not_rewound() {
     let recall = Recall { reader_time_us: None, ultra_index: Some(5000) };
     let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
-    talk.admit(None, &ultra_line(3, false), at(0));
+    talk.admit(None, &ultra_line(3, false), at(0), false);
     assert!(talk.poll(at(1), true).is_empty());
-    talk.admit(None, &ultra_line(4, false), at(2));
+    talk.admit(None, &ultra_line(4, false), at(2), false);
     assert!(talk.poll(at(3), true).is_empty(), "and it goes on from its new index");
 }
 
@@ -197,9 +197,9 @@ fn an_ipico_download_steps_filters_and_ends() {
     talk.reply(&status(1, 3, 0), at(3));
     assert_eq!(talk.poll(at(4), true), vec![ipico::download_start().into_bytes()]);
     talk.reply(&status(3, 3, 0), at(5));
-    assert!(!talk.admit(Some(since - 1), b"", at(6)), "older than what we have: yesterday's");
-    assert!(talk.admit(Some(since), b"", at(6)), "the last we have: a repeat the store recognises");
-    assert!(talk.admit(Some(since + 1), b"", at(6)), "missed");
+    assert!(!talk.admit(Some(since - 1), b"", at(6), false), "older than what we have: yesterday's");
+    assert!(talk.admit(Some(since), b"", at(6), false), "the last we have: a repeat the store recognises");
+    assert!(talk.admit(Some(since + 1), b"", at(6), false), "missed");
     talk.reply(&status(3, 3, 3), at(7));
     assert_eq!(
         talk.poll(at(8), true),
@@ -208,7 +208,7 @@ fn an_ipico_download_steps_filters_and_ends() {
     );
     let r = shared.rewind.lock().unwrap().clone();
     assert_eq!((r.state, r.reads), (RewindState::Done, 1));
-    assert!(talk.admit(Some(since - 1), b"", at(9)), "after the download, every read is live");
+    assert!(talk.admit(Some(since - 1), b"", at(9), false), "after the download, every read is live");
 }
 
 #[test]
@@ -227,9 +227,9 @@ fn impinj_takes_the_largest_lead_over_a_window() {
     // Reader 2 s fast; latencies 30, 5, 80, 12, 50 ms; a window of 5 s.
     for (i, latency) in [30, 5, 80, 12, 50].into_iter().enumerate() {
         let arrival = 1200 * i as i64;
-        talk.admit(Some(T0 + (arrival - latency + 2000) * 1000), b"", at(arrival));
+        talk.admit(Some(T0 + (arrival - latency + 2000) * 1000), b"", at(arrival), false);
     }
     assert_eq!(offset(&shared), None, "the window is not over");
-    talk.admit(Some(T0 + (6000 - 40 + 2000) * 1000), b"", at(6000));
+    talk.admit(Some(T0 + (6000 - 40 + 2000) * 1000), b"", at(6000), false);
     assert_eq!(offset(&shared), Some(1995), "2 s less the shortest latency");
 }

@@ -65,6 +65,8 @@ struct State {
     /// Ultra rewinds seen: (form, kind, from, to).
     rewinds: Vec<(&'static str, u8, u64, u64)>,
     clock_sets: usize,
+    /// Elite: what the last `replay_start` asked for (reader-local seconds since 1980; 0 = all).
+    replay_since: Option<u64>,
 }
 
 impl State {
@@ -278,6 +280,7 @@ impl Emulator {
             commands: Vec::new(),
             rewinds: Vec::new(),
             clock_sets: 0,
+            replay_since: None,
         }))
     }
 
@@ -323,6 +326,39 @@ impl Emulator {
         Emulator { state, stop, port, threads: vec![accept] }
     }
 
+    /// An IPICO Elite: its stream on one port, and its text control and replay ports (the
+    /// replay port is chosen by the system: the gateway's `reader.elite_replay_port`).
+    /// Returns the emulator, the control port's `tcp://` address and the replay port.
+    pub fn elite(tz: Tz, offset_ms: i64) -> (Emulator, String, u16) {
+        let mut emu = Self::tcp(Family::Ipico, tz, offset_ms);
+        let control = TcpListener::bind("127.0.0.1:0").unwrap();
+        let replay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let control_at = format!("tcp://{}", control.local_addr().unwrap());
+        let replay_port = replay.local_addr().unwrap().port();
+        for (listener, is_control) in [(control, true), (replay, false)] {
+            listener.set_nonblocking(true).unwrap();
+            let (s, st) = (emu.state.clone(), emu.stop.clone());
+            emu.threads.push(std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false).unwrap();
+                            let (s2, st2) = (s.clone(), st.clone());
+                            if is_control {
+                                std::thread::spawn(move || elite_control(s2, st2, stream));
+                            } else {
+                                std::thread::spawn(move || elite_replay(s2, stream));
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        (emu, control_at, replay_port)
+    }
+
     /// A reader on a serial line: the gateway opens the pty's slave.
     pub fn pty(family: Family, tz: Tz, offset_ms: i64) -> Emulator {
         let pty = Pty::open().unwrap();
@@ -366,7 +402,9 @@ impl Emulator {
             Family::Ipico => readers::ipico(&r, state.tz),
             Family::Ultra => readers::ultra(&r, state.tz, index),
         };
-        state.memory.push(Stored { line, index, local_s: 0 });
+        let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).unwrap().and_hms_opt(0, 0, 0).unwrap();
+        let local_s = (state.local(at) - epoch).num_seconds() as u64;
+        state.memory.push(Stored { line, index, local_s });
     }
 
     /// Pull the cable: the connection drops, and none is taken until [`Emulator::plug`].
@@ -427,6 +465,59 @@ impl Drop for Emulator {
             let _ = t.join();
         }
     }
+}
+
+/// An Elite's control port: `getdate`, `setdate.yyMMddHH:mm:ss`, `replay_start …`, one per line.
+fn elite_control(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, mut stream: TcpStream) {
+    stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line).trim().to_string();
+            let mut state = state.lock().unwrap();
+            state.commands.push(text.clone().into_bytes());
+            if text == "getdate" {
+                let now = state.local(state.reader_now());
+                let _ = stream.write_all(format!("date.{}\n", now.format("%a %b %e %H:%M:%S UTC %Y")).as_bytes());
+            } else if let Some(when) = text.strip_prefix("setdate.") {
+                if let Ok(local) = NaiveDateTime::parse_from_str(when, "%y%m%d%H:%M:%S") {
+                    let utc = state.utc(local);
+                    state.set_reader_time(utc);
+                    state.clock_sets += 1;
+                }
+            } else if text.starts_with("replay_start ") {
+                let since = text
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("datetime."))
+                    .and_then(|t| NaiveDateTime::parse_from_str(t, "%y%m%d%H%M%S").ok())
+                    .map_or(0, rufus_gateway::reader::control::ultra::seconds_since_1980);
+                state.replay_since = Some(since);
+            }
+        }
+    }
+}
+
+/// An Elite's replay port: after a `\n`, what `replay_start` asked for, then the reader closes it.
+fn elite_replay(state: Arc<Mutex<State>>, mut stream: TcpStream) {
+    let mut byte = [0u8; 1];
+    if stream.read_exact(&mut byte).is_err() {
+        return;
+    }
+    let lines: Vec<u8> = {
+        let state = state.lock().unwrap();
+        let Some(since) = state.replay_since else { return };
+        state.memory.iter().filter(|m| m.local_s >= since).flat_map(|m| m.line.clone()).collect()
+    };
+    let _ = stream.write_all(&lines);
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// Answer the commands arriving on one connection until it closes or the emulator stops.

@@ -1,0 +1,209 @@
+//! An IPICO Elite's control port (text commands, `tcp://host:9999`) and replay port (10300), used
+//! only when `reader.elite_control` is set: both are known from one program (ChronoKeep) and no
+//! capture. A helper thread per reader connection does their I/O, so the reader thread never
+//! waits on them: it hands requests over and takes events back between reads.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::clock::Stamp;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the control connection is read for replies between requests.
+const REPLY_WAIT: Duration = Duration::from_millis(100);
+/// The reader opens its replay port after `replay_start`: it is tried for this long.
+const REPLAY_CONNECT_FOR: Duration = Duration::from_secs(10);
+/// A replay silent this long is over (it should end with the reader closing the connection).
+const REPLAY_IDLE: Duration = Duration::from_secs(30);
+/// The longest line taken from either port.
+const MAX_LINE: usize = 4096;
+
+/// What the reader thread asks of the Elite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A control command (`getdate`, `setdate.…`).
+    Command(Vec<u8>),
+    /// `replay_start …`, then read the replay port until the reader closes it.
+    Replay(Vec<u8>),
+}
+
+/// What comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A line from the control port, stamped on arrival.
+    Line(String, Stamp),
+    /// A record from the replay port.
+    Replayed(Vec<u8>, Stamp),
+    /// The replay is over: `None` when the reader closed it, else why it ended.
+    ReplayEnd(Option<String>),
+    /// The control port cannot be reached or failed.
+    Error(String),
+}
+
+pub struct Elite {
+    requests: Sender<Request>,
+    events: Receiver<Event>,
+}
+
+impl Elite {
+    /// Start the helper for the control port `control` (`tcp://host:port`); replays come from
+    /// `replay_port` on the same host.
+    pub fn start(control: &str, replay_port: u16) -> Elite {
+        let (requests, rx) = crossbeam_channel::unbounded();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let addr = control.trim_start_matches("tcp://").to_string();
+        let spawned = std::thread::Builder::new().name("elite".into()).spawn(move || serve(&addr, replay_port, rx, tx));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the IPICO Elite helper");
+        }
+        Elite { requests, events }
+    }
+
+    pub fn send(&self, request: Request) {
+        let _ = self.requests.send(request);
+    }
+
+    pub fn events(&self) -> crossbeam_channel::TryIter<'_, Event> {
+        self.events.try_iter()
+    }
+}
+
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let target = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} does not resolve")))?;
+    let stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Split complete lines off `pending` (without their line ends).
+fn lines(pending: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+        let mut line: Vec<u8> = pending.drain(..=end).collect();
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        if !line.is_empty() {
+            out.push(line);
+        }
+    }
+    if pending.len() > MAX_LINE {
+        pending.clear();
+    }
+    out
+}
+
+fn serve(addr: &str, replay_port: u16, requests: Receiver<Request>, events: Sender<Event>) {
+    let mut control: Option<TcpStream> = None;
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let request = match requests.recv_timeout(REPLY_WAIT) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            // The reader connection is gone.
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if let Some(request) = request {
+            if control.is_none() {
+                match connect(addr).and_then(|s| s.set_read_timeout(Some(REPLY_WAIT)).map(|_| s)) {
+                    Ok(s) => control = Some(s),
+                    Err(e) => {
+                        let _ = events.send(Event::Error(format!("cannot reach the control port {addr}: {e}")));
+                        continue;
+                    }
+                }
+            }
+            let (command, replay) = match request {
+                Request::Command(c) => (c, false),
+                Request::Replay(c) => (c, true),
+            };
+            if let Some(s) = control.as_mut()
+                && let Err(e) = s.write_all(&command)
+            {
+                let _ = events.send(Event::Error(format!("control port {addr}: {e}")));
+                control = None;
+                continue;
+            }
+            if replay {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+                let events = events.clone();
+                let _ = std::thread::Builder::new()
+                    .name("elite-replay".into())
+                    .spawn(move || replay_from(&format!("{host}:{replay_port}"), &events));
+            }
+        }
+        // Whatever the control port said meanwhile.
+        if let Some(s) = control.as_mut() {
+            match s.read(&mut buf) {
+                Ok(0) => control = None,
+                Ok(n) => {
+                    let at = Stamp::now();
+                    pending.extend_from_slice(&buf[..n]);
+                    for line in lines(&mut pending) {
+                        let _ = events.send(Event::Line(String::from_utf8_lossy(&line).into_owned(), at));
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => control = None,
+            }
+        }
+    }
+}
+
+/// Read the replay port until the reader closes it.
+fn replay_from(addr: &str, events: &Sender<Event>) {
+    let deadline = Instant::now() + REPLAY_CONNECT_FOR;
+    let mut stream = loop {
+        match connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                let _ = events.send(Event::ReplayEnd(Some(format!("cannot reach the replay port {addr}: {e}"))));
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let end = (|| -> Option<String> {
+        stream.set_read_timeout(Some(REPLAY_IDLE)).ok()?;
+        if let Err(e) = stream.write_all(b"\n") {
+            return Some(format!("replay port {addr}: {e}"));
+        }
+        let mut pending = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    let at = Stamp::now();
+                    pending.extend_from_slice(&buf[..n]);
+                    for line in lines(&mut pending) {
+                        if events.send(Event::Replayed(line, at)).is_err() {
+                            return Some("the reader connection is gone".into());
+                        }
+                    }
+                }
+                Err(e) => return Some(format!("replay port {addr}: {e}")),
+            }
+        }
+    })();
+    let _ = events.send(Event::ReplayEnd(end));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_and_their_ends_dropped() {
+        let mut pending = b"aa01\r\nab02\n\npart".to_vec();
+        assert_eq!(lines(&mut pending), vec![b"aa01".to_vec(), b"ab02".to_vec()]);
+        assert_eq!(pending, b"part");
+    }
+}
