@@ -473,3 +473,56 @@ async fn set_brings_an_elite_clock_within_its_second() {
     assert!(truth.abs() < 1000.0, "{truth}");
     assert_eq!(s["reader"]["clock_off"], false);
 }
+
+/// Ultra `set`: only while it is not reading (`?` first), then `t …`, verified by `r`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ultra_is_set_only_while_it_is_not_reading() {
+    for reading in [true, false] {
+        let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 3200);
+        emu.set_reading(reading);
+        let (fake, device) = fake().await;
+        let mut gw = Gateway::new(&fake, &device, &emu.port, "reader.format = \"ultra\"\nreader.clock = \"set\"");
+        gw.start().await;
+        if reading {
+            let s = gw.wait_status("the set refused", |s| s["reader"]["clock_error"].is_string()).await;
+            assert!(s["reader"]["clock_error"].as_str().unwrap().contains("the Ultra is reading"), "{:#}", s["reader"]);
+            assert!(!emu.commands().iter().any(|c| c.starts_with(b"t ")), "no set sent to a reading Ultra");
+            assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
+        } else {
+            let s = gw
+                .wait_status("the set verified", |s| {
+                    let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+                    matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
+                })
+                .await;
+            let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+            eprintln!("Ultra set while stopped: reader now {truth:.1} ms from ours; measured {measured} ms");
+            assert_eq!(emu.clock_sets(), 1);
+            assert!(truth.abs() < 1000.0 && (measured as f64 - truth).abs() <= 1000.0, "{truth} {measured}");
+        }
+    }
+}
+
+/// A drifting reader clock is followed by the periodic checks, and becomes a problem once it
+/// drifts beyond the tolerance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifting_clock_is_followed_and_reported_when_it_drifts_too_far() {
+    let emu = Emulator::pty(Family::Ipico, Tz::UTC, 0);
+    // 5 % fast: 50 ms more every second (a real IPICO drifts up to 2 min a year: 4 ppm).
+    emu.set_drift_ppm(50_000.0);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &emu.port,
+        "reader.format = \"ipico\"\nreader.clock_check = \"1s\"\nreader.clock_tolerance = \"200ms\"",
+    );
+    gw.start().await;
+    let first = gw.wait_status("a first measurement", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    assert_eq!(first["reader"]["clock_off"], false, "{:#}", first["reader"]);
+    let s = gw.wait_status("the drift beyond 200 ms", |s| s["reader"]["clock_off"] == true).await;
+    let (measured, truth) = (offset_ms(&s), emu.offset_ms());
+    assert!(measured > 200, "{measured}");
+    assert!((measured as f64 - truth).abs() <= 100.0, "measured {measured}, now {truth} (50 ms/s since)");
+    assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
+}

@@ -75,6 +75,11 @@ enum ClockJob {
         send_mono: i64,
         target: DateTime<Utc>,
     },
+    /// Ultra: `?` sent, to learn whether it reads (then it is not set).
+    Asking {
+        sent: Option<Stamp>,
+        one_way: i64,
+    },
     Verifying {
         at_mono: i64,
     },
@@ -202,6 +207,14 @@ impl Talk {
         self.shared.clock(|c| c.clock_error = Some("not set: the host clock is not synchronised".into()));
     }
 
+    /// A set given up at this connect (said once; measuring goes on).
+    fn refuse(&mut self, why: &str, at: Stamp) {
+        warn!("reader clock NOT SET: {why}");
+        let why = why.to_string();
+        self.shared.clock(|c| c.clock_error = Some(why));
+        self.clock = ClockJob::Idle { next_mono: self.next_check(at.monotonic_us) };
+    }
+
     /// The connection is gone: an unfinished rewind is asked again at the next connect.
     pub fn disconnected(&mut self, now: Stamp) {
         if matches!(self.rewind, Rewind::Download { .. } | Rewind::Log { .. } | Rewind::Replay { .. }) {
@@ -220,6 +233,8 @@ impl Talk {
             ClockJob::Measuring { sent: Some(s), .. } => Some(s.monotonic_us + PROBE_TIMEOUT_US),
             ClockJob::Measuring { sent: None, .. } => Some(0),
             ClockJob::Setting { send_mono, .. } => Some(*send_mono),
+            ClockJob::Asking { sent: Some(s), .. } => Some(s.monotonic_us + PROBE_TIMEOUT_US),
+            ClockJob::Asking { sent: None, .. } => Some(0),
             ClockJob::Verifying { at_mono } => Some(*at_mono),
         };
         let rewind = match &self.rewind {
@@ -327,6 +342,16 @@ impl Talk {
                 self.clock = ClockJob::Verifying { at_mono: mono + settle + 200_000 };
             }
             ClockJob::Setting { .. } => {}
+            ClockJob::Asking { sent: None, .. } => {
+                if let ClockJob::Asking { sent, .. } = &mut self.clock {
+                    *sent = Some(now);
+                }
+                out.push(b"?".to_vec());
+            }
+            ClockJob::Asking { sent: Some(s), .. } if mono - s.monotonic_us >= PROBE_TIMEOUT_US => {
+                self.refuse("not set: the Ultra did not say whether it is reading", now);
+            }
+            ClockJob::Asking { .. } => {}
             ClockJob::Verifying { at_mono } if mono >= *at_mono => {
                 self.clock = ClockJob::Measuring { samples: Vec::new(), sent: None, failures: 0, then: Then::Report };
                 self.poll_clock(now, host_synced, out);
@@ -352,6 +377,19 @@ impl Talk {
                 true
             }
             Family::Ultra => {
+                if let ClockJob::Asking { sent: Some(_), one_way } = self.clock
+                    && let Some(state) = record.strip_prefix(b"S=")
+                {
+                    if state.first() == Some(&b'0') {
+                        self.schedule_set(one_way, at);
+                    } else {
+                        self.refuse(
+                            "not set: the Ultra is reading (its clock can be set only while it is stopped)",
+                            at,
+                        );
+                    }
+                    return true;
+                }
                 let Some(local) = std::str::from_utf8(record).ok().and_then(ultra::parse_clock) else { return false };
                 self.clock_reply(local, 1_000_000, at);
                 true
@@ -379,18 +417,25 @@ impl Talk {
         let one_way = rtts[rtts.len() / 2] / 2;
         let then = *then;
         self.report(best.offset_us, at);
-        if then == Then::Set {
-            // Aim for the next whole second far enough ahead to send in time: the reader takes
-            // the new second about 500 ms after the command arrives (reader-control.md §1).
-            let lead = ipico::SET_ROLLOVER_MS as i64 * 1000 + one_way;
-            let now_utc = at.utc_us;
-            let target_us = (now_utc + lead + 200_000).div_euclid(1_000_000) * 1_000_000 + 1_000_000;
-            let send_utc = if self.family == Family::Ipico { target_us - lead } else { target_us - one_way };
-            let target = DateTime::from_timestamp_micros(target_us).unwrap_or_else(Utc::now);
-            self.clock = ClockJob::Setting { send_mono: at.monotonic_us + (send_utc - now_utc), target };
+        if then == Then::Set && self.family == Family::Ultra {
+            // An Ultra's clock "cannot be fixed when the Ultra is in 'Read' mode": ask first.
+            self.clock = ClockJob::Asking { sent: None, one_way };
+        } else if then == Then::Set {
+            self.schedule_set(one_way, at);
         } else {
             self.clock = ClockJob::Idle { next_mono: self.next_check(at.monotonic_us) };
         }
+    }
+
+    fn schedule_set(&mut self, one_way: i64, at: Stamp) {
+        // Aim for the next whole second far enough ahead to send in time: an IPICO Lite takes
+        // the new second about 500 ms after the command arrives (reader-control.md §1); others
+        // are sent to arrive on the second.
+        let lead = if self.family == Family::Ipico { ipico::SET_ROLLOVER_MS as i64 * 1000 } else { 0 } + one_way;
+        let now_utc = at.utc_us;
+        let target_us = (now_utc + lead + 200_000).div_euclid(1_000_000) * 1_000_000 + 1_000_000;
+        let target = DateTime::from_timestamp_micros(target_us).unwrap_or_else(Utc::now);
+        self.clock = ClockJob::Setting { send_mono: at.monotonic_us + (target_us - lead - now_utc), target };
     }
 
     fn clock_sent_mut(&mut self) -> &mut Option<Stamp> {

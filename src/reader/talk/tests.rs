@@ -233,3 +233,18 @@ fn impinj_takes_the_largest_lead_over_a_window() {
     talk.admit(Some(T0 + (6000 - 40 + 2000) * 1000), b"", at(6000), false);
     assert_eq!(offset(&shared), Some(1995), "2 s less the shortest latency");
 }
+
+#[test]
+fn an_ultra_is_asked_whether_it_reads_before_a_set() {
+    for (answer, set) in [(&b"S=1,1,0"[..], false), (&b"S=0,1,0"[..], true)] {
+        let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Set, false), Recall::default());
+        talk.connected(at(0), true);
+        assert_eq!(talk.poll(at(0), true), vec![b"r".to_vec()]);
+        assert!(talk.reply(b"20:26:43 28-5-2026 (0)", at(20)));
+        assert_eq!(talk.poll(at(21), true), vec![b"?".to_vec()]);
+        assert!(talk.reply(answer, at(30)), "the status line is taken");
+        assert_eq!(matches!(talk.clock, ClockJob::Setting { .. }), set);
+        let error = shared.clock.lock().unwrap().clock_error.clone();
+        assert_eq!(error.is_some_and(|e| e.contains("the Ultra is reading")), !set);
+    }
+}

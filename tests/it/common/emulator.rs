@@ -67,6 +67,8 @@ struct State {
     clock_sets: usize,
     /// Elite: what the last `replay_start` asked for (reader-local seconds since 1980; 0 = all).
     replay_since: Option<u64>,
+    /// Ultra: in 'Read' mode (its clock cannot be set then).
+    reading: bool,
 }
 
 impl State {
@@ -198,11 +200,19 @@ impl State {
                     self.send(reply.as_bytes());
                     at += 1;
                 }
+                b'?' => {
+                    self.commands.push(b"?".to_vec());
+                    let status = format!("S={},1,0\n", self.reading as u8);
+                    self.send(status.as_bytes());
+                    at += 1;
+                }
                 b't' => {
                     let Some(end) = rest.iter().position(|&b| b == b'\n') else { break };
                     let text = String::from_utf8_lossy(&rest[1..end]).trim().to_string();
                     self.commands.push(rest[..=end].to_vec());
-                    if let Ok(local) = NaiveDateTime::parse_from_str(&text, "%H:%M:%S %d-%m-%Y") {
+                    if let Ok(local) = NaiveDateTime::parse_from_str(&text, "%H:%M:%S %d-%m-%Y")
+                        && !self.reading
+                    {
                         let utc = self.utc(local);
                         self.set_reader_time(utc);
                         self.clock_sets += 1;
@@ -281,6 +291,7 @@ impl Emulator {
             rewinds: Vec::new(),
             clock_sets: 0,
             replay_since: None,
+            reading: true,
         }))
     }
 
@@ -434,6 +445,11 @@ impl Emulator {
         state.offset_us = state.offset_now();
         state.drift_from = Instant::now();
         state.drift_ppm = ppm;
+    }
+
+    /// Ultra: start or stop reading (its clock is set only while stopped).
+    pub fn set_reading(&self, reading: bool) {
+        self.state.lock().unwrap().reading = reading;
     }
 
     pub fn clock_sets(&self) -> usize {
