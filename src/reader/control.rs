@@ -39,7 +39,12 @@ pub mod ipico {
     /// Set the clock to `local` (the reader keeps wall time with no zone), to the second:
     /// `YYMMDD DW HHMMSS` in BCD, day of week Monday = 1 as the spec says.
     pub fn set_clock(local: NaiveDateTime) -> String {
-        let data = [
+        frame(SET_CLOCK, &bcd_time(local))
+    }
+
+    /// `YYMMDD DW HHMMSS` in BCD.
+    fn bcd_time(local: NaiveDateTime) -> [u8; 7] {
+        [
             bcd(local.year() as u32 % 100),
             bcd(local.month()),
             bcd(local.day()),
@@ -47,8 +52,15 @@ pub mod ipico {
             bcd(local.hour()),
             bcd(local.minute()),
             bcd(local.second()),
-        ];
-        frame(SET_CLOCK, &data)
+        ]
+    }
+
+    /// The reader's answer to [`get_clock`] (for the emulator and the tests): the time to 10 ms
+    /// and the configuration byte.
+    pub fn clock_reply(local: NaiveDateTime, config: u8) -> String {
+        let mut data = bcd_time(local).to_vec();
+        data.extend([(local.nanosecond() / 10_000_000) as u8, config]);
+        frame(GET_CLOCK, &data)
     }
 
     /// The stored-read download (rewind): init, configure, start; then stop and clean up once
@@ -364,6 +376,9 @@ mod tests {
             parse("ab000902260306051949210027c4").unwrap(),
             Reply::Clock { local: at(2026, 3, 6, 19, 49, 21, 0), config: 0x27 }
         );
+        // And produced byte for byte, as the emulator answers.
+        assert_eq!(clock_reply(at(2026, 3, 6, 18, 55, 44, 550), 0x27), "ab000902260306051855443727cf\r\n");
+        assert_eq!(clock_reply(at(2026, 3, 6, 19, 49, 21, 0), 0x27), "ab000902260306051949210027c4\r\n");
         assert_eq!(parse("ab00000121\r\n").unwrap(), Reply::Ack { instruction: SET_CLOCK });
         assert_eq!(parse("ab00094c01555202a8555201f459").unwrap(), Reply::SyncDelay { ms: 500 });
         assert_eq!(parse("ab0000f157").unwrap(), Reply::Error { code: 0xf1 });

@@ -257,6 +257,12 @@ fn leds() -> (tempfile::TempDir, String) {
     (dir, extra)
 }
 
+/// The clock was set, and measured after that (the verification).
+fn set_and_measured(s: &Value) -> bool {
+    let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
+}
+
 fn offset_ms(s: &Value) -> i64 {
     s["reader"]["clock_offset_ms"].as_i64().unwrap()
 }
@@ -322,12 +328,7 @@ async fn set_brings_an_ipico_clock_within_fifty_ms() {
     );
     gw.start().await;
     gw.cli_ok(&["session", "start", "--alias", "SET"]);
-    let s = gw
-        .wait_status("the set verified", |s| {
-            let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
-            matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
-        })
-        .await;
+    let s = gw.wait_status("the set verified", set_and_measured).await;
     let (measured, truth) = (offset_ms(&s), emu.offset_ms());
     eprintln!("IPICO set: reader now {truth:.1} ms from ours; the verifying measurement says {measured} ms");
     assert_eq!(emu.clock_sets(), 1);
@@ -461,12 +462,7 @@ async fn set_brings_an_elite_clock_within_its_second() {
     );
     let mut gw = Gateway::new(&fake, &device, &emu.port, &extra);
     gw.start().await;
-    let s = gw
-        .wait_status("the set verified", |s| {
-            let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
-            matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
-        })
-        .await;
+    let s = gw.wait_status("the set verified", set_and_measured).await;
     let (measured, truth) = (offset_ms(&s), emu.offset_ms());
     eprintln!("Elite set: reader now {truth:.1} ms from ours; the verifying measurement says {measured} ms");
     assert_eq!(emu.clock_sets(), 1);
@@ -489,12 +485,7 @@ async fn an_ultra_is_set_only_while_it_is_not_reading() {
             assert!(!emu.commands().iter().any(|c| c.starts_with(b"t ")), "no set sent to a reading Ultra");
             assert!(s["problems"].to_string().contains("READER CLOCK FAST"), "{}", s["problems"]);
         } else {
-            let s = gw
-                .wait_status("the set verified", |s| {
-                    let at = |k: &str| s["reader"][k].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok());
-                    matches!((at("clock_set_at"), at("clock_measured_at")), (Some(set), Some(m)) if m > set)
-                })
-                .await;
+            let s = gw.wait_status("the set verified", set_and_measured).await;
             let (measured, truth) = (offset_ms(&s), emu.offset_ms());
             eprintln!("Ultra set while stopped: reader now {truth:.1} ms from ours; measured {measured} ms");
             assert_eq!(emu.clock_sets(), 1);

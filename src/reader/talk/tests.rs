@@ -23,21 +23,7 @@ fn utc(ms: i64) -> DateTime<Utc> {
 
 /// The IPICO clock reply for a reader whose clock reads `reader` (UTC reader zone).
 fn ipico_clock(reader: DateTime<Utc>) -> Vec<u8> {
-    use chrono::{Datelike, Timelike};
-    let l = reader.naive_utc();
-    let bcd = |n: u32| ((n / 10) << 4 | (n % 10)) as u8;
-    let data = [
-        bcd(l.year() as u32 % 100),
-        bcd(l.month()),
-        bcd(l.day()),
-        bcd(l.weekday().number_from_monday()),
-        bcd(l.hour()),
-        bcd(l.minute()),
-        bcd(l.second()),
-        (l.nanosecond() / 10_000_000) as u8,
-        0x27,
-    ];
-    ipico::frame(ipico::GET_CLOCK, &data).into_bytes()
+    ipico::clock_reply(reader.naive_utc(), 0x27).into_bytes()
 }
 
 fn new(cfg: &ReaderConfig, recall: Recall) -> (Talk, Arc<Shared>) {

@@ -93,6 +93,19 @@ impl State {
         self.tz.from_local_datetime(&local).earliest().expect("a local time that exists").with_timezone(&Utc)
     }
 
+    /// Keep a read in memory, as the reader sends it; its line.
+    fn keep(&mut self, chip: &str, at: DateTime<Utc>) -> Vec<u8> {
+        let r = TagRead { chip: chip.to_string(), at, antenna: 1, rssi: -60 };
+        let index = self.memory.len() as u64 + 1;
+        let line = match self.family {
+            Family::Ipico => readers::ipico(&r, self.tz),
+            Family::Ultra => readers::ultra(&r, self.tz, index),
+        };
+        let local_s = rufus_gateway::reader::control::ultra::seconds_since_1980(self.local(at));
+        self.memory.push(Stored { line: line.clone(), index, local_s });
+        line
+    }
+
     fn send(&mut self, bytes: &[u8]) {
         if let Some(conn) = &mut self.conn
             && conn.write(bytes).is_err()
@@ -131,22 +144,9 @@ impl State {
         }
         let (instruction, data) = (bytes[2], &bytes[3..bytes.len() - 1]);
         let bcd = |b: u8| u32::from(b >> 4) * 10 + u32::from(b & 0x0f);
-        let to_bcd = |n: u32| ((n / 10) << 4 | (n % 10)) as u8;
         match (instruction, data) {
             (ipico::GET_CLOCK, []) => {
-                let now = self.local(self.reader_now());
-                let reply = [
-                    to_bcd(now.year() as u32 % 100),
-                    to_bcd(now.month()),
-                    to_bcd(now.day()),
-                    to_bcd(now.weekday().number_from_monday()),
-                    to_bcd(now.hour()),
-                    to_bcd(now.minute()),
-                    to_bcd(now.second()),
-                    (now.nanosecond() / 10_000_000) as u8,
-                    0x27,
-                ];
-                let frame = ipico::frame(ipico::GET_CLOCK, &reply);
+                let frame = ipico::clock_reply(self.local(self.reader_now()), 0x27);
                 self.send(frame.as_bytes());
             }
             (ipico::SET_CLOCK, [yy, mm, dd, _dw, h, m, s]) => {
@@ -390,15 +390,7 @@ impl Emulator {
     pub fn read(&self, chip: &str) {
         let mut state = self.state.lock().unwrap();
         let at = state.reader_now();
-        let r = TagRead { chip: chip.to_string(), at, antenna: 1, rssi: -60 };
-        let index = state.memory.len() as u64 + 1;
-        let line = match state.family {
-            Family::Ipico => readers::ipico(&r, state.tz),
-            Family::Ultra => readers::ultra(&r, state.tz, index),
-        };
-        let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).unwrap().and_hms_opt(0, 0, 0).unwrap();
-        let local_s = (state.local(at) - epoch).num_seconds() as u64;
-        state.memory.push(Stored { line: line.clone(), index, local_s });
+        let line = state.keep(chip, at);
         if state.plugged {
             state.send(&line);
         }
@@ -406,16 +398,7 @@ impl Emulator {
 
     /// Keep a read made at `at` (reader time) in memory only, as if read before we came.
     pub fn remember(&self, chip: &str, at: DateTime<Utc>) {
-        let mut state = self.state.lock().unwrap();
-        let r = TagRead { chip: chip.to_string(), at, antenna: 1, rssi: -60 };
-        let index = state.memory.len() as u64 + 1;
-        let line = match state.family {
-            Family::Ipico => readers::ipico(&r, state.tz),
-            Family::Ultra => readers::ultra(&r, state.tz, index),
-        };
-        let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).unwrap().and_hms_opt(0, 0, 0).unwrap();
-        let local_s = (state.local(at) - epoch).num_seconds() as u64;
-        state.memory.push(Stored { line, index, local_s });
+        self.state.lock().unwrap().keep(chip, at);
     }
 
     /// Pull the cable: the connection drops, and none is taken until [`Emulator::plug`].
