@@ -191,7 +191,11 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     // The LED and beeper: optional, on a thread of their own; a device that cannot be driven is
     // reported, never a stop.
     let source = status.clone();
-    let signal = match Signal::start(&cfg.signal, move || source.snapshot().ok(), status.signal.clone()) {
+    let signal = match Signal::start(
+        &cfg.signal,
+        move || source.snapshot().ok().map(|s| s.health(chrono::Utc::now())),
+        status.signal.clone(),
+    ) {
         Ok(signal) => signal,
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot start the LED and beeper; carrying on without them");

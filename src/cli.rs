@@ -172,7 +172,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Watch { json } => {
             let cfg = Config::load(&path, Purpose::Local)?;
-            crate::watch::follow(&cfg.control.socket, json)
+            crate::control::watch(&cfg.control.socket, json)
         }
         Command::Device { action: DeviceAction::Bind { model, serial_number, alias } } => {
             let cfg = Config::load(&path, Purpose::DeviceBind)?;

@@ -260,6 +260,48 @@ async fn session_value(status: &StatusSource, id: i64) -> anyhow::Result<Value> 
     Ok(serde_json::to_value(row)?)
 }
 
+/// `rufus-gateway watch`: ask the daemon to be watched and print what comes until it stops
+/// (the daemon side is [`crate::watch::serve`]).
+pub fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let not_running = |e: std::io::Error| NotRunning { socket: socket.display().to_string(), reason: e.to_string() };
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(not_running)?;
+    let mut request = serde_json::to_string(&Request::Watch)?;
+    request.push('\n');
+    stream.write_all(request.as_bytes()).map_err(not_running)?;
+    let mut lines = BufReader::new(stream);
+    let mut first = String::new();
+    lines.read_line(&mut first).map_err(not_running)?;
+    let response: Response = serde_json::from_str(&first)
+        .map_err(|_| NotRunning { socket: socket.display().to_string(), reason: "no answer".into() })?;
+    if !response.ok {
+        anyhow::bail!(response.error.unwrap_or_else(|| "the daemon refused to be watched".into()));
+    }
+    if !json {
+        eprintln!("watching the reads (Ctrl-C to stop); a summary every {} s", crate::watch::SUMMARY_EVERY.as_secs());
+    }
+    let stdout = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).map_err(not_running)? == 0 {
+            return Err(NotRunning { socket: socket.display().to_string(), reason: "the daemon stopped".into() }.into());
+        }
+        let mut out = stdout.lock();
+        let written = if json {
+            out.write_all(line.as_bytes())
+        } else {
+            match serde_json::from_str::<crate::watch::Line>(&line) {
+                Ok(parsed) => writeln!(out, "{}", crate::watch::human(&parsed)),
+                Err(_) => continue,
+            }
+        };
+        // A closed pipe (`watch | head`) ends the watch quietly.
+        if written.and_then(|_| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+}
+
 /// CLI side: send one request, wait for the answer.
 pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Value> {
     let not_running = |e: std::io::Error| NotRunning { socket: socket.display().to_string(), reason: e.to_string() };

@@ -25,8 +25,6 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::{BeepOn, SignalConfig};
-use crate::status::Status;
-use crate::uplink::UplinkState;
 
 /// Half a period of the fast blink (4 Hz).
 const FAST: Duration = Duration::from_millis(125);
@@ -80,29 +78,12 @@ impl Pattern {
     }
 }
 
-/// The pattern the state calls for, worst first.
-pub fn pattern_for(s: &Status, now: chrono::DateTime<chrono::Utc>) -> Pattern {
-    if !s.reader.connected || s.storage.error.is_some() {
-        return Pattern::Fast;
-    }
-    let waiting_too_long = s
-        .queue
-        .oldest_pending_at
-        .as_deref()
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .is_some_and(|t| (now - t.with_timezone(&chrono::Utc)).to_std().is_ok_and(|age| age > PENDING_TOO_LONG));
-    let session_open = s.session.as_ref().is_some_and(|x| x.state == crate::store::query::SessionState::Open);
-    if waiting_too_long
-        || s.uplink.state == UplinkState::AuthFailed
-        || !s.clock.synchronized
-        || s.reader.clock.clock_off
-        || s.reader.antennas.iter().any(|a| a.silent)
-        || s.backup.as_ref().is_some_and(|b| b.error.is_some())
-        || !session_open
-    {
-        return Pattern::Slow;
-    }
-    Pattern::Steady
+/// What the LED and the beeper are to show of the state (see `Status::health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub pattern: Pattern,
+    /// The reader is disconnected while a race session is open (the beeper's alarm).
+    pub reader_lost_in_race: bool,
 }
 
 /// `status.signal`: what the LED shows and whether the devices can be driven.
@@ -196,7 +177,7 @@ impl Signal {
     /// `health` is called once a second (a status snapshot; it may block on SQLite).
     pub fn start(
         cfg: &SignalConfig,
-        health: impl Fn() -> Option<Status> + Send + 'static,
+        health: impl Fn() -> Option<Health> + Send + 'static,
         shown: Arc<Mutex<SignalStatus>>,
     ) -> anyhow::Result<Option<Signal>> {
         if cfg.led.is_empty() && cfg.beeper.is_empty() {
@@ -222,7 +203,7 @@ impl Signal {
     }
 }
 
-fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Status>, shown: &Mutex<SignalStatus>) {
+fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Health>, shown: &Mutex<SignalStatus>) {
     let update = |f: &dyn Fn(&mut SignalStatus)| {
         if let Ok(mut s) = shown.lock() {
             f(&mut s);
@@ -266,15 +247,12 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Stat
         let now = Instant::now();
         if now >= next_health {
             next_health = now + HEALTH_EVERY;
-            if let Some(s) = health() {
-                let wanted = pattern_for(&s, chrono::Utc::now());
-                if wanted != pattern {
-                    pattern = wanted;
+            if let Some(h) = health() {
+                if h.pattern != pattern {
+                    pattern = h.pattern;
                     epoch = now;
                 }
-                let race_open =
-                    s.session.as_ref().is_some_and(|x| x.state == crate::store::query::SessionState::Open && !x.test);
-                let lost = !s.reader.connected && race_open;
+                let lost = h.reader_lost_in_race;
                 if lost && !lost_in_race {
                     alarm = Some(now);
                 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockWatch;
 use crate::reader::{ReaderStats, ReaderStatus};
+use crate::signal::{Health, PENDING_TOO_LONG, Pattern};
 use crate::store::StoreStats;
 use crate::store::query::{Db, QueueCounts, RemoteState, SessionRow, SessionState};
 use crate::uplink::{UplinkState, UplinkStatus};
@@ -257,6 +258,38 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
 }
 
 impl Status {
+    /// What the LED shows (the pattern the state calls for, worst first) and whether the
+    /// beeper's reader-lost alarm is due.
+    pub fn health(&self, now: chrono::DateTime<chrono::Utc>) -> Health {
+        let race_open = self.session.as_ref().is_some_and(|x| x.state == SessionState::Open && !x.test);
+        Health { pattern: self.led_pattern(now), reader_lost_in_race: !self.reader.connected && race_open }
+    }
+
+    fn led_pattern(&self, now: chrono::DateTime<chrono::Utc>) -> Pattern {
+        let s = self;
+        if !s.reader.connected || s.storage.error.is_some() {
+            return Pattern::Fast;
+        }
+        let waiting_too_long = s
+            .queue
+            .oldest_pending_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| (now - t.with_timezone(&chrono::Utc)).to_std().is_ok_and(|age| age > PENDING_TOO_LONG));
+        let session_open = s.session.as_ref().is_some_and(|x| x.state == SessionState::Open);
+        if waiting_too_long
+            || s.uplink.state == UplinkState::AuthFailed
+            || !s.clock.synchronized
+            || s.reader.clock.clock_off
+            || s.reader.antennas.iter().any(|a| a.silent)
+            || s.backup.as_ref().is_some_and(|b| b.error.is_some())
+            || !session_open
+        {
+            return Pattern::Slow;
+        }
+        Pattern::Steady
+    }
+
     /// A few aligned lines a person can read at a glance, the problem first.
     pub fn human(&self) -> String {
         let mut out = String::new();

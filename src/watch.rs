@@ -3,12 +3,10 @@
 //! The daemon side subscribes to the store's read events (made only while someone watches) and
 //! writes one JSON object per line: each read, and every [`SUMMARY_EVERY`] a summary. A watcher
 //! that reads too slowly never slows the pipeline: it misses reads (and is told how many), and one
-//! that takes nothing for [`STALL_MAX`] is dropped. The CLI side prints the lines, as they are
-//! with `--json`, or for a person.
+//! that takes nothing for [`STALL_MAX`] is dropped. The CLI side (`control::watch`) prints
+//! the lines, as they are with `--json`, or for a person ([`human`]).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +15,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::control::{NotRunning, Request, Response};
 use crate::store::ReadEvent;
 
 /// How often a summary line is written.
@@ -174,47 +171,6 @@ pub async fn serve(
         match tokio::time::timeout(STALL_MAX, write.write_all(&out)).await {
             Ok(result) => result?,
             Err(_) => anyhow::bail!("the watcher took nothing for {STALL_MAX:?}"),
-        }
-    }
-}
-
-/// CLI side: ask the daemon to be watched and print what comes until it stops.
-pub fn follow(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let not_running = |e: std::io::Error| NotRunning { socket: socket.display().to_string(), reason: e.to_string() };
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(not_running)?;
-    let mut request = serde_json::to_string(&Request::Watch)?;
-    request.push('\n');
-    stream.write_all(request.as_bytes()).map_err(not_running)?;
-    let mut lines = BufReader::new(stream);
-    let mut first = String::new();
-    lines.read_line(&mut first).map_err(not_running)?;
-    let response: Response = serde_json::from_str(&first)
-        .map_err(|_| NotRunning { socket: socket.display().to_string(), reason: "no answer".into() })?;
-    if !response.ok {
-        anyhow::bail!(response.error.unwrap_or_else(|| "the daemon refused to be watched".into()));
-    }
-    if !json {
-        eprintln!("watching the reads (Ctrl-C to stop); a summary every {} s", SUMMARY_EVERY.as_secs());
-    }
-    let stdout = std::io::stdout();
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if lines.read_line(&mut line).map_err(not_running)? == 0 {
-            return Err(NotRunning { socket: socket.display().to_string(), reason: "the daemon stopped".into() }.into());
-        }
-        let mut out = stdout.lock();
-        let written = if json {
-            out.write_all(line.as_bytes())
-        } else {
-            match serde_json::from_str::<Line>(&line) {
-                Ok(parsed) => writeln!(out, "{}", human(&parsed)),
-                Err(_) => continue,
-            }
-        };
-        // A closed pipe (`watch | head`) ends the watch quietly.
-        if written.and_then(|_| out.flush()).is_err() {
-            return Ok(());
         }
     }
 }

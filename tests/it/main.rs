@@ -16,6 +16,7 @@ mod field;
 mod formats;
 mod fuzz;
 mod hostile;
+mod layout;
 mod operations;
 mod pipeline;
 mod screenless;
