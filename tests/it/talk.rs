@@ -144,6 +144,37 @@ async fn nothing_is_lost_across_a_pulled_cable() {
     zero_loss_across(Away::CablePull).await;
 }
 
+/// The race's last reads, made while the gateway was down, and nothing read after its return:
+/// no live read tells the gap, so it is asked by time (since the newest read stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_reads_are_recovered_when_nothing_follows_them() {
+    let emu = Emulator::tcp(Family::Ultra, Tz::UTC, 0);
+    let (fake, device) = fake().await;
+    let mut gw = Gateway::new(&fake, &device, &emu.port, REWIND_ULTRA);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "LAST"]);
+    wait_connected(&emu, &gw).await;
+    for i in 0..20 {
+        emu.read(&ultra_chip(i));
+    }
+    wait_fake(&fake, &gw, "the first 20 passings", |s| s.total_passings() >= 20).await;
+    gw.kill9();
+    // Spread over more than a second: a rewind by time works in the reader's whole seconds.
+    for i in 20..70 {
+        emu.read(&ultra_chip(i));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    gw.start().await;
+    wait_fake(&fake, &gw, "all 70 passings", |s| s.total_passings() >= 70).await;
+    let s = gw.wait_status("the rewind done", |s| s["reader"]["rewind"]["state"] == "done").await;
+    let got = received(&fake);
+    assert!((0..70).all(|i| got.get(&ultra_chip(i)).map(Vec::len) == Some(1)), "each read reached RUFUS once");
+    assert_eq!(fake.state().total_passings(), 70);
+    assert_eq!(s["reader"]["rewind"]["reads"], 50, "{:#}", s["reader"]["rewind"]);
+    assert_eq!(emu.rewinds().len(), 1, "{:?}", emu.rewinds());
+    assert_eq!(emu.rewinds()[0].1, b'8', "by time: {:?}", emu.rewinds());
+}
+
 /// Both forms of the Ultra's rewind command reach the reader as configured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ultra_rewind_form_is_a_setting() {

@@ -33,6 +33,10 @@ const STEP_TIMEOUT_US: i64 = 3_000_000;
 /// A rewind that brings nothing new for this long is over (the Ultra has no end signal; an IPICO
 /// download that stops progressing has failed).
 const REWIND_IDLE_US: i64 = 30_000_000;
+/// Ultra: with no live read this long after a reconnect, what was missed is asked by time (no
+/// live read, no index to tell the gap), and such a replay is over when quiet this long.
+const ULTRA_QUIET_US: i64 = 5_000_000;
+const TIME_REPLAY_IDLE_US: i64 = 10_000_000;
 /// Impinj: reads per measurement window, and the shortest first window.
 const IMPINJ_SAMPLES: usize = 5;
 const IMPINJ_FIRST_WINDOW_US: i64 = 5_000_000;
@@ -102,6 +106,11 @@ enum Rewind {
     Replay {
         since: i64,
     },
+    /// Ultra by time, since the newest read we have (when no live read tells the gap).
+    Time {
+        since: i64,
+        last_mono: i64,
+    },
     /// Ultra by log index.
     Log {
         from: u64,
@@ -136,6 +145,9 @@ pub struct Talk {
     /// For an Elite's control and replay ports.
     elite_out: Vec<super::elite::Request>,
     replay_port: u16,
+    /// Ultra: a live read came since the connect, or a rewind by time was asked.
+    live_seen: bool,
+    time_asked: bool,
 }
 
 impl Talk {
@@ -174,12 +186,16 @@ impl Talk {
             pending: Vec::new(),
             elite_out: Vec::new(),
             replay_port: cfg.elite_replay_port,
+            live_seen: false,
+            time_asked: false,
         }
     }
 
     /// A fresh connection: measure (and set) the clock now, rewind what we missed.
     pub fn connected(&mut self, now: Stamp, host_synced: bool) {
         self.connected_at = Some(now);
+        self.live_seen = false;
+        self.time_asked = false;
         self.gaps.clear();
         self.pending.clear();
         self.window = (None, 0, now.monotonic_us);
@@ -217,7 +233,10 @@ impl Talk {
 
     /// The connection is gone: an unfinished rewind is asked again at the next connect.
     pub fn disconnected(&mut self, now: Stamp) {
-        if matches!(self.rewind, Rewind::Download { .. } | Rewind::Log { .. } | Rewind::Replay { .. }) {
+        if matches!(
+            self.rewind,
+            Rewind::Download { .. } | Rewind::Log { .. } | Rewind::Replay { .. } | Rewind::Time { .. }
+        ) {
             self.finish(now, Some("the connection was lost before the rewind ended".into()));
         }
         self.connected_at = None;
@@ -242,7 +261,9 @@ impl Talk {
                 Some(if *step < 3 { sent_mono + STEP_TIMEOUT_US } else { moved_mono + REWIND_IDLE_US })
             }
             Rewind::Log { last_mono, .. } => Some(last_mono + REWIND_IDLE_US),
+            Rewind::Time { last_mono, .. } => Some(last_mono + TIME_REPLAY_IDLE_US),
             Rewind::Idle if !self.gaps.is_empty() => Some(0),
+            Rewind::Idle if self.quiet_since_connect() => self.connected_at.map(|c| c.monotonic_us + ULTRA_QUIET_US),
             _ => None,
         };
         match (clock, rewind) {
@@ -514,6 +535,15 @@ impl Talk {
                     return true;
                 };
                 if replayed {
+                    if let Rewind::Time { since, last_mono } = &mut self.rewind {
+                        *last_mono = at.monotonic_us;
+                        if reader_time_us.is_some_and(|t| t > *since) {
+                            self.count_replayed();
+                        }
+                        // What it brings is not a gap for the next live read to ask again.
+                        self.recall.ultra_index = self.recall.ultra_index.max(Some(index));
+                        return true;
+                    }
                     if let Rewind::Log { from, to, last_mono, got } = &mut self.rewind
                         && (*from..=*to).contains(&index)
                     {
@@ -527,6 +557,7 @@ impl Talk {
                     }
                     return true;
                 }
+                self.live_seen = true;
                 match self.recall.ultra_index {
                     Some(last) if index > last + 1 && self.want_rewind => self.gaps.push((last + 1, index - 1)),
                     Some(last) if index + 1 < last => {
@@ -553,6 +584,16 @@ impl Talk {
             }
             Family::Mute => true,
         }
+    }
+
+    /// Ultra: connected, rewinding wanted, and no live read (nor a rewind by time) yet.
+    fn quiet_since_connect(&self) -> bool {
+        self.family == Family::Ultra
+            && self.want_rewind
+            && !self.live_seen
+            && !self.time_asked
+            && self.connected_at.is_some()
+            && self.recall.reader_time_us.is_some()
     }
 
     /// Impinj: `firstSeenTimestamp` minus arrival is the offset less the latency, so the largest

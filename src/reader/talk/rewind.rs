@@ -16,6 +16,8 @@ impl Talk {
         let mono = now.monotonic_us;
         // The IPICO download waits for the clock work of a connect, which shares the line.
         let clock_busy = !matches!(self.clock, ClockJob::Idle { .. });
+        let quiet_too_long =
+            self.quiet_since_connect() && self.connected_at.is_some_and(|c| mono - c.monotonic_us >= ULTRA_QUIET_US);
         match &mut self.rewind {
             Rewind::Idle if self.family == Family::Ipico && !clock_busy && self.connected_at.is_some() => {
                 let Some(since) = self.recall.reader_time_us else {
@@ -48,6 +50,25 @@ impl Talk {
                 self.start(now, format!("log {from}..{to}"));
                 out.push(ultra::rewind_by_index(self.form, from, to));
                 self.rewind = Rewind::Log { from, to, last_mono: mono, got: 0 };
+            }
+            Rewind::Idle if quiet_too_long => {
+                // Nothing live says where the gap ends: ask by time, from the newest read we
+                // have to a minute past the reader's now (its local time, seconds since 1980).
+                let since = self.recall.reader_time_us.unwrap_or(now.utc_us);
+                let tz = self.tz;
+                let local = |us: i64| {
+                    DateTime::from_timestamp_micros(us).unwrap_or_else(Utc::now).with_timezone(&tz).naive_local()
+                };
+                let end = now.utc_us + self.offset_us() + 60_000_000;
+                let command = ultra::rewind_by_time(self.form, local(since), local(end));
+                self.time_asked = true;
+                self.start(now, format!("reads since {}", crate::clock::rfc3339(since)));
+                out.push(command);
+                self.rewind = Rewind::Time { since, last_mono: mono };
+            }
+            Rewind::Time { last_mono, .. } if mono - *last_mono >= TIME_REPLAY_IDLE_US => {
+                // No end signal, no index to wait for: over when quiet.
+                self.finish(now, None);
             }
             Rewind::Download { step, sent_mono, .. } if *step < 3 && mono - *sent_mono >= STEP_TIMEOUT_US => {
                 *sent_mono = mono;

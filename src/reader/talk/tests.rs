@@ -234,3 +234,27 @@ fn an_ultra_is_asked_whether_it_reads_before_a_set() {
         assert_eq!(error.is_some_and(|e| e.contains("the Ultra is reading")), !set);
     }
 }
+
+#[test]
+fn a_quiet_ultra_is_asked_by_time_since_the_newest_read() {
+    let since = T0 - 60_000_000;
+    let recall = Recall { reader_time_us: Some(since), ultra_index: Some(100) };
+    let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
+    talk.connected(at(0), true);
+    assert_eq!(talk.next_due(), Some(at(5000).monotonic_us), "a live read may yet tell the gap");
+    assert!(talk.poll(at(4999), true).is_empty());
+    let from = ultra::seconds_since_1980(utc(-60_000).naive_utc());
+    let to = ultra::seconds_since_1980(utc(5000 + 60_000).naive_utc());
+    assert_eq!(talk.poll(at(5000), true), vec![format!("800{from}\r{to}\n").into_bytes()]);
+    // The newest read we have comes again (a repeat, not counted), then two we missed.
+    talk.admit(Some(since), &ultra_line(100, true), at(5100), false);
+    talk.admit(Some(since + 1000), &ultra_line(101, true), at(5200), false);
+    talk.admit(Some(since + 2000), &ultra_line(102, true), at(5300), false);
+    assert!(talk.poll(at(5300 + 9_999), true).is_empty());
+    talk.poll(at(5300 + 10_000), true);
+    let r = shared.rewind.lock().unwrap().clone();
+    assert_eq!((r.state, r.reads), (RewindState::Done, 2), "{r:?}");
+    // The next live read follows what the replay brought: no gap to ask again.
+    talk.admit(None, &ultra_line(103, false), at(20_000), false);
+    assert!(talk.poll(at(20_001), true).is_empty());
+}
