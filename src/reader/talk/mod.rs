@@ -530,50 +530,7 @@ impl Talk {
                 self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
                 true
             }
-            Family::Ultra => {
-                let Some((replayed, index)) = std::str::from_utf8(raw).ok().and_then(ultra::replay_marks) else {
-                    return true;
-                };
-                if replayed {
-                    if let Rewind::Time { since, last_mono } = &mut self.rewind {
-                        *last_mono = at.monotonic_us;
-                        if reader_time_us.is_some_and(|t| t > *since) {
-                            self.count_replayed();
-                        }
-                        // What it brings is not a gap for the next live read to ask again.
-                        self.recall.ultra_index = self.recall.ultra_index.max(Some(index));
-                        return true;
-                    }
-                    if let Rewind::Log { from, to, last_mono, got } = &mut self.rewind
-                        && (*from..=*to).contains(&index)
-                    {
-                        *last_mono = at.monotonic_us;
-                        *got += 1;
-                        let done = index >= *to;
-                        self.count_replayed();
-                        if done {
-                            self.finish(at, None);
-                        }
-                    }
-                    return true;
-                }
-                self.live_seen = true;
-                match self.recall.ultra_index {
-                    Some(last) if index > last + 1 && self.want_rewind => self.gaps.push((last + 1, index - 1)),
-                    Some(last) if index + 1 < last => {
-                        warn!(
-                            index,
-                            last,
-                            "the reader's log starts again (it was cleared or replaced): nothing before this is rewound"
-                        )
-                    }
-                    _ => {}
-                }
-                if self.recall.ultra_index.is_none_or(|last| index > last || index + 1 < last) {
-                    self.recall.ultra_index = Some(index);
-                }
-                true
-            }
+            Family::Ultra => self.admit_ultra(reader_time_us, raw, at),
             Family::Impinj => {
                 if self.mode != ClockMode::Ignore
                     && let Some(t) = reader_time_us
@@ -584,16 +541,6 @@ impl Talk {
             }
             Family::Mute => true,
         }
-    }
-
-    /// Ultra: connected, rewinding wanted, and no live read (nor a rewind by time) yet.
-    fn quiet_since_connect(&self) -> bool {
-        self.family == Family::Ultra
-            && self.want_rewind
-            && !self.live_seen
-            && !self.time_asked
-            && self.connected_at.is_some()
-            && self.recall.reader_time_us.is_some()
     }
 
     /// Impinj: `firstSeenTimestamp` minus arrival is the offset less the latency, so the largest
