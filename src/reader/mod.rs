@@ -439,11 +439,13 @@ impl<'a> ReadSession<'a> {
     /// Hand one parsed read to the store. Returns false when the store has gone away.
     fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
         let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
-        if !self.talk.admit(reader_time_us, &bytes, stamp, self.replaying) {
-            return true;
-        }
-        let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us) {
-            (TimestampSource::Reader, Some(t)) => (t, false),
+        let admit = self.talk.admit(reader_time_us, &bytes, stamp, self.replaying);
+        let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us, admit) {
+            (_, _, talk::Admit::Drop) => return true,
+            (TimestampSource::Reader, Some(t), _) => (t, false),
+            // Made while we were away: its arrival says nothing of when. The reader's own time,
+            // less its clock's measured offset from ours, does.
+            (TimestampSource::Host, Some(t), talk::Admit::Replayed) => (t - self.talk.offset_us(), false),
             _ => (stamp.utc_us, true),
         };
         let read = Read {

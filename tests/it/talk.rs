@@ -233,6 +233,41 @@ async fn a_rewind_of_four_thousand_reads() {
     );
 }
 
+/// With host timestamps, a read made while the gateway was away gets the time it was made, not
+/// the time it was replayed: the reader's time less its clock's measured offset (here 3.2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_reads_keep_the_time_they_were_made() {
+    let emu = Emulator::tcp(Family::Ipico, Tz::UTC, 3200);
+    let (fake, device) = fake().await;
+    let extra = "reader.format = \"ipico\"\nreader.rewind = true\npassings.dedup_window = \"0s\"";
+    let mut gw = Gateway::new(&fake, &device, &emu.port, extra);
+    gw.start().await;
+    gw.cli_ok(&["session", "start", "--alias", "HOST"]);
+    wait_connected(&emu, &gw).await;
+    gw.wait_status("the clock measured", |s| s["reader"]["clock_offset_ms"].is_i64()).await;
+    emu.read(&ipico_chip(0));
+    wait_fake(&fake, &gw, "the first passing", |s| s.total_passings() >= 1).await;
+    gw.kill9();
+    let mut made = Vec::new();
+    for i in 1..21 {
+        made.push((ipico_chip(i), Utc::now()));
+        emu.read(&ipico_chip(i));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.start().await;
+    gw.wait_status("the download done", |s| s["reader"]["rewind"]["state"] == "done").await;
+    wait_fake(&fake, &gw, "21 passings", |s| s.total_passings() >= 21).await;
+    let state = fake.state();
+    let times: BTreeMap<String, DateTime<Utc>> = state.sessions[0]
+        .passings
+        .values()
+        .map(|p| (p.bib.clone(), p.timestamp.parse::<DateTime<Utc>>().unwrap()))
+        .collect();
+    let errors: Vec<i64> = made.iter().map(|(chip, at)| (times[chip] - *at).num_milliseconds()).collect();
+    eprintln!("host timestamps, replayed reads: passing time minus the time the read was made, ms: {errors:?}");
+    assert!(errors.iter().all(|e| e.abs() <= 50), "within 50 ms of when they were made: {errors:?}");
+}
+
 /// IPICO Lite: the download replays the whole memory; what is older than the last read we have
 /// (yesterday's race) is left out, what we have is a repeat, what we missed is taken in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,17 @@ enum Rewind {
     },
 }
 
+/// What [`Talk::admit`] makes of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Not ours to take: an old stored read replayed by an IPICO download.
+    Drop,
+    Live,
+    /// Made while we were not listening, and replayed now: its time of arrival says nothing of
+    /// when it was made.
+    Replayed,
+}
+
 pub struct Talk {
     family: Family,
     mode: ClockMode,
@@ -495,40 +506,44 @@ impl Talk {
     /// Whether a parsed read is taken in (false: an old stored read replayed by an IPICO
     /// download, from before what we have). Notes what a rewind needs.
     /// `replayed`: it came from an Elite's replay port.
-    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp, replayed: bool) -> bool {
+    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp, replayed: bool) -> Admit {
         match self.family {
             Family::Elite => {
                 if replayed {
-                    let Rewind::Replay { since } = self.rewind else { return false };
+                    let Rewind::Replay { since } = self.rewind else { return Admit::Drop };
                     // The reader replays from the start of a whole second: what is older than
                     // the newest read we have is not ours to take, what is at it may be a repeat.
                     match reader_time_us {
-                        Some(t) if t < since => return false,
+                        Some(t) if t < since => return Admit::Drop,
                         Some(t) if t > since => self.count_replayed(),
                         _ => {}
                     }
                 }
                 self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
-                true
+                if replayed { Admit::Replayed } else { Admit::Live }
             }
             Family::Ipico => {
+                let mut admit = Admit::Live;
                 if let Rewind::Download { since, moved_mono, .. } = &mut self.rewind {
                     if reader_time_us.is_some_and(|t| t < *since) {
-                        return false;
+                        return Admit::Drop;
                     }
                     *moved_mono = at.monotonic_us;
-                    // Reads stamped after the last one we have and before we connected were
-                    // stored while we were away. (Those at the very instant of the last one are
-                    // taken in too, as repeats or not, but not counted: they may be repeats.)
+                    // Reads stamped before we connected were stored while we were away. Those
+                    // at the very instant of the newest one we have are taken in too, as
+                    // repeats or not, but not counted: they may be repeats.
                     let since = *since;
                     let before = self.connected_at.map(|c| c.utc_us).unwrap_or(at.utc_us);
                     let offset = self.offset_us();
-                    if reader_time_us.is_some_and(|t| t > since && t - offset < before) {
-                        self.count_replayed();
+                    if reader_time_us.is_some_and(|t| t - offset < before) {
+                        admit = Admit::Replayed;
+                        if reader_time_us.is_some_and(|t| t > since) {
+                            self.count_replayed();
+                        }
                     }
                 }
                 self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
-                true
+                admit
             }
             Family::Ultra => self.admit_ultra(reader_time_us, raw, at),
             Family::Impinj => {
@@ -537,9 +552,9 @@ impl Talk {
                 {
                     self.impinj_sample(t - at.utc_us, at);
                 }
-                true
+                Admit::Live
             }
-            Family::Mute => true,
+            Family::Mute => Admit::Live,
         }
     }
 
@@ -558,7 +573,8 @@ impl Talk {
         }
     }
 
-    fn offset_us(&self) -> i64 {
+    /// The reader clock's last measured offset from ours, µs (0 while never measured).
+    pub fn offset_us(&self) -> i64 {
         self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0) * 1000
     }
 }

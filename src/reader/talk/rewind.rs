@@ -172,9 +172,9 @@ impl Talk {
     }
 
     /// An Ultra's read: a replayed one counts for its rewind; a live one may reveal a gap.
-    pub(super) fn admit_ultra(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp) -> bool {
+    pub(super) fn admit_ultra(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp) -> Admit {
         let Some((replayed, index)) = std::str::from_utf8(raw).ok().and_then(ultra::replay_marks) else {
-            return true;
+            return Admit::Live;
         };
         if replayed {
             if let Rewind::Time { since, last_mono } = &mut self.rewind {
@@ -184,7 +184,7 @@ impl Talk {
                 }
                 // What it brings is not a gap for the next live read to ask again.
                 self.recall.ultra_index = self.recall.ultra_index.max(Some(index));
-                return true;
+                return Admit::Replayed;
             }
             if let Rewind::Log { from, to, last_mono, got } = &mut self.rewind
                 && (*from..=*to).contains(&index)
@@ -197,7 +197,7 @@ impl Talk {
                     self.finish(at, None);
                 }
             }
-            return true;
+            return Admit::Replayed;
         }
         self.live_seen = true;
         match self.recall.ultra_index {
@@ -213,6 +213,6 @@ impl Talk {
         if self.recall.ultra_index.is_none_or(|last| index > last || index + 1 < last) {
             self.recall.ultra_index = Some(index);
         }
-        true
+        Admit::Live
     }
 }

@@ -128,10 +128,10 @@ fn an_ultra_gap_is_rewound_by_index_and_ends_at_its_last_read() {
     let (mut talk, shared) = new(&c, recall);
     talk.connected(at(0), true);
     assert!(talk.poll(at(0), true).is_empty(), "nothing known to be missing yet");
-    assert!(talk.admit(None, &ultra_line(601, false), at(1), false));
+    assert_eq!(talk.admit(None, &ultra_line(601, false), at(1), false), Admit::Live);
     assert_eq!(talk.poll(at(2), true), vec![b"600101\r600\n".to_vec()]);
     for i in 101..=600 {
-        assert!(talk.admit(None, &ultra_line(i, true), at(3), false));
+        assert_eq!(talk.admit(None, &ultra_line(i, true), at(3), false), Admit::Replayed);
     }
     let r = shared.rewind.lock().unwrap().clone();
     assert_eq!((r.state, r.reads, r.rewinds_total), (RewindState::Done, 500, 1), "{r:?}");
@@ -183,9 +183,14 @@ fn an_ipico_download_steps_filters_and_ends() {
     talk.reply(&status(1, 3, 0), at(3));
     assert_eq!(talk.poll(at(4), true), vec![ipico::download_start().into_bytes()]);
     talk.reply(&status(3, 3, 0), at(5));
-    assert!(!talk.admit(Some(since - 1), b"", at(6), false), "older than what we have: yesterday's");
-    assert!(talk.admit(Some(since), b"", at(6), false), "the last we have: a repeat the store recognises");
-    assert!(talk.admit(Some(since + 1), b"", at(6), false), "missed");
+    assert_eq!(talk.admit(Some(since - 1), b"", at(6), false), Admit::Drop, "older than what we have: yesterday's");
+    assert_eq!(
+        talk.admit(Some(since), b"", at(6), false),
+        Admit::Replayed,
+        "the last we have: a repeat the store recognises"
+    );
+    assert_eq!(talk.admit(Some(since + 1), b"", at(6), false), Admit::Replayed, "missed");
+    assert_eq!(talk.admit(Some(T0 + 1000), b"", at(6), false), Admit::Live, "made after we connected");
     talk.reply(&status(3, 3, 3), at(7));
     assert_eq!(
         talk.poll(at(8), true),
@@ -194,7 +199,7 @@ fn an_ipico_download_steps_filters_and_ends() {
     );
     let r = shared.rewind.lock().unwrap().clone();
     assert_eq!((r.state, r.reads), (RewindState::Done, 1));
-    assert!(talk.admit(Some(since - 1), b"", at(9), false), "after the download, every read is live");
+    assert_eq!(talk.admit(Some(since - 1), b"", at(9), false), Admit::Live, "after the download, every read is live");
 }
 
 #[test]
