@@ -159,6 +159,8 @@ pub struct Talk {
     /// Ultra: a live read came since the connect, or a rewind by time was asked.
     live_seen: bool,
     time_asked: bool,
+    /// The last measurement got no answer (said in the journal once).
+    unanswered: bool,
 }
 
 impl Talk {
@@ -199,6 +201,7 @@ impl Talk {
             replay_port: cfg.elite_replay_port,
             live_seen: false,
             time_asked: false,
+            unanswered: false,
         }
     }
 
@@ -244,6 +247,11 @@ impl Talk {
 
     /// The connection is gone: an unfinished rewind is asked again at the next connect.
     pub fn disconnected(&mut self, now: Stamp) {
+        // Live reads taken during an unfinished download or replay are newer than what it had
+        // yet to bring: the next one starts where this one did.
+        if let Rewind::Download { since, .. } | Rewind::Replay { since } = self.rewind {
+            self.recall.reader_time_us = Some(since);
+        }
         if matches!(
             self.rewind,
             Rewind::Download { .. } | Rewind::Log { .. } | Rewind::Replay { .. } | Rewind::Time { .. }
@@ -344,7 +352,11 @@ impl Talk {
             ClockJob::Measuring { sent: Some(s), failures, .. } if mono - s.monotonic_us >= PROBE_TIMEOUT_US => {
                 *failures += 1;
                 if *failures >= PROBE_ATTEMPTS {
-                    warn!("the reader does not answer clock requests; its clock is not measured");
+                    // Said once (status keeps saying it), not at every check.
+                    if !self.unanswered {
+                        warn!("the reader does not answer clock requests; its clock is not measured");
+                    }
+                    self.unanswered = true;
                     self.shared.clock(|c| c.clock_error = Some("the reader does not answer clock requests".into()));
                     self.clock = ClockJob::Idle { next_mono: self.next_check(mono) };
                 } else {
@@ -434,6 +446,7 @@ impl Talk {
         let ClockJob::Measuring { samples, sent: Some(sent), then, .. } = &mut self.clock else { return };
         let Some(reader) = self.tz.from_local_datetime(&local).earliest() else { return };
         let rtt_us = at.monotonic_us - sent.monotonic_us;
+        self.unanswered = false;
         // The reader's clock was read about halfway through the round trip; its reading is
         // truncated to its resolution, so the middle of that step is the best guess.
         let offset_us = reader.timestamp_micros() + resolution_us / 2 - (sent.utc_us + rtt_us / 2);

@@ -263,3 +263,38 @@ fn a_quiet_ultra_is_asked_by_time_since_the_newest_read() {
     talk.admit(None, &ultra_line(103, false), at(20_000), false);
     assert!(talk.poll(at(20_001), true).is_empty());
 }
+
+#[test]
+fn an_unfinished_download_starts_again_where_it_did() {
+    let since = T0 - 60_000_000;
+    let recall = Recall { reader_time_us: Some(since), ultra_index: None };
+    let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Ignore, true), recall);
+    talk.connected(at(0), true);
+    talk.poll(at(0), true);
+    for step in 1..=3 {
+        talk.reply(
+            &ipico::frame(ipico::DOWNLOAD, &[1, 0, 0, 9, 0, 0, 0, 0, 0x59, 0x05, 0x8f, 0x03]).into_bytes(),
+            at(step),
+        );
+        talk.poll(at(step), true);
+    }
+    // One replayed read, then a live one, then the line drops.
+    assert_eq!(talk.admit(Some(since + 1), b"", at(10), false), Admit::Replayed);
+    assert_eq!(talk.admit(Some(T0 + 5_000), b"", at(10), false), Admit::Live);
+    talk.disconnected(at(20));
+    assert_eq!(shared.rewind.lock().unwrap().state, RewindState::Failed);
+    talk.connected(at(30), true);
+    talk.poll(at(30), true);
+    for step in 31..=33 {
+        talk.reply(
+            &ipico::frame(ipico::DOWNLOAD, &[1, 0, 0, 9, 0, 0, 0, 0, 0x59, 0x05, 0x8f, 0x03]).into_bytes(),
+            at(step),
+        );
+        talk.poll(at(step), true);
+    }
+    assert_eq!(
+        talk.admit(Some(since + 2), b"", at(40), false),
+        Admit::Replayed,
+        "what the first download had yet to bring is taken now, though a live read came after it"
+    );
+}
