@@ -55,7 +55,9 @@ pub enum Change {
 #[derive(Debug, Clone)]
 pub struct Antennas {
     silence: Duration,
-    /// When tracking began (monotonic µs): an expected antenna never seen is silent from then.
+    /// When the reader began reading (monotonic µs; when tracking began, until a first read):
+    /// an expected antenna never seen is silent from then. A reader that starts late, or a
+    /// first batch of reads taken one line at a time, singles out no antenna.
     since_mono_us: i64,
     /// Sorted by number; few, so a vector.
     list: Vec<Antenna>,
@@ -72,6 +74,9 @@ impl Antennas {
 
     /// A read on `antenna`. Returns a change when it was silent.
     pub fn read(&mut self, antenna: i64, mono_us: i64, utc_us: i64) -> Option<Change> {
+        if self.list.iter().all(|a| a.last.is_none()) {
+            self.since_mono_us = self.since_mono_us.max(mono_us);
+        }
         let i = match self.list.binary_search_by_key(&antenna, |a| a.number) {
             Ok(i) => i,
             Err(i) if self.list.len() < ANTENNAS_MAX => {
@@ -212,6 +217,21 @@ mod tests {
         b.read(1, 0, 0);
         b.read(1, 61 * S, 0);
         assert!(b.check(61 * S).is_empty());
+    }
+
+    #[test]
+    fn an_expected_antenna_is_given_its_window_from_the_first_read() {
+        // The reader starts reading 10 s after tracking began (60 s window): antenna 2, listed,
+        // reads a moment after antenna 1 and is never singled out.
+        let mut a = Antennas::new(&[1, 2], Duration::from_secs(60), 0);
+        a.read(1, 100 * S, 0);
+        assert!(a.check(100 * S + 1).is_empty(), "antenna 2 has its window from the first read");
+        a.read(2, 100 * S + 2, 0);
+        assert!(a.check(200 * S).is_empty());
+        let mut b = Antennas::new(&[1, 2], Duration::from_secs(60), 0);
+        b.read(1, 100 * S, 0);
+        b.read(1, 160 * S, 0);
+        assert_eq!(b.check(160 * S), [Change::Silent { antenna: 2, for_s: 60 }], "then it is silent");
     }
 
     #[test]
