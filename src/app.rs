@@ -63,9 +63,10 @@ fn recall(cfg: &Config) -> crate::reader::talk::Recall {
     if !cfg.reader.rewind {
         return Default::default();
     }
-    // Replayed reads come in out of order: the newest among the last few hundred is the newest.
+    // Replayed reads come in among live ones: the last few hundred hold the last live one.
+    let max_skew_us = i64::try_from(cfg.reader.max_skew.as_micros()).unwrap_or(i64::MAX);
     match crate::store::query::Db::open_readonly(&cfg.storage.path).and_then(|db| db.last_reads(500)) {
-        Ok(rows) => crate::reader::talk::Recall::from_reads(rows.iter().map(|(t, raw)| (*t, raw.as_slice()))),
+        Ok(rows) => crate::reader::talk::Recall::from_reads(&rows, max_skew_us),
         Err(e) => {
             tracing::warn!(error = %e, "cannot tell what the store holds from the reader; no rewind at the first connect");
             Default::default()
@@ -85,6 +86,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
 
     let StoreParts { store, handle } = Store::open(cfg, reads_rx, notify.clone(), live.clone(), store_stats.clone())?;
     let store_stats_live = store_stats.live.clone();
+    let reader_live = reader_stats.live.clone();
     let store = std::thread::Builder::new().name("store".into()).spawn(move || store.run())?;
 
     let reader =
@@ -168,10 +170,8 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let c = cancel.clone();
-        let store_live = store_stats_live;
-        tasks.spawn(
-            async move { ("watchdog", crate::supervisor::watchdog(interval, store_live, uplink_live, c).await) },
-        );
+        let actors = crate::supervisor::Actors { reader: reader_live, store: store_stats_live, uplink: uplink_live };
+        tasks.spawn(async move { ("watchdog", crate::supervisor::watchdog(interval, actors, c).await) });
     }
     if options.signals {
         let c = cancel.clone();

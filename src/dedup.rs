@@ -1,79 +1,133 @@
 //! De-duplication with `dedup_keep = "first"`: the first read of a chip opens a window; further
 //! reads of that chip inside the window are suppressed. The window does not slide (a runner who
 //! stands on the mat yields one passing per window), and it runs on the clock the timestamps come
-//! from, so a replayed download de-duplicates like live data, in any order.
+//! from, so a replayed download de-duplicates like live data, in any order: each chip keeps its
+//! recent window starts, not only the last, so an old replayed read between two live ones neither
+//! splits nor duplicates a window.
+//!
+//! This is the store's in-memory cache of the windows. Housekeeping runs on the host's monotonic
+//! clock (a chip not seen for a while is forgotten), never on the reads' own times: one read
+//! dated far ahead must not age every other window out. A read older than what is cached here is
+//! checked against the passings stored (see `store::passings`), so a forgotten window still
+//! suppresses.
 
 use std::collections::HashMap;
+
+/// Window starts kept per chip (a runner on a lap course passes a few times an hour; a replay
+/// reaches back at most a few windows around the one it fills).
+const STARTS_PER_CHIP: usize = 8;
+/// A chip not read for this long (host monotonic time) is forgotten, unless its window is longer.
+const FORGET_AFTER_US: i64 = 60_000_000;
 
 /// Undo record for one `accept`, so a failed commit can be rolled back in memory too.
 pub struct Undo {
     chip: String,
-    previous: Option<i64>,
+    previous: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    /// Window starts (µs, on the reads' clock), oldest first.
+    starts: Vec<i64>,
+    /// When the chip was last read (host monotonic µs).
+    seen_mono: i64,
+}
+
+/// Whether `at` falls in the window that opened at `start`.
+fn inside(at: i64, start: i64, window_us: i64) -> bool {
+    at.abs_diff(start) < window_us.unsigned_abs()
+}
+
+fn forget_after(window_us: i64) -> i64 {
+    FORGET_AFTER_US.max(window_us.saturating_mul(2))
 }
 
 #[derive(Debug, Default)]
 pub struct Dedup {
     window_us: i64,
-    /// chip → start of its current window (µs).
-    opened: HashMap<String, i64>,
-    /// Latest timestamp seen, for pruning.
-    newest_us: i64,
+    chips: HashMap<String, Recent>,
 }
 
 impl Dedup {
     pub fn new(window: std::time::Duration) -> Self {
-        Self { window_us: window.as_micros() as i64, opened: HashMap::new(), newest_us: i64::MIN }
+        Self { window_us: window.as_micros() as i64, chips: HashMap::new() }
+    }
+
+    /// Does a window of this chip already hold `at`? (Marks the chip as seen at `mono_us`.)
+    pub fn covers(&mut self, chip: &str, at_us: i64, mono_us: i64) -> bool {
+        let window = self.window_us;
+        match self.chips.get_mut(chip) {
+            Some(r) => {
+                r.seen_mono = r.seen_mono.max(mono_us);
+                r.starts.iter().any(|s| inside(at_us, *s, window))
+            }
+            None => false,
+        }
     }
 
     /// Is this read a new passing? When it is, its window opens now.
-    pub fn accept(&mut self, chip: &str, at_us: i64) -> (bool, Option<Undo>) {
+    pub fn accept(&mut self, chip: &str, at_us: i64, mono_us: i64) -> (bool, Option<Undo>) {
         if self.window_us == 0 {
             return (true, None);
         }
-        self.newest_us = self.newest_us.max(at_us);
-        if let Some(start) = self.opened.get(chip)
-            && (at_us - start).abs() < self.window_us
-        {
+        if self.covers(chip, at_us, mono_us) {
             return (false, None);
         }
-        let previous = self.opened.insert(chip.to_string(), at_us);
+        let previous = self.chips.get(chip).map(|r| r.starts.clone());
+        self.remember(chip, at_us, mono_us);
         (true, Some(Undo { chip: chip.to_string(), previous }))
+    }
+
+    /// Note a window start known from elsewhere (a stored passing, a restart).
+    pub fn remember(&mut self, chip: &str, start_us: i64, mono_us: i64) {
+        let r = self.chips.entry(chip.to_string()).or_default();
+        r.seen_mono = r.seen_mono.max(mono_us);
+        if !r.starts.contains(&start_us) {
+            if r.starts.len() >= STARTS_PER_CHIP {
+                r.starts.remove(0);
+            }
+            r.starts.push(start_us);
+        }
     }
 
     /// Reverse `accept`s, newest first.
     pub fn undo(&mut self, undos: Vec<Undo>) {
         for u in undos.into_iter().rev() {
             match u.previous {
-                Some(p) => self.opened.insert(u.chip, p),
-                None => self.opened.remove(&u.chip),
-            };
+                Some(p) => {
+                    if let Some(r) = self.chips.get_mut(&u.chip) {
+                        r.starts = p;
+                    }
+                }
+                None => {
+                    self.chips.remove(&u.chip);
+                }
+            }
         }
     }
 
-    /// Forget windows that can no longer suppress anything (keeps memory bounded in a long race).
-    pub fn prune(&mut self) {
-        if self.window_us == 0 || self.newest_us == i64::MIN {
-            return;
-        }
-        let horizon = self.newest_us - 2 * self.window_us;
-        self.opened.retain(|_, start| *start >= horizon);
+    /// Forget chips not read for a while, by the host's monotonic clock (keeps memory bounded in
+    /// a long race, whatever times the reads carry).
+    pub fn prune(&mut self, mono_now_us: i64) {
+        let keep = forget_after(self.window_us);
+        self.chips.retain(|_, r| mono_now_us.saturating_sub(r.seen_mono) < keep);
     }
 
     pub fn clear(&mut self) {
-        self.opened.clear();
-        self.newest_us = i64::MIN;
+        self.chips.clear();
     }
 
     pub fn set_window(&mut self, window: std::time::Duration) {
         self.window_us = window.as_micros() as i64;
     }
 
+    /// Chips remembered.
     pub fn len(&self) -> usize {
-        self.opened.len()
+        self.chips.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.opened.is_empty()
+        self.chips.is_empty()
     }
 }
 
@@ -99,37 +153,62 @@ mod tests {
             ("a", 3 * S - S / 2, false), // out of order, inside the new window
         ];
         for (chip, at, want) in cases {
-            assert_eq!(d.accept(chip, at).0, want, "{chip} at {at}");
+            assert_eq!(d.accept(chip, at, 0).0, want, "{chip} at {at}");
         }
+    }
+
+    #[test]
+    fn an_old_read_between_two_live_ones_neither_splits_nor_duplicates() {
+        // Live at 100 s, replayed at 50 s, live at 101 s: two windows (100 and 50), not three.
+        let mut d = Dedup::new(Duration::from_secs(3));
+        assert!(d.accept("a", 100 * S, 0).0);
+        assert!(d.accept("a", 50 * S, 1).0, "a window of its own, long before");
+        assert!(!d.accept("a", 101 * S, 2).0, "still inside the window at 100 s");
+        assert!(!d.accept("a", 51 * S, 3).0, "inside the replayed window");
     }
 
     #[test]
     fn zero_window_keeps_everything() {
         let mut d = Dedup::new(Duration::ZERO);
-        assert!(d.accept("a", 0).0);
-        assert!(d.accept("a", 0).0);
+        assert!(d.accept("a", 0, 0).0);
+        assert!(d.accept("a", 0, 0).0);
         assert!(d.is_empty());
     }
 
     #[test]
     fn undo_restores_state() {
         let mut d = Dedup::new(Duration::from_secs(3));
-        d.accept("a", 0);
-        let (_, u1) = d.accept("a", 5 * S);
-        let (_, u2) = d.accept("b", 5 * S);
+        d.accept("a", 0, 0);
+        let (_, u1) = d.accept("a", 5 * S, 0);
+        let (_, u2) = d.accept("b", 5 * S, 0);
         d.undo(vec![u1.unwrap(), u2.unwrap()]);
-        assert!(!d.accept("a", S).0, "a's window at 0 is back");
-        assert!(d.accept("b", 5 * S).0, "b is unknown again");
+        assert!(!d.accept("a", S, 0).0, "a's window at 0 is back");
+        assert!(d.accept("a", 5 * S, 0).0, "a's window at 5 s is gone");
+        assert!(d.accept("b", 5 * S, 0).0, "b is unknown again");
     }
 
     #[test]
-    fn prune_forgets_old_windows_only() {
+    fn prune_runs_on_the_host_clock_not_on_read_times() {
         let mut d = Dedup::new(Duration::from_secs(3));
-        d.accept("old", 0);
-        d.accept("new", 100 * S);
-        d.prune();
-        assert_eq!(d.len(), 1);
-        assert!(!d.accept("new", 101 * S).0);
+        d.accept("a", 0, 0);
+        // A read dated a day ahead (a reader's wrong clock) ages nothing out.
+        d.accept("future", 86_400 * S, S);
+        d.prune(2 * S);
+        assert_eq!(d.len(), 2);
+        assert!(!d.accept("a", S, 2 * S).0);
+        // A chip not read for a minute of host time is forgotten.
+        d.accept("b", 10 * S, 30 * S);
+        d.prune(62 * S);
+        assert_eq!(d.len(), 1, "a and future forgotten, b kept");
+    }
+
+    #[test]
+    fn starts_per_chip_are_bounded() {
+        let mut d = Dedup::new(Duration::from_secs(3));
+        for i in 0..100 {
+            d.accept("a", i * 10 * S, 0);
+        }
+        assert_eq!(d.chips["a"].starts.len(), STARTS_PER_CHIP);
     }
 }
 
@@ -157,42 +236,68 @@ pub struct Window {
 
 /// `dedup_keep = "strongest"`: the first read of a chip opens a window; the passing is the read
 /// with the highest RSSI in it (the earliest among equals), emitted once the window's length has
-/// passed on the host's monotonic clock (or earlier, when a read of the chip opens a new window).
+/// passed on the host's monotonic clock (or earlier, when a later read of the chip opens a new
+/// window). A read older than the chip's open window and outside every window of it (a replayed
+/// one) is a window of its own, emitted at once: the open window is left to run.
 #[derive(Debug, Clone, Default)]
 pub struct Strongest {
     window_us: i64,
     open: HashMap<String, Window>,
-    /// Windows already emitted (chip → start), so late out-of-order reads stay suppressed.
-    closed: HashMap<String, i64>,
-    newest_us: i64,
+    /// Windows already emitted (chip → their starts, oldest first, and when the chip was last
+    /// read on the host's monotonic clock), so late out-of-order reads stay suppressed.
+    closed: HashMap<String, (Vec<i64>, i64)>,
 }
 
 impl Strongest {
     pub fn new(window: std::time::Duration) -> Self {
-        Self { window_us: window.as_micros() as i64, newest_us: i64::MIN, ..Default::default() }
+        Self { window_us: window.as_micros() as i64, ..Default::default() }
     }
 
-    /// Offer a read; returns a window this read ended (its chip's previous one), if any.
+    /// Does a window of this chip, open or emitted, already hold `at`?
+    pub fn covers(&self, chip: &str, at_us: i64) -> bool {
+        self.open.get(chip).is_some_and(|w| inside(at_us, w.start_us, self.window_us))
+            || self.closed.get(chip).is_some_and(|(starts, _)| starts.iter().any(|s| inside(at_us, *s, self.window_us)))
+    }
+
+    /// Offer a read; returns a window this read ended (its chip's previous one, or the read's
+    /// own when it is older than the open one), if any.
     pub fn offer(&mut self, c: Candidate, mono_us: i64) -> Option<Window> {
-        self.newest_us = self.newest_us.max(c.timestamp_us);
+        if let Some((_, seen)) = self.closed.get_mut(&c.chip) {
+            *seen = (*seen).max(mono_us);
+        }
         if let Some(w) = self.open.get_mut(&c.chip) {
-            if (c.timestamp_us - w.start_us).abs() < self.window_us {
+            if inside(c.timestamp_us, w.start_us, self.window_us) {
                 if c.rssi.unwrap_or(i64::MIN) > w.best.rssi.unwrap_or(i64::MIN) {
                     w.best = c;
                 }
                 return None;
             }
-        } else if let Some(start) = self.closed.get(&c.chip)
-            && (c.timestamp_us - start).abs() < self.window_us
-        {
+        }
+        if self.covers(&c.chip, c.timestamp_us) {
             return None;
+        }
+        if self.open.get(&c.chip).is_some_and(|w| c.timestamp_us < w.start_us) {
+            let own = Window { start_us: c.timestamp_us, opened_mono_us: mono_us, best: c };
+            self.close(own.best.chip.clone(), own.start_us, mono_us);
+            return Some(own);
         }
         let ended = self.open.remove(&c.chip);
         if let Some(w) = &ended {
-            self.closed.insert(c.chip.clone(), w.start_us);
+            self.close(c.chip.clone(), w.start_us, mono_us);
         }
         self.open.insert(c.chip.clone(), Window { start_us: c.timestamp_us, opened_mono_us: mono_us, best: c });
         ended
+    }
+
+    fn close(&mut self, chip: String, start_us: i64, mono_us: i64) {
+        let (starts, seen) = self.closed.entry(chip).or_default();
+        *seen = (*seen).max(mono_us);
+        if !starts.contains(&start_us) {
+            if starts.len() >= STARTS_PER_CHIP {
+                starts.remove(0);
+            }
+            starts.push(start_us);
+        }
     }
 
     /// Windows whose time is up.
@@ -201,26 +306,26 @@ impl Strongest {
         let over: Vec<String> = self
             .open
             .iter()
-            .filter(|(_, w)| mono_now_us >= w.opened_mono_us + window)
+            .filter(|(_, w)| mono_now_us >= w.opened_mono_us.saturating_add(window))
             .map(|(chip, _)| chip.clone())
             .collect();
-        self.take(over)
+        self.take(over, mono_now_us)
     }
 
     /// Every open window, now (the session is ending).
     pub fn drain(&mut self) -> Vec<Window> {
         let all: Vec<String> = self.open.keys().cloned().collect();
-        let out = self.take(all);
+        let out = self.take(all, 0);
         self.closed.clear();
         out
     }
 
-    fn take(&mut self, chips: Vec<String>) -> Vec<Window> {
+    fn take(&mut self, chips: Vec<String>, mono_us: i64) -> Vec<Window> {
         let mut out: Vec<Window> = chips
             .into_iter()
             .filter_map(|chip| {
                 let w = self.open.remove(&chip)?;
-                self.closed.insert(chip, w.start_us);
+                self.close(chip, w.start_us, mono_us);
                 Some(w)
             })
             .collect();
@@ -231,7 +336,6 @@ impl Strongest {
     pub fn clear(&mut self) {
         self.open.clear();
         self.closed.clear();
-        self.newest_us = i64::MIN;
     }
 
     pub fn set_window(&mut self, window: std::time::Duration) {
@@ -240,7 +344,7 @@ impl Strongest {
 
     /// Monotonic time at which the earliest open window ends, for the writer's timer.
     pub fn next_due(&self) -> Option<i64> {
-        self.open.values().map(|w| w.opened_mono_us + self.window_us).min()
+        self.open.values().map(|w| w.opened_mono_us.saturating_add(self.window_us)).min()
     }
 
     pub fn open_window(&self, chip: &str) -> Option<&Window> {
@@ -249,21 +353,18 @@ impl Strongest {
 
     /// Restore an open window (after a restart).
     pub fn restore(&mut self, chip: String, w: Window) {
-        self.newest_us = self.newest_us.max(w.best.timestamp_us);
         self.open.insert(chip, w);
     }
 
-    /// Restore an emitted window (after a restart).
-    pub fn restore_closed(&mut self, chip: String, start_us: i64) {
-        self.closed.insert(chip, start_us);
+    /// Restore an emitted window (after a restart, or known from a stored passing).
+    pub fn restore_closed(&mut self, chip: String, start_us: i64, mono_us: i64) {
+        self.close(chip, start_us, mono_us);
     }
 
-    pub fn prune(&mut self) {
-        if self.newest_us == i64::MIN {
-            return;
-        }
-        let horizon = self.newest_us - 2 * self.window_us;
-        self.closed.retain(|_, start| *start >= horizon);
+    /// Forget emitted windows of chips not read for a while, by the host's monotonic clock.
+    pub fn prune(&mut self, mono_now_us: i64) {
+        let keep = forget_after(self.window_us);
+        self.closed.retain(|_, (_, seen)| mono_now_us.saturating_sub(*seen) < keep);
     }
 }
 
@@ -303,6 +404,7 @@ mod strongest_tests {
         // A late read inside a's emitted window stays suppressed.
         assert_eq!(s.offer(c(7, "a", S / 2, -10), 3 * S), None);
         assert!(s.open_window("a").is_none());
+        assert!(s.covers("a", S / 2) && !s.covers("a", 4 * S));
         // b's second window (opened by read 5, at monotonic 2 s) is due at 5 s.
         assert!(s.due(4 * S).is_empty());
         assert_eq!(s.due(5 * S)[0].best.read_id, 5);
@@ -317,5 +419,18 @@ mod strongest_tests {
         assert_eq!(ended.best.read_id, 1);
         assert_eq!(s.drain().iter().map(|w| w.best.read_id).collect::<Vec<_>>(), [3]);
         assert_eq!(s.next_due(), None);
+    }
+
+    #[test]
+    fn a_replayed_read_older_than_the_open_window_is_a_window_of_its_own() {
+        // Live at 100 s, replayed at 50 s, live at 101 s: windows at 100 and 50, not three.
+        let mut s = Strongest::new(Duration::from_secs(3));
+        assert_eq!(s.offer(c(1, "a", 100 * S, -70), 0), None);
+        let own = s.offer(c(2, "a", 50 * S, -60), 0).expect("emitted at once");
+        assert_eq!((own.start_us, own.best.read_id), (50 * S, 2));
+        assert_eq!(s.offer(c(3, "a", 101 * S, -50), 0), None, "joins the window at 100 s");
+        assert_eq!(s.offer(c(4, "a", 51 * S, -10), 0), None, "inside the emitted window");
+        let rest = s.drain();
+        assert_eq!(rest.iter().map(|w| (w.start_us, w.best.read_id)).collect::<Vec<_>>(), [(100 * S, 3)]);
     }
 }

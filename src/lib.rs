@@ -29,7 +29,8 @@
 //! - [`app`] wires the actors together; [`cli`] is the command line; [`supervisor`] handles the
 //!   signals and the watchdog (fed by [`liveness`]), [`reload`] a SIGHUP; [`fdstore`] keeps the
 //!   reader's port in systemd's descriptor store; [`clock`] stamps and watches synchronisation;
-//!   [`logging`] goes to journald or stderr.
+//!   [`logging`] goes to journald or stderr; [`panics`] aborts on a panic, except in the one
+//!   guarded place (a reader record's parsing).
 //! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
 //!   with the test suite.
 
@@ -59,6 +60,7 @@ pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod optional;
+pub mod panics;
 pub mod pty;
 pub mod reader;
 pub mod reload;

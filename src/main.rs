@@ -6,6 +6,7 @@ use clap::Parser;
 use rufus_gateway::cli::{Cli, execute, exit_code};
 
 fn main() -> ExitCode {
+    rufus_gateway::panics::abort_unless_caught();
     let cli = Cli::parse();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,

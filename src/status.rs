@@ -83,6 +83,9 @@ pub struct StorageStatus {
     pub error: Option<String>,
     pub buffered_reads: u64,
     pub dropped_reads: u64,
+    /// Replayed reads whose time falls in no open session: stored as reads, no passing.
+    #[serde(default)]
+    pub replayed_outside_sessions: u64,
 }
 
 /// Everything status is made from; cheap to clone into a blocking task.
@@ -140,6 +143,7 @@ impl StatusSource {
                 error,
                 buffered_reads: self.store.buffered_reads.load(Ordering::Relaxed),
                 dropped_reads: self.store.dropped_reads.load(Ordering::Relaxed),
+                replayed_outside_sessions: self.store.replayed_elsewhere.load(Ordering::Relaxed),
             },
             listening: self.listening.lock().map(|l| l.clone()).unwrap_or_default(),
             signal: self.signal.lock().ok().map(|s| s.clone()).filter(|s| s.led.is_some() || s.beeper.is_some()),
@@ -192,6 +196,13 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
             if ms > 0 { "FAST" } else { "SLOW" },
             ms.abs() as f64 / 1000.0,
             s.reader.clock.clock_measured_at.as_deref().unwrap_or("")
+        ));
+    }
+    if s.reader.retiming {
+        p.push(format!(
+            "READER TIME NOT BELIEVED: {} reads so far (the last at {}) carried a time further than reader.max_skew from the host clock; they keep the host's time. Check the reader's clock",
+            s.reader.retimed_total,
+            s.reader.last_retimed_at.as_deref().unwrap_or("")
         ));
     }
     if let Some(e) = &s.reader.clock.clock_error {

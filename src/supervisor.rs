@@ -38,18 +38,23 @@ pub async fn watch_signals(cancel: CancellationToken, reloader: Option<Reloader>
     Ok(())
 }
 
-/// `WATCHDOG=1` at half the interval systemd asked for, only while the store writer and the
-/// uplink keep their promises.
-pub async fn watchdog(
-    interval: Duration,
-    store: Arc<Liveness>,
-    uplink: Arc<Liveness>,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
+/// The actors whose progress the watchdog checks.
+pub struct Actors {
+    /// The reader thread: a write to a reader that stopped reading, or any other wait that does
+    /// not end, withholds the ping (systemd restarts the service; the reader's port is kept in
+    /// its descriptor store, so nothing the reader sent meanwhile is lost).
+    pub reader: Arc<Liveness>,
+    pub store: Arc<Liveness>,
+    pub uplink: Arc<Liveness>,
+}
+
+/// `WATCHDOG=1` at half the interval systemd asked for, only while the reader thread, the store
+/// writer and the uplink keep their promises.
+pub async fn watchdog(interval: Duration, actors: Actors, cancel: CancellationToken) -> anyhow::Result<()> {
     let grace = interval / 2;
     let mut reported = false;
     loop {
-        let stuck: Vec<&str> = [("store", &store), ("uplink", &uplink)]
+        let stuck: Vec<&str> = [("reader", &actors.reader), ("store", &actors.store), ("uplink", &actors.uplink)]
             .into_iter()
             .filter(|(_, l)| !l.alive(grace))
             .map(|(n, _)| n)

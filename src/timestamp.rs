@@ -2,7 +2,7 @@
 //! (`reader.timestamp_format`), and a reader's local wall-clock time to UTC. Used by the config
 //! (to check the setting) and by the parsers; it depends on neither.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// How a regex `timestamp` group is written (`reader.timestamp_format`).
@@ -67,10 +67,31 @@ impl TimestampFormat {
     }
 }
 
+/// The years a reader's time may name. Outside them it is refused (`bad_time`) before any
+/// arithmetic: chrono panics on some conversions near its own limits (±262,143), and a reader
+/// or a crafted line can name any year up to them.
+pub const READER_YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+
 /// A reader's local wall-clock time to UTC. In the repeated hour of a DST change the earlier
-/// instant is taken; a time inside the skipped hour does not exist and is refused.
+/// instant is taken; a time inside the skipped hour does not exist and is refused, and so is a
+/// year outside [`READER_YEARS`].
 pub fn local_to_utc(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
+    if !READER_YEARS.contains(&local.year()) {
+        return None;
+    }
     tz.from_local_datetime(&local).earliest().map(|t| t.with_timezone(&Utc))
+}
+
+/// UTC µs to the wall time of `tz` (what a reader set to that zone shows); `None` outside
+/// [`READER_YEARS`].
+pub fn utc_to_local(us: i64, tz: Tz) -> Option<NaiveDateTime> {
+    let utc = DateTime::from_timestamp_micros(us).filter(|t| READER_YEARS.contains(&t.year()))?;
+    Some(utc.with_timezone(&tz).naive_local())
+}
+
+/// A parsed reader time inside [`READER_YEARS`], as UTC µs.
+pub fn reader_us(t: DateTime<Utc>) -> Option<i64> {
+    READER_YEARS.contains(&t.year()).then(|| t.timestamp_micros())
 }
 
 #[cfg(test)]

@@ -206,6 +206,9 @@ impl Config {
                 ));
             }
         }
+        if self.reader.max_skew < Duration::from_secs(60) {
+            return Err("reader.max_skew: must be at least a minute, e.g. \"24h\"".into());
+        }
         if self.reader.clock_tolerance.is_zero() {
             return Err("reader.clock_tolerance: must be more than 0, e.g. \"1s\"".into());
         }

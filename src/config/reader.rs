@@ -80,6 +80,10 @@ pub struct ReaderConfig {
     pub elite_control: Option<String>,
     /// The port an Elite replays to (on the control port's host).
     pub elite_replay_port: u16,
+    /// A reader time further than this from a synchronised host clock is not believed: a live
+    /// read keeps the host's time instead (counted as `retimed`), a replayed one is refused.
+    #[serde(deserialize_with = "duration")]
+    pub max_skew: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -143,6 +147,7 @@ impl Default for ReaderConfig {
             ultra_rewind_form: UltraRewindForm::Ascii,
             elite_control: None,
             elite_replay_port: 10300,
+            max_skew: Duration::from_secs(24 * 3600),
         }
     }
 }

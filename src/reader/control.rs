@@ -119,30 +119,53 @@ pub mod ipico {
     }
 
     impl Reply {
-        /// The download is over: the reader has sent all it holds (or holds nothing).
+        /// The download is over: the reader holds nothing, or is downloading (state 3) and has
+        /// sent all it holds. The one rule for it: an idle status left from an earlier download
+        /// (state 1, progress = extent) does not end this one.
         pub fn download_done(&self) -> bool {
-            matches!(self, Reply::Download { state: 3, extent, progress } if *extent == 0 || progress >= extent)
+            match self {
+                Reply::Download { extent: 0, .. } => true,
+                Reply::Download { state: 3, extent, progress } => progress >= extent,
+                _ => false,
+            }
         }
     }
 
+    /// Why a control frame (`ab…`) was refused.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+    pub enum BadFrame {
+        #[error("not a control frame")]
+        NotControl,
+        #[error("too short, or not ASCII")]
+        Short,
+        #[error("bad LRC")]
+        Checksum,
+        #[error("not hex")]
+        NotHex,
+        #[error("its length byte does not match its data")]
+        Length,
+        #[error("a field out of range")]
+        Field,
+    }
+
     /// Parse a control reply (`ab…`), checking its LRC and length.
-    pub fn parse(line: &str) -> Result<Reply, String> {
+    pub fn parse(line: &str) -> Result<Reply, BadFrame> {
         let line = line.trim_end_matches(['\r', '\n']);
-        let body = line.strip_prefix("ab").ok_or("not a control frame")?;
-        if body.len() < 8 || !body.is_ascii() {
-            return Err("too short".into());
+        let body = line.strip_prefix("ab").ok_or(BadFrame::NotControl)?;
+        if body.len() < 8 || !body.is_ascii() || !body.len().is_multiple_of(2) {
+            return Err(BadFrame::Short);
         }
         let (body, lrc) = body.split_at(body.len() - 2);
         if checksum(body) != lrc.to_ascii_lowercase() {
-            return Err(format!("bad LRC {lrc} (computed {})", checksum(body)));
+            return Err(BadFrame::Checksum);
         }
         let bytes: Vec<u8> = (0..body.len() / 2)
             .map(|i| u8::from_str_radix(&body[2 * i..2 * i + 2], 16))
             .collect::<Result<_, _>>()
-            .map_err(|_| "not hex")?;
+            .map_err(|_| BadFrame::NotHex)?;
         let (len, instruction, data) = (bytes[1] as usize, bytes[2], &bytes[3..]);
         if len != data.len() {
-            return Err(format!("length {len}, but {} data bytes", data.len()));
+            return Err(BadFrame::Length);
         }
         let from_bcd = |b: u8| -> Option<u32> {
             let (hi, lo) = (b >> 4, b & 0x0f);
@@ -153,23 +176,15 @@ pub mod ipico {
             (0xf1 | 0xf2, 0) => Reply::Error { code: instruction },
             (_, 0) => Reply::Ack { instruction },
             (GET_CLOCK, 9) => {
-                let date = NaiveDate::from_ymd_opt(
-                    2000 + from_bcd(data[0]).ok_or("bad BCD")? as i32,
-                    from_bcd(data[1]).ok_or("bad BCD")?,
-                    from_bcd(data[2]).ok_or("bad BCD")?,
-                )
-                .ok_or("bad date")?;
+                let bcd = |b: u8| from_bcd(b).ok_or(BadFrame::Field);
+                let date = NaiveDate::from_ymd_opt(2000 + bcd(data[0])? as i32, bcd(data[1])?, bcd(data[2])?)
+                    .ok_or(BadFrame::Field)?;
                 let hundredths = u32::from(data[7]);
                 if hundredths >= 100 {
-                    return Err("bad hundredths".into());
+                    return Err(BadFrame::Field);
                 }
-                let time = NaiveTime::from_hms_milli_opt(
-                    from_bcd(data[4]).ok_or("bad BCD")?,
-                    from_bcd(data[5]).ok_or("bad BCD")?,
-                    from_bcd(data[6]).ok_or("bad BCD")?,
-                    hundredths * 10,
-                )
-                .ok_or("bad time")?;
+                let time = NaiveTime::from_hms_milli_opt(bcd(data[4])?, bcd(data[5])?, bcd(data[6])?, hundredths * 10)
+                    .ok_or(BadFrame::Field)?;
                 Reply::Clock { local: NaiveDateTime::new(date, time), config: data[8] }
             }
             (DOWNLOAD, 12 | 13) => {
@@ -397,7 +412,9 @@ mod tests {
         let after = parse("ab000c4b010204f60204f60059058f03e2").unwrap();
         assert_eq!(after, Reply::Download { state: 1, extent: 0x0204f6, progress: 0x0204f6 });
         // A corrupted LRC is refused (as the spec's own GET example would be: its LRC is wrong).
-        assert!(parse("ab0009022603060518554437274f").unwrap_err().contains("bad LRC"));
+        assert_eq!(parse("ab0009022603060518554437274f").unwrap_err(), BadFrame::Checksum);
+        assert_eq!(parse("abzz").unwrap_err(), BadFrame::Short);
+        assert!(!after.download_done(), "an idle status left from an earlier download ends nothing");
     }
 
     #[test]

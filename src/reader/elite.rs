@@ -20,6 +20,13 @@ const REPLAY_CONNECT_FOR: Duration = Duration::from_secs(10);
 const REPLAY_IDLE: Duration = Duration::from_secs(30);
 /// The longest line taken from either port.
 const MAX_LINE: usize = 4096;
+/// Events waiting for the reader thread. A replay that sends faster than the reader thread
+/// takes its records in waits here (its socket stops being read), instead of filling memory.
+const EVENTS_QUEUED: usize = 1024;
+/// The most a replay may bring, and the longest it may last: then it is cut off and said to
+/// have failed (a real memory holds some hundred thousand reads of under 40 bytes).
+const REPLAY_MAX_BYTES: u64 = 64 << 20;
+const REPLAY_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// What the reader thread asks of the Elite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +60,7 @@ impl Elite {
     /// `replay_port` on the same host.
     pub fn start(control: &str, replay_port: u16) -> Elite {
         let (requests, rx) = crossbeam_channel::unbounded();
-        let (tx, events) = crossbeam_channel::unbounded();
+        let (tx, events) = crossbeam_channel::bounded(EVENTS_QUEUED);
         let addr = control.trim_start_matches("tcp://").to_string();
         let spawned = std::thread::Builder::new().name("elite".into()).spawn(move || serve(&addr, replay_port, rx, tx));
         if let Err(e) = spawned {
@@ -177,10 +184,19 @@ fn replay_from(addr: &str, events: &Sender<Event>) {
         }
         let mut pending = Vec::new();
         let mut buf = vec![0u8; 8192];
+        let (started, mut total) = (Instant::now(), 0u64);
         loop {
+            if started.elapsed() >= REPLAY_MAX || total >= REPLAY_MAX_BYTES {
+                return Some(format!(
+                    "cut off after {} s and {} kB: more than a replay can hold",
+                    started.elapsed().as_secs(),
+                    total / 1024
+                ));
+            }
             match stream.read(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => {
+                    total += n as u64;
                     let at = Stamp::now();
                     pending.extend_from_slice(&buf[..n]);
                     for line in lines(&mut pending) {

@@ -1,5 +1,14 @@
 //! The reader actor: a dedicated thread that opens the port (reopening it with backoff when it is
 //! missing or fails), frames and parses records, stamps them, and hands reads to the store.
+//!
+//! **A reader's bytes are untrusted input; the gateway's own host clock (when synchronised) is
+//! the reference; a live read is never dropped.** Nothing here panics on what a reader sends:
+//! every number and time from the wire goes through checked constructors, and a time out of
+//! range is a rejected record (`bad_time`), counted. A reader time further than
+//! `reader.max_skew` from the synchronised host clock is not believed: the read keeps the host's
+//! time (`retimed`, counted, a problem line while it lasts) and moves no rewind start point. A
+//! read is "replayed" only while a rewind the gateway asked for runs, and only inside what was
+//! asked ([`talk`]); flagged or stored reads outside it are not taken, and counted.
 
 pub mod control;
 pub mod elite;
@@ -37,6 +46,12 @@ const FINISH_RECORD: Duration = Duration::from_secs(1);
 const CLOCK_RECHECK: Duration = Duration::from_secs(1);
 /// How often antennas are checked for silence.
 const ANTENNA_CHECK: Duration = Duration::from_secs(1);
+/// The reader thread's promise to the watchdog: back within this, whatever the reader does (a
+/// read waits at most 500 ms, a write 2 s, an open 3 s, a reopen delay 1 s).
+const LIVENESS: Duration = Duration::from_secs(10);
+/// Records from an Elite's replay port handled per turn of the loop, so a replay that floods
+/// leaves room for live reads and for a stop.
+const REPLAY_BATCH: usize = 256;
 
 /// One report of one tag, as the store receives it.
 #[derive(Debug, Clone)]
@@ -55,6 +70,10 @@ pub struct Read {
     pub timestamp_us: i64,
     /// `timestamp_us` came from the host clock (so it is only as good as that clock).
     pub host_stamped: bool,
+    /// A read replayed at the gateway's request (a rewind), made at this time on the host's clock
+    /// (its reader time less the reader clock's offset): the session whose open interval holds
+    /// it is the one it belongs to. `None`: a live read, which belongs to the session open now.
+    pub replayed_at_us: Option<i64>,
 }
 
 /// Counters the reader shares with status and metrics.
@@ -65,6 +84,14 @@ pub struct ReaderStats {
     pub rejected: [AtomicU64; Reject::ALL.len()],
     /// Host time of the last read, UTC µs; 0 = never.
     pub last_read_at: AtomicI64,
+    /// Live reads whose reader time was not believed (beyond `reader.max_skew`), stamped with
+    /// host time instead; and the host time of the last (UTC µs; 0 = never).
+    pub retimed: AtomicU64,
+    pub last_retimed_at: AtomicI64,
+    /// Records whose parsing panicked (a bug, caught: see [`parse_guarded`]).
+    pub parser_panics: AtomicU64,
+    /// Proof of life for the watchdog: the reader thread beats between records and reopens.
+    pub live: Arc<crate::liveness::Liveness>,
     pub last_error: Mutex<Option<String>>,
     /// Reads per antenna, and antennas gone quiet (set up by `Reader::new`).
     pub antennas: Mutex<Option<crate::antennas::Antennas>>,
@@ -79,6 +106,15 @@ pub struct ReaderStatus {
     pub reads_total: u64,
     pub rejected_total: u64,
     pub rejected: std::collections::BTreeMap<String, u64>,
+    /// Live reads whose reader time was further than `reader.max_skew` from the synchronised host
+    /// clock: kept, with the host's time.
+    #[serde(default)]
+    pub retimed_total: u64,
+    #[serde(default)]
+    pub last_retimed_at: Option<String>,
+    /// A read was retimed in the last minute (a problem while it lasts).
+    #[serde(default)]
+    pub retiming: bool,
     pub last_read_at: Option<String>,
     pub last_error: Option<String>,
     /// Reads stored in the last 60 s (from the database).
@@ -100,7 +136,11 @@ impl ReaderStats {
             .map(|r| (r.as_str().to_string(), self.rejected[r.index()].load(Ordering::Relaxed)))
             .collect();
         let last = self.last_read_at.load(Ordering::Relaxed);
+        let retimed_at = self.last_retimed_at.load(Ordering::Relaxed);
         ReaderStatus {
+            retimed_total: self.retimed.load(Ordering::Relaxed),
+            retiming: retimed_at != 0 && crate::clock::now_us().saturating_sub(retimed_at) < 60_000_000,
+            last_retimed_at: (retimed_at != 0).then(|| crate::clock::rfc3339(retimed_at)),
             port: port.to_string(),
             connected: self.connected.load(Ordering::Relaxed),
             reads_total: self.reads_total.load(Ordering::Relaxed),
@@ -212,6 +252,7 @@ impl Reader {
         let mut attempt = 0usize;
         let mut last_open_error: Option<(String, Instant)> = None;
         while !cancel.is_cancelled() {
+            self.stats.live.beat(LIVENESS);
             match self.open_port(kept.take()) {
                 Ok(mut port) => {
                     attempt = 0;
@@ -303,6 +344,7 @@ impl<'a> ReadSession<'a> {
             self.reader.cfg.elite_control.as_deref().map(|c| elite::Elite::start(c, self.reader.cfg.elite_replay_port));
         let mut timeout = usual_timeout;
         loop {
+            self.reader.stats.live.beat(LIVENESS);
             if cancel.is_cancelled() {
                 // A record whose first bytes were read is finished first: stopping now would
                 // split it between this process and the next (a restart keeps the port open),
@@ -391,7 +433,7 @@ impl<'a> ReadSession<'a> {
 
     /// What an Elite's control and replay ports brought. False when the store has gone away.
     fn elite_events(&mut self, elite: &elite::Elite) -> bool {
-        for event in elite.events() {
+        for event in elite.events().take(REPLAY_BATCH) {
             match event {
                 elite::Event::Line(line, at) => self.talk.elite_line(&line, at),
                 elite::Event::Replayed(bytes, stamp) => {
@@ -421,11 +463,21 @@ impl<'a> ReadSession<'a> {
                 return true;
             }
         };
-        if self.talk.reply(&bytes, stamp) {
-            return true;
+        match self.talk.reply(&bytes, stamp) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(reason) => {
+                self.reject(reason, &bytes);
+                return true;
+            }
         }
         let today = chrono::DateTime::from_timestamp_micros(stamp.utc_us).unwrap_or_else(Utc::now).date_naive();
-        match self.reader.parser.parse(&bytes, today) {
+        let Some(parsed) = parse_guarded(&self.reader.parser, &bytes, today) else {
+            self.reader.stats.parser_panics.fetch_add(1, Ordering::Relaxed);
+            self.reject(Reject::BadField, &bytes);
+            return true;
+        };
+        match parsed {
             Parsed::Skip => true,
             Parsed::Reject(reason) => {
                 self.reject(reason, &bytes);
@@ -438,19 +490,36 @@ impl<'a> ReadSession<'a> {
 
     /// Hand one parsed read to the store. Returns false when the store has gone away.
     fn emit(&mut self, p: format::ParsedRead, stamp: Stamp, bytes: Vec<u8>) -> bool {
-        let reader_time_us = p.reader_time.map(|t| t.timestamp_micros());
-        let admit = self.talk.admit(reader_time_us, &bytes, stamp, self.replaying);
-        let (timestamp_us, host_stamped) = match (self.reader.cfg.timestamps, reader_time_us, admit) {
-            (_, _, talk::Admit::Drop) => return true,
-            (TimestampSource::Reader, Some(t), _) => (t, false),
+        let reader_time_us = p.reader_time.and_then(crate::timestamp::reader_us);
+        let synced = self.clock_synced();
+        let admit = self.talk.admit(reader_time_us, &bytes, stamp, synced, self.replaying);
+        let (timestamp_us, host_stamped, replayed_at_us) = match (admit, self.reader.cfg.timestamps, reader_time_us) {
+            (talk::Admit::Drop, ..) => return true,
             // Made while we were away: its arrival says nothing of when. The reader's own time,
             // less its clock's measured offset from ours, does.
-            (TimestampSource::Host, Some(t), talk::Admit::Replayed) => (t - self.talk.offset_us(), false),
-            _ => (stamp.utc_us, true),
+            (talk::Admit::Replayed(t), source, _) => {
+                let made = t.saturating_sub(self.talk.offset_us());
+                (if source == TimestampSource::Reader { t } else { made }, false, Some(made))
+            }
+            (talk::Admit::Retimed, ..) => {
+                let stats = &self.reader.stats;
+                if stats.retimed.fetch_add(1, Ordering::Relaxed) == 0
+                    || stats.last_retimed_at.load(Ordering::Relaxed) < stamp.utc_us - 60_000_000
+                {
+                    warn!(
+                        reader_time = %reader_time_us.map(crate::clock::rfc3339).unwrap_or_default(),
+                        "READER TIME NOT BELIEVED: further than reader.max_skew from the host clock; the read keeps the host's time"
+                    );
+                }
+                stats.last_retimed_at.store(stamp.utc_us, Ordering::Relaxed);
+                (stamp.utc_us, true, None)
+            }
+            (talk::Admit::Live, TimestampSource::Reader, Some(t)) => (t, false, None),
+            (talk::Admit::Live, ..) => (stamp.utc_us, true, None),
         };
         let read = Read {
             host: stamp,
-            clock_synced: self.clock_synced(),
+            clock_synced: synced,
             chip: p.chip,
             antenna: p.antenna,
             rssi: p.rssi,
@@ -460,6 +529,7 @@ impl<'a> ReadSession<'a> {
             raw: bytes,
             timestamp_us,
             host_stamped,
+            replayed_at_us,
         };
         let stats = &self.reader.stats;
         stats.reads_total.fetch_add(1, Ordering::Relaxed);
@@ -509,6 +579,18 @@ impl<'a> ReadSession<'a> {
             self.last_reject_log = Some(Instant::now());
         }
     }
+}
+
+/// Parse one record, catching a panic. The parsers are pure functions of the record, and every
+/// number in them goes through checked arithmetic (the fuzz targets feed them extreme fields),
+/// but a panic left in one must not cost the reads already parsed: with the process aborting,
+/// those handed to the store and not yet committed would be lost, and the reader would restart
+/// into the same record. So the reader thread unwinds here, and only here (the panic hook in
+/// [`crate::panics`] aborts on any other panic, where state may be half-changed): the record is
+/// counted as rejected and the connection goes on. Nothing but the parser runs inside, and it
+/// holds no state, so nothing is left half-done.
+fn parse_guarded(parser: &Parser, bytes: &[u8], today: chrono::NaiveDate) -> Option<Parsed> {
+    crate::panics::caught(|| parser.parse(bytes, today))
 }
 
 /// Let go of a kept port that is not ours to use: lift its exclusive claims first, so opening

@@ -30,6 +30,11 @@ pub fn read_timeout(cfg: &ReaderConfig) -> Duration {
     if cfg.poll_interval.is_zero() { READ_TIMEOUT } else { READ_TIMEOUT.min(cfg.poll_interval) }
 }
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A command the reader does not take within this long means it stopped reading what we send:
+/// the write fails, and the connection is taken as lost (and opened again). Without it the reader
+/// thread would block for ever once the socket's send buffer is full. (A serial port's writes
+/// wait at most its read timeout, the same way.)
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn resolve(addr: &str) -> io::Result<SocketAddr> {
     addr.to_socket_addrs()?
@@ -39,6 +44,7 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
 
 fn configure_tcp(stream: &TcpStream, cfg: &ReaderConfig) -> io::Result<()> {
     stream.set_read_timeout(Some(read_timeout(cfg)))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     stream.set_nodelay(true)?;
     enable_keepalive(stream)
 }

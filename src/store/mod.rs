@@ -237,6 +237,8 @@ pub struct StoreStats {
     pub commits: AtomicU64,
     pub buffered_reads: AtomicU64,
     pub dropped_reads: AtomicU64,
+    /// Replayed reads whose time falls in no open session: stored as reads, no passing.
+    pub replayed_elsewhere: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -306,10 +308,10 @@ impl Windows {
         }
     }
 
-    fn prune(&mut self) {
+    fn prune(&mut self, mono_now_us: i64) {
         match self {
-            Windows::First(d) => d.prune(),
-            Windows::Strongest(s) => s.prune(),
+            Windows::First(d) => d.prune(mono_now_us),
+            Windows::Strongest(s) => s.prune(mono_now_us),
         }
     }
 
@@ -496,7 +498,7 @@ impl Store {
 
     /// Periodic work; returns true when strongest windows are due (commit them now).
     fn housekeeping(&mut self, nothing_waiting: bool) -> bool {
-        self.windows.prune();
+        self.windows.prune(clock::monotonic_us());
         if self.reopen_due() {
             self.reconnect(nothing_waiting);
         }

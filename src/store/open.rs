@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Windows taken back into memory at a restart: the latest passings' (a cache; the rest are
+/// looked up among the stored passings when a read needs them).
+const RESTORED_WINDOWS: i64 = 4096;
+
 /// Open (creating or migrating) the database for writing, with the durability settings.
 pub fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     if let Some(dir) = path.parent()
@@ -184,7 +188,7 @@ impl Store {
                 }
             }
         }
-        self.load_open_session(self.dedup_window)?;
+        self.load_open_session()?;
         if self.open.is_none()
             && let Some(alias) = self.auto_start.clone()
         {
@@ -245,7 +249,7 @@ impl Store {
     }
 
     /// Resume exactly where we were: the open session, its counter, and its recent windows.
-    pub(super) fn load_open_session(&mut self, window: Duration) -> anyhow::Result<()> {
+    pub(super) fn load_open_session(&mut self) -> anyhow::Result<()> {
         let conn = self.conn.as_ref().ok_or_else(unavailable)?;
         self.open = conn
             .query_row(
@@ -255,34 +259,43 @@ impl Store {
             )
             .optional()?;
         let Some(open) = self.open else { return Ok(()) };
+        // The latest windows, by number (not by their times: one read dated far ahead must not
+        // hide the others); older ones are found among the stored passings when needed.
         let mut stmt = conn.prepare(
-            "SELECT chip, window_start FROM passings WHERE session_id = ?1
-             AND window_start >= (SELECT max(window_start) FROM passings WHERE session_id = ?1) - ?2 ORDER BY num_passing",
+            "SELECT chip, window_start FROM passings WHERE session_id = ?1 ORDER BY num_passing DESC LIMIT ?2",
         )?;
-        let rows =
-            stmt.query_map(params![open.id, window.as_micros() as i64], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map(params![open.id, RESTORED_WINDOWS], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        let mono = clock::monotonic_us();
         for row in rows {
             let (chip, start) = row?;
             match &mut self.windows {
-                Windows::First(d) => {
-                    d.accept(&chip, start);
-                }
-                Windows::Strongest(s) => s.restore_closed(chip, start),
+                Windows::First(d) => d.remember(&chip, start, mono),
+                Windows::Strongest(s) => s.restore_closed(chip, start, mono),
             }
         }
         if let Windows::Strongest(s) = &mut self.windows {
             let mut stmt = conn.prepare(
-                "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp, r.clock_synced = 0 AND r.timestamp = r.received_at
+                "SELECT w.chip, w.start_us, w.best_read, w.best_rssi, r.timestamp, r.clock_synced = 0 AND r.timestamp = r.received_at, w.bib
                  FROM windows w JOIN reads r ON r.id = w.best_read WHERE w.session_id = ?1",
             )?;
             let rows = stmt.query_map([open.id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
             })?;
             // Monotonic time restarts with the machine: a restored window runs its full length again.
             let opened_mono_us = clock::monotonic_us();
             for row in rows {
-                let (chip, start_us, read_id, rssi, timestamp_us, unsynced) = row?;
-                let bib = self.bibs.get(&chip).cloned().unwrap_or_else(|| chip.clone());
+                let (chip, start_us, read_id, rssi, timestamp_us, unsynced, stored_bib) = row?;
+                // `bib_for`'s order: the bib map, then the bib the window was given (the
+                // reader's own, from a regex `bib` group), then the chip.
+                let bib = self.bibs.get(&chip).cloned().or(stored_bib).unwrap_or_else(|| chip.clone());
                 let best = Candidate { read_id, chip: chip.clone(), bib, timestamp_us, rssi, unsynced };
                 s.restore(chip, Window { start_us, opened_mono_us, best });
             }

@@ -37,6 +37,35 @@ pub(super) fn drain_windows(
     Ok(events)
 }
 
+/// The session whose open interval holds `at` (host UTC µs), if any.
+fn session_at(tx: &rusqlite::Transaction<'_>, at: i64) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached(
+        "SELECT id FROM sessions WHERE created_at <= ?1 AND (closed_at IS NULL OR closed_at > ?1)
+         ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row([at], |r| r.get(0))
+    .optional()
+}
+
+/// The start of a stored passing's window of `chip` in the session that holds `at`, if any.
+fn stored_window(
+    tx: &rusqlite::Transaction<'_>,
+    session_id: i64,
+    chip: &str,
+    at: i64,
+    window_us: i64,
+) -> rusqlite::Result<Option<i64>> {
+    if window_us <= 0 {
+        return Ok(None);
+    }
+    tx.prepare_cached(
+        "SELECT window_start FROM passings WHERE session_id = ?1 AND chip = ?2
+         AND window_start > ?3 - ?4 AND window_start < ?3 + ?4 LIMIT 1",
+    )?
+    .query_row(params![session_id, chip, at, window_us], |r| r.get(0))
+    .optional()
+}
+
 /// Inserts passings, numbering them.
 struct PassingWriter<'t> {
     stmt: rusqlite::CachedStatement<'t>,
@@ -91,7 +120,7 @@ pub(super) fn persist_windows(
     touched: &[String],
 ) -> rusqlite::Result<()> {
     let mut upsert = tx.prepare_cached(
-        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_mono, best_read, best_rssi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT OR REPLACE INTO windows (chip, session_id, start_us, opened_mono, best_read, best_rssi, bib) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut delete = tx.prepare_cached("DELETE FROM windows WHERE chip = ?1")?;
     let mut done = std::collections::HashSet::new();
@@ -106,7 +135,8 @@ pub(super) fn persist_windows(
                 win.start_us,
                 win.opened_mono_us,
                 win.best.read_id,
-                win.best.rssi
+                win.best.rssi,
+                win.best.bib
             ])?,
             None => delete.execute([chip])?,
         };
@@ -327,18 +357,26 @@ impl Store {
         let mut session = self.open;
         let mut touched: Vec<String> = Vec::new();
         {
-            let mut seen =
-                tx.prepare_cached("SELECT 1 FROM reads WHERE coalesce(session_id, 0) = ?1 AND replay_key = ?2")?;
+            // Any stored read with the key, in any session: a rewind can span a session start,
+            // and the morning's chip check is replayed with the rest of the memory.
+            let mut seen = tx.prepare_cached("SELECT 1 FROM reads WHERE replay_key = ?1 LIMIT 1")?;
             let mut insert_read = tx.prepare_cached(
-                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, timestamp, raw, replay_key, session_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO reads (received_at, monotonic_us, boot, clock_synced, chip, antenna, rssi, reader_time, timestamp, raw, replay_key, session_id, replayed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             let mut passings = PassingWriter::new(&tx)?;
+            let window_us = self.dedup_window.as_micros() as i64;
             for read in batch {
-                // A replayed read (download, rewind) already stored for this session is a repeat.
-                let replayed = match &read.replay_key {
-                    Some(key) => seen.exists(params![session.map_or(0, |s| s.id), key])?,
+                // A replayed read (download, rewind) already stored is a repeat.
+                let repeat = match &read.replay_key {
+                    Some(key) => seen.exists(params![key])?,
                     None => false,
+                };
+                // A live read belongs to the session open now; a replayed one to the session
+                // whose open interval holds the time it was made (none: it makes no passing).
+                let home = match read.replayed_at_us {
+                    None => session.map(|s| s.id),
+                    Some(made) => session_at(&tx, made)?,
                 };
                 insert_read.execute(params![
                     read.host.utc_us,
@@ -351,8 +389,9 @@ impl Store {
                     read.reader_time_us,
                     read.timestamp_us,
                     read.raw,
-                    if replayed { None } else { read.replay_key.as_deref() },
-                    session.map(|s| s.id),
+                    if repeat { None } else { read.replay_key.as_deref() },
+                    home,
+                    read.replayed_at_us.is_some(),
                 ])?;
                 let read_id = tx.last_insert_rowid();
                 let before = events.len();
@@ -360,17 +399,32 @@ impl Store {
                     seen.push(watch_event(&self.bibs, read, session.as_ref()));
                 }
                 let Some(s) = session.as_mut() else { continue };
-                if replayed {
+                if repeat {
+                    continue;
+                }
+                if home != Some(s.id) {
+                    // Replayed from a time no open session holds: kept as a read only.
+                    self.stats.replayed_elsewhere.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let Some(bib) = bib_for(&self.bibs, self.unmapped, read) else { continue };
+                let (chip, at) = (read.chip.as_str(), read.timestamp_us);
                 match (&mut self.windows, &mut *undo) {
                     (Windows::First(d), Rollback::First(undo)) => {
-                        let (fresh, u) = d.accept(&read.chip, read.timestamp_us);
+                        // Memory first (the hot path); a window it has forgotten is in the
+                        // passings stored.
+                        if window_us > 0
+                            && !d.covers(chip, at, read.host.monotonic_us)
+                            && let Some(start) = stored_window(&tx, s.id, chip, at, window_us)?
+                        {
+                            d.remember(chip, start, read.host.monotonic_us);
+                            continue;
+                        }
+                        let (fresh, u) = d.accept(chip, at, read.host.monotonic_us);
                         undo.extend(u);
                         if fresh {
                             let c = candidate(read_id, read, bib);
-                            events.push(passings.insert(s, &c, read.timestamp_us)?);
+                            events.push(passings.insert(s, &c, at)?);
                             if let (Some(seen), Some(p)) = (watched.as_deref_mut(), events.last())
                                 && let Some(last) = seen.last_mut()
                             {
@@ -379,6 +433,12 @@ impl Store {
                         }
                     }
                     (Windows::Strongest(w), _) => {
+                        if !w.covers(chip, at)
+                            && let Some(start) = stored_window(&tx, s.id, chip, at, window_us)?
+                        {
+                            w.restore_closed(chip.to_string(), start, read.host.monotonic_us);
+                            continue;
+                        }
                         let c = candidate(read_id, read, bib);
                         if let Some(ended) = w.offer(c, read.host.monotonic_us) {
                             events.push(passings.insert(s, &ended.best, ended.start_us)?);

@@ -246,9 +246,21 @@ impl Db {
     }
 
     /// The reader time and raw bytes of the last `n` reads stored: where a rewind begins.
-    pub fn last_reads(&self, n: usize) -> rusqlite::Result<Vec<(Option<i64>, Vec<u8>)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT reader_time, raw FROM reads ORDER BY id DESC LIMIT ?1")?;
-        stmt.query_map([n as i64], |r| Ok((r.get(0)?, r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default())))?.collect()
+    /// The last `n` reads stored, newest first (what a rewind starts from).
+    pub fn last_reads(&self, n: usize) -> rusqlite::Result<Vec<crate::reader::talk::StoredRead>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reader_time, received_at, clock_synced, replayed, raw FROM reads ORDER BY id DESC LIMIT ?1",
+        )?;
+        stmt.query_map([n as i64], |r| {
+            Ok(crate::reader::talk::StoredRead {
+                reader_time_us: r.get(0)?,
+                received_at_us: r.get(1)?,
+                clock_synced: r.get(2)?,
+                replayed: r.get(3)?,
+                raw: r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+            })
+        })?
+        .collect()
     }
 
     /// The session reads are assigned to, if any.

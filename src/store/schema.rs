@@ -124,6 +124,16 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE sessions;
     ALTER TABLE sessions_v3 RENAME TO sessions;
     "#,
+    // 4: a replayed read is a repeat of any stored read with its key, in any session; a read
+    // older than the windows in memory is checked against the chip's stored passings; a
+    // strongest window keeps the bib it was given (the reader's own, from a regex `bib` group);
+    // a read says whether it was replayed (so the rewind start point is a live read's time).
+    r#"
+    CREATE INDEX reads_replay_key ON reads(replay_key) WHERE replay_key IS NOT NULL;
+    CREATE INDEX passings_chip ON passings(session_id, chip, window_start);
+    ALTER TABLE windows ADD COLUMN bib TEXT;
+    ALTER TABLE reads ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

@@ -53,6 +53,7 @@ impl Rig {
             raw: chip.as_bytes().to_vec(),
             timestamp_us: at,
             host_stamped: false,
+            replayed_at_us: None,
         };
         self.reads.as_ref().unwrap().send(read).unwrap();
     }

@@ -382,7 +382,7 @@ fn real_ipico_download_dedups_as_documented() {
         let mut dedup = rufus_gateway::dedup::Dedup::new(std::time::Duration::from_secs(window));
         let mut passings: std::collections::BTreeMap<String, usize> = Default::default();
         for r in &reads {
-            if dedup.accept(&r.chip, r.reader_time.unwrap().timestamp_micros()).0 {
+            if dedup.accept(&r.chip, r.reader_time.unwrap().timestamp_micros(), 0).0 {
                 *passings.entry(r.chip.clone()).or_default() += 1;
             }
         }

@@ -127,10 +127,15 @@ impl Parser {
 
     /// Parse one record. `today` is the host's date, used only by time-of-day-only formats.
     /// Every chip code is checked against the format's alphabet here, where it enters.
+    /// Every reader time is checked against [`crate::timestamp::READER_YEARS`] here too, so no
+    /// later arithmetic on it can leave chrono's range.
     pub fn parse(&self, record: &[u8], today: NaiveDate) -> Parsed {
+        let time_ok = |r: &ParsedRead| r.reader_time.is_none_or(|t| crate::timestamp::reader_us(t).is_some());
         match self.parse_record(record, today) {
             Parsed::Read(r) if !self.chip_ok(&r.chip) => Parsed::Reject(Reject::BadChip),
             Parsed::Reads(reads) if reads.iter().any(|r| !self.chip_ok(&r.chip)) => Parsed::Reject(Reject::BadChip),
+            Parsed::Read(r) if !time_ok(&r) => Parsed::Reject(Reject::BadTime),
+            Parsed::Reads(reads) if !reads.iter().all(time_ok) => Parsed::Reject(Reject::BadTime),
             parsed => parsed,
         }
     }

@@ -94,8 +94,9 @@ impl UltraParser {
             return Parsed::Reject(Reject::BadField);
         }
         let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).expect("valid date");
-        let Some(local) = epoch.checked_add_signed(TimeDelta::seconds(seconds) + TimeDelta::milliseconds(millis))
-        else {
+        // Checked all the way: `seconds` is whatever the line says, up to `i64::MAX`.
+        let since_epoch = TimeDelta::try_seconds(seconds).and_then(|s| s.checked_add(&TimeDelta::milliseconds(millis)));
+        let Some(local) = since_epoch.and_then(|d| epoch.checked_add_signed(d)) else {
             return Parsed::Reject(Reject::BadTime);
         };
         let Some(reader_time) = local_to_utc(local, self.tz) else { return Parsed::Reject(Reject::BadTime) };

@@ -6,20 +6,22 @@
 //! asks [`Talk::admit`] about every parsed read, and sends what [`Talk::poll`] returns. Every
 //! method takes the time it is called at, so the tests drive it without a clock.
 
-use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
 use tracing::{info, warn};
 
 use super::control::{elite, ipico, ultra};
+use super::format::Reject;
 use crate::clock::Stamp;
 use crate::config::{ClockMode, Format, ReaderConfig, UltraRewindForm};
 
+mod admit;
 mod rewind;
 mod shared;
 #[cfg(test)]
 mod tests;
 
-pub use shared::{ClockStatus, Recall, RewindState, RewindStatus, Shared};
+pub use shared::{ClockStatus, Recall, RewindState, RewindStatus, Shared, StoredRead};
 
 /// A clock request without an answer for this long has failed.
 const PROBE_TIMEOUT_US: i64 = 2_000_000;
@@ -28,8 +30,19 @@ const PROBE_ATTEMPTS: u32 = 3;
 /// IPICO: samples per measurement (the one with the shortest round trip counts; the median round
 /// trip gives the one-way latency that aligns a set).
 const IPICO_SAMPLES: usize = 3;
-/// A download step without an answer is sent again after this long.
+/// A download step without an answer is sent again after this long, at most this many times.
 const STEP_TIMEOUT_US: i64 = 3_000_000;
+const STEP_ATTEMPTS: u32 = 3;
+/// The longest a rewind may run, whatever the reader sends (a whole IPICO memory at 9600 baud
+/// takes about ten minutes): then it is stopped and said to have failed.
+const REWIND_MAX_US: i64 = 15 * 60 * 1_000_000;
+/// How far a read's time (less the reader clock's measured offset) may stray from its arrival
+/// and still be taken as made now: the reader's own buffering, and the offset's error.
+const LIVE_SLACK_US: i64 = 2_000_000;
+/// Gaps in an Ultra's log waiting for their rewind; more are merged into the last one.
+const MAX_GAPS: usize = 8;
+/// A jump in an Ultra's log index larger than this is a new log, not a gap to rewind.
+const MAX_GAP_READS: u64 = 1_000_000;
 /// A rewind that brings nothing new for this long is over (the Ultra has no end signal; an IPICO
 /// download that stops progressing has failed).
 const REWIND_IDLE_US: i64 = 30_000_000;
@@ -89,46 +102,67 @@ enum ClockJob {
     },
 }
 
+/// A rewind, and what it asked for. Times are the reader's (UTC µs by its clock).
 #[derive(Debug)]
 enum Rewind {
     Off,
     Idle,
-    /// IPICO download: the step sent last (0 init, 1 configure, 2 start, 3 running), when, the
-    /// progress seen and when it last moved; reads older than `since` are not ours to take.
+    /// IPICO download: the step sent last (0 init, 1 configure, 2 start, 3 running), when, how
+    /// often, the progress seen and when it last moved. It asks for the whole memory; what is
+    /// taken is `since` (the last live read we have) up to our connect.
     Download {
         step: u8,
         sent_mono: i64,
+        attempts: u32,
         progress: Option<u32>,
         moved_mono: i64,
         since: i64,
     },
-    /// Elite: `replay_start` since `since`; the helper reads the replay port to its end.
+    /// Elite: `replay_start` since `since`; the helper reads the replay port to its end. Reads
+    /// after `until` (our connect) are not what was asked.
     Replay {
         since: i64,
+        until: i64,
     },
-    /// Ultra by time, since the newest read we have (when no live read tells the gap).
+    /// Ultra by time, `since` the last live read we have to `until` (when no live read tells
+    /// the gap).
     Time {
         since: i64,
+        until: i64,
         last_mono: i64,
     },
-    /// Ultra by log index.
+    /// Ultra by log index; the times of what it brings are held between the reads either side
+    /// of the gap.
     Log {
-        from: u64,
-        to: u64,
+        gap: Gap,
         last_mono: i64,
         got: u64,
     },
 }
 
+/// A gap in an Ultra's log: the indexes missing, and the reader times of the live reads either
+/// side of it (the replayed reads' times are clamped between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gap {
+    from: u64,
+    to: u64,
+    after_us: Option<i64>,
+    before_us: Option<i64>,
+}
+
 /// What [`Talk::admit`] makes of a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// Not ours to take: an old stored read replayed by an IPICO download.
-    Drop,
+    /// Made now: stamped on arrival, or with its reader time when so configured.
     Live,
-    /// Made while we were not listening, and replayed now: its time of arrival says nothing of
-    /// when it was made.
-    Replayed,
+    /// Made now, but its reader time is further than `reader.max_skew` from the synchronised
+    /// host clock: not believed. It is stamped on arrival and moves nothing.
+    Retimed,
+    /// Replayed at our request, inside what was asked: made at this reader time (clamped to
+    /// what was asked); its arrival says nothing of when it was made.
+    Replayed(i64),
+    /// Not taken: a replayed read outside what was asked (counted in `status.reader.rewind`).
+    Drop,
 }
 
 pub struct Talk {
@@ -136,6 +170,7 @@ pub struct Talk {
     mode: ClockMode,
     check_us: i64,
     tolerance_us: i64,
+    max_skew_us: i64,
     tz: Tz,
     form: ultra::Form,
     want_rewind: bool,
@@ -145,8 +180,15 @@ pub struct Talk {
     /// A set is owed: refused while the host clock was unsynchronised (IPICO: done once it is).
     set_owed: bool,
     rewind: Rewind,
+    /// When the running rewind must be over (monotonic µs).
+    rewind_deadline: i64,
+    /// IPICO: a set waits for the download (the memory was written by the clock as it is).
+    set_after_rewind: bool,
+    /// The reader's clock was measured since this connect (an IPICO download needs it to tell
+    /// stored reads from live ones).
+    measured: bool,
     /// Ultra: gaps in the log waiting for their rewind.
-    gaps: Vec<(u64, u64)>,
+    gaps: Vec<Gap>,
     /// Impinj: the window's largest (reader − host) and its size and start.
     window: (Option<i64>, usize, i64),
     reported_off: bool,
@@ -181,6 +223,7 @@ impl Talk {
             mode,
             check_us: cfg.clock_check.as_micros() as i64,
             tolerance_us: cfg.clock_tolerance.as_micros() as i64,
+            max_skew_us: i64::try_from(cfg.max_skew.as_micros()).unwrap_or(i64::MAX),
             tz: cfg.timezone,
             form: match cfg.ultra_rewind_form {
                 UltraRewindForm::Ascii => ultra::Form::Ascii,
@@ -192,6 +235,9 @@ impl Talk {
             clock: ClockJob::Idle { next_mono: None },
             set_owed: false,
             rewind: Rewind::Off,
+            rewind_deadline: 0,
+            set_after_rewind: false,
+            measured: false,
             gaps: Vec::new(),
             window: (None, 0, 0),
             reported_off: false,
@@ -215,6 +261,8 @@ impl Talk {
         self.window = (None, 0, now.monotonic_us);
         self.rewind = if self.want_rewind { Rewind::Idle } else { Rewind::Off };
         self.clock = ClockJob::Idle { next_mono: None };
+        self.set_after_rewind = false;
+        self.measured = false;
         self.elite_out.clear();
         if matches!(self.family, Family::Ipico | Family::Elite | Family::Ultra) && self.mode != ClockMode::Ignore {
             let then = if self.mode == ClockMode::Set {
@@ -249,7 +297,7 @@ impl Talk {
     pub fn disconnected(&mut self, now: Stamp) {
         // Live reads taken during an unfinished download or replay are newer than what it had
         // yet to bring: the next one starts where this one did.
-        if let Rewind::Download { since, .. } | Rewind::Replay { since } = self.rewind {
+        if let Rewind::Download { since, .. } | Rewind::Replay { since, .. } = self.rewind {
             self.recall.reader_time_us = Some(since);
         }
         if matches!(
@@ -276,11 +324,13 @@ impl Talk {
             ClockJob::Verifying { at_mono } => Some(*at_mono),
         };
         let rewind = match &self.rewind {
-            Rewind::Download { sent_mono, moved_mono, step, .. } => {
-                Some(if *step < 3 { sent_mono + STEP_TIMEOUT_US } else { moved_mono + REWIND_IDLE_US })
-            }
-            Rewind::Log { last_mono, .. } => Some(last_mono + REWIND_IDLE_US),
-            Rewind::Time { last_mono, .. } => Some(last_mono + TIME_REPLAY_IDLE_US),
+            Rewind::Download { sent_mono, moved_mono, step, .. } => Some(
+                if *step < 3 { sent_mono + STEP_TIMEOUT_US } else { moved_mono + REWIND_IDLE_US }
+                    .min(self.rewind_deadline),
+            ),
+            Rewind::Log { last_mono, .. } => Some((last_mono + REWIND_IDLE_US).min(self.rewind_deadline)),
+            Rewind::Time { last_mono, .. } => Some((last_mono + TIME_REPLAY_IDLE_US).min(self.rewind_deadline)),
+            Rewind::Replay { .. } => Some(self.rewind_deadline),
             Rewind::Idle if !self.gaps.is_empty() => Some(0),
             Rewind::Idle if self.quiet_since_connect() => self.connected_at.map(|c| c.monotonic_us + ULTRA_QUIET_US),
             _ => None,
@@ -330,6 +380,11 @@ impl Talk {
 
     fn poll_clock(&mut self, now: Stamp, host_synced: bool, out: &mut Vec<Vec<u8>>) {
         let mono = now.monotonic_us;
+        if self.set_after_rewind && !self.download_pending() && matches!(self.clock, ClockJob::Idle { .. }) {
+            self.set_after_rewind = false;
+            info!("the download is over: setting the reader's clock");
+            self.clock = ClockJob::Measuring { samples: Vec::new(), sent: None, failures: 0, then: Then::Set };
+        }
         match &mut self.clock {
             ClockJob::Idle { next_mono: Some(at) } if mono >= *at => {
                 let then = if self.set_owed && host_synced && matches!(self.family, Family::Ipico | Family::Elite) {
@@ -369,7 +424,10 @@ impl Talk {
             }
             ClockJob::Measuring { .. } => {}
             ClockJob::Setting { send_mono, target } if mono >= *send_mono => {
-                let local = target.with_timezone(&self.tz).naive_local();
+                let Some(local) = crate::timestamp::utc_to_local(target.timestamp_micros(), self.tz) else {
+                    self.refuse("not set: the host's time cannot be shown in reader.timezone", now);
+                    return;
+                };
                 let (command, settle) = match self.family {
                     Family::Ipico => (ipico::set_clock(local).into_bytes(), ipico::SET_ROLLOVER_MS as i64 * 1000),
                     Family::Elite => (elite::set_clock(local).into_bytes(), 1_000_000),
@@ -408,17 +466,23 @@ impl Talk {
         (self.check_us > 0).then_some(mono + self.check_us)
     }
 
-    /// Take a control reply. True when the record was one (it is not a read).
-    pub fn reply(&mut self, record: &[u8], at: Stamp) -> bool {
+    /// Take a control reply: `Ok(true)` when the record was one (it is not a read), an error
+    /// when it was a control frame that does not hold together (counted as rejected).
+    pub fn reply(&mut self, record: &[u8], at: Stamp) -> Result<bool, Reject> {
         match self.family {
             Family::Ipico if record.starts_with(b"ab") => {
-                let Ok(reply) = ipico::parse(&String::from_utf8_lossy(record)) else { return true };
+                let reply = ipico::parse(&String::from_utf8_lossy(record)).map_err(|e| match e {
+                    ipico::BadFrame::Checksum => Reject::BadChecksum,
+                    ipico::BadFrame::Short | ipico::BadFrame::Length => Reject::BadLength,
+                    ipico::BadFrame::NotControl | ipico::BadFrame::NotHex | ipico::BadFrame::Field => Reject::BadField,
+                })?;
                 match reply {
                     ipico::Reply::Clock { local, .. } => self.clock_reply(local, 10_000, at),
-                    ipico::Reply::Download { extent, progress, .. } => self.download_reply(extent, progress, at),
+                    ipico::Reply::Download { .. } => self.download_reply(&reply, at),
+                    ipico::Reply::Error { code } => self.download_refused(code, at),
                     _ => {}
                 }
-                true
+                Ok(true)
             }
             Family::Ultra => {
                 if let ClockJob::Asking { sent: Some(_), one_way } = self.clock
@@ -432,19 +496,22 @@ impl Talk {
                             at,
                         );
                     }
-                    return true;
+                    return Ok(true);
                 }
-                let Some(local) = std::str::from_utf8(record).ok().and_then(ultra::parse_clock) else { return false };
+                let Some(local) = std::str::from_utf8(record).ok().and_then(ultra::parse_clock) else {
+                    return Ok(false);
+                };
                 self.clock_reply(local, 1_000_000, at);
-                true
+                Ok(true)
             }
-            _ => false,
+            _ => Ok(false),
         }
     }
 
     fn clock_reply(&mut self, local: NaiveDateTime, resolution_us: i64, at: Stamp) {
         let ClockJob::Measuring { samples, sent: Some(sent), then, .. } = &mut self.clock else { return };
-        let Some(reader) = self.tz.from_local_datetime(&local).earliest() else { return };
+        // Checked: a reply may name any year chrono can hold (an Ultra's `r` up to +262142).
+        let Some(reader) = crate::timestamp::local_to_utc(local, self.tz) else { return };
         let rtt_us = at.monotonic_us - sent.monotonic_us;
         self.unanswered = false;
         // The reader's clock was read about halfway through the round trip; its reading is
@@ -462,7 +529,12 @@ impl Talk {
         let one_way = rtts[rtts.len() / 2] / 2;
         let then = *then;
         self.report(best.offset_us, at);
-        if then == Then::Set && self.family == Family::Ultra {
+        if then == Then::Set && self.download_pending() {
+            // The stored reads were stamped by the clock as it is: they are downloaded (and
+            // told from live ones) first, and the clock is set after.
+            self.set_after_rewind = true;
+            self.clock = ClockJob::Idle { next_mono: None };
+        } else if then == Then::Set && self.family == Family::Ultra {
             // An Ultra's clock "cannot be fixed when the Ultra is in 'Read' mode": ask first.
             self.clock = ClockJob::Asking { sent: None, one_way };
         } else if then == Then::Set {
@@ -479,7 +551,10 @@ impl Talk {
         let lead = if self.family == Family::Ipico { ipico::SET_ROLLOVER_MS as i64 * 1000 } else { 0 } + one_way;
         let now_utc = at.utc_us;
         let target_us = (now_utc + lead + 200_000).div_euclid(1_000_000) * 1_000_000 + 1_000_000;
-        let target = DateTime::from_timestamp_micros(target_us).unwrap_or_else(Utc::now);
+        let Some(target) = DateTime::from_timestamp_micros(target_us) else {
+            self.refuse("not set: the host's time is out of range", at);
+            return;
+        };
         self.clock = ClockJob::Setting { send_mono: at.monotonic_us + (target_us - lead - now_utc), target };
     }
 
@@ -506,6 +581,7 @@ impl Talk {
             info!(offset_ms = ms, "reader clock measured");
         }
         self.reported_off = off;
+        self.measured = true;
         self.shared.clock(|c| {
             c.clock_offset_ms = Some(ms);
             c.clock_measured_at = Some(crate::clock::rfc3339(at.utc_us));
@@ -514,61 +590,6 @@ impl Talk {
                 c.clock_error = None;
             }
         });
-    }
-
-    /// Whether a parsed read is taken in (false: an old stored read replayed by an IPICO
-    /// download, from before what we have). Notes what a rewind needs.
-    /// `replayed`: it came from an Elite's replay port.
-    pub fn admit(&mut self, reader_time_us: Option<i64>, raw: &[u8], at: Stamp, replayed: bool) -> Admit {
-        match self.family {
-            Family::Elite => {
-                if replayed {
-                    let Rewind::Replay { since } = self.rewind else { return Admit::Drop };
-                    // The reader replays from the start of a whole second: what is older than
-                    // the newest read we have is not ours to take, what is at it may be a repeat.
-                    match reader_time_us {
-                        Some(t) if t < since => return Admit::Drop,
-                        Some(t) if t > since => self.count_replayed(),
-                        _ => {}
-                    }
-                }
-                self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
-                if replayed { Admit::Replayed } else { Admit::Live }
-            }
-            Family::Ipico => {
-                let mut admit = Admit::Live;
-                if let Rewind::Download { since, moved_mono, .. } = &mut self.rewind {
-                    if reader_time_us.is_some_and(|t| t < *since) {
-                        return Admit::Drop;
-                    }
-                    *moved_mono = at.monotonic_us;
-                    // Reads stamped before we connected were stored while we were away. Those
-                    // at the very instant of the newest one we have are taken in too, as
-                    // repeats or not, but not counted: they may be repeats.
-                    let since = *since;
-                    let before = self.connected_at.map(|c| c.utc_us).unwrap_or(at.utc_us);
-                    let offset = self.offset_us();
-                    if reader_time_us.is_some_and(|t| t - offset < before) {
-                        admit = Admit::Replayed;
-                        if reader_time_us.is_some_and(|t| t > since) {
-                            self.count_replayed();
-                        }
-                    }
-                }
-                self.recall.reader_time_us = self.recall.reader_time_us.max(reader_time_us);
-                admit
-            }
-            Family::Ultra => self.admit_ultra(reader_time_us, raw, at),
-            Family::Impinj => {
-                if self.mode != ClockMode::Ignore
-                    && let Some(t) = reader_time_us
-                {
-                    self.impinj_sample(t - at.utc_us, at);
-                }
-                Admit::Live
-            }
-            Family::Mute => Admit::Live,
-        }
     }
 
     /// Impinj: `firstSeenTimestamp` minus arrival is the offset less the latency, so the largest
@@ -588,6 +609,6 @@ impl Talk {
 
     /// The reader clock's last measured offset from ours, µs (0 while never measured).
     pub fn offset_us(&self) -> i64 {
-        self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0) * 1000
+        self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0).saturating_mul(1000)
     }
 }

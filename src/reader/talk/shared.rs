@@ -7,23 +7,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::reader::control::ultra;
 
-/// What the reader last gave us, from the store at start and from every read after: where a
-/// rewind begins.
+/// What the reader last gave us, from the store at start and from every live read after:
+/// where a rewind begins.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recall {
-    /// The latest reader time among stored reads (UTC µs).
+    /// The reader time of the last live read whose time was believed (UTC µs, by its clock):
+    /// the last, not the newest, so a clock set back is followed, and a read dated ahead (not
+    /// believed) moves nothing.
     pub reader_time_us: Option<i64>,
     /// Ultra: the highest log index stored.
     pub ultra_index: Option<u64>,
 }
 
+/// A stored read, as far as a rewind cares.
+#[derive(Debug, Clone, Default)]
+pub struct StoredRead {
+    pub reader_time_us: Option<i64>,
+    pub received_at_us: i64,
+    pub clock_synced: bool,
+    pub replayed: bool,
+    pub raw: Vec<u8>,
+}
+
 impl Recall {
-    /// From the raw bytes and reader times of the last reads stored.
-    pub fn from_reads<'a>(reads: impl IntoIterator<Item = (Option<i64>, &'a [u8])>) -> Recall {
+    /// From the last reads stored, newest first: the reader time of the newest live read whose
+    /// time is believed (within `max_skew_us` of its arrival on a synchronised clock), and the
+    /// highest Ultra log index.
+    pub fn from_reads<'a>(reads: impl IntoIterator<Item = &'a StoredRead>, max_skew_us: i64) -> Recall {
         let mut recall = Recall::default();
-        for (time, raw) in reads {
-            recall.reader_time_us = recall.reader_time_us.max(time);
-            if let Some((_, index)) = std::str::from_utf8(raw).ok().and_then(ultra::replay_marks) {
+        for read in reads {
+            if recall.reader_time_us.is_none()
+                && !read.replayed
+                && let Some(t) = read.reader_time_us
+                && (!read.clock_synced || t.abs_diff(read.received_at_us) <= max_skew_us.unsigned_abs())
+            {
+                recall.reader_time_us = Some(t);
+            }
+            if let Some((_, index)) = std::str::from_utf8(&read.raw).ok().and_then(ultra::replay_marks) {
                 recall.ultra_index = recall.ultra_index.max(Some(index));
             }
         }
@@ -54,6 +74,14 @@ pub struct RewindStatus {
     pub finished_at: Option<String>,
     /// Replayed reads taken in by the current or last rewind.
     pub reads: u64,
+    /// Replayed reads not taken by the current or last rewind, and since the gateway started:
+    /// outside what was asked (flagged as replayed while no rewind ran, an index or a time
+    /// outside the range asked; an IPICO download resends its whole memory, and what is older
+    /// than the last live read we have counts here too).
+    #[serde(default)]
+    pub outside: u64,
+    #[serde(default)]
+    pub outside_total: u64,
     /// Replayed reads taken in since the gateway started, and rewinds finished.
     pub reads_total: u64,
     pub rewinds_total: u64,
