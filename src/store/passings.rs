@@ -37,14 +37,24 @@ pub(super) fn drain_windows(
     Ok(events)
 }
 
-/// The session whose open interval holds `at` (host UTC µs), if any.
-fn session_at(tx: &rusqlite::Transaction<'_>, at: i64) -> rusqlite::Result<Option<i64>> {
-    tx.prepare_cached(
+/// How far a replayed read's time may miss a session's open interval and still belong to it:
+/// the time is the reader's less its clock's measured offset, and an offset measured to a clock
+/// that shows whole seconds (Ultra, Elite) is known to about half a second.
+const SESSION_EDGE_US: i64 = 1_000_000;
+
+/// The session a replayed read made at `made` (host UTC µs) belongs to: the one whose open
+/// interval holds it, else one that opened or closed within [`SESSION_EDGE_US`] of it.
+fn session_at(tx: &rusqlite::Transaction<'_>, made: i64) -> rusqlite::Result<Option<i64>> {
+    let mut stmt = tx.prepare_cached(
         "SELECT id FROM sessions WHERE created_at <= ?1 AND (closed_at IS NULL OR closed_at > ?1)
          ORDER BY id DESC LIMIT 1",
-    )?
-    .query_row([at], |r| r.get(0))
-    .optional()
+    )?;
+    for at in [made, made.saturating_add(SESSION_EDGE_US), made.saturating_sub(SESSION_EDGE_US)] {
+        if let Some(id) = stmt.query_row([at], |r| r.get(0)).optional()? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
 
 /// The start of a stored passing's window of `chip` in the session that holds `at`, if any.

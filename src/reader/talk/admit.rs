@@ -77,9 +77,11 @@ impl Talk {
     }
 
     /// During an IPICO download, stored reads and live ones share the line, unflagged. A read
-    /// made (by the clock as measured at this connect) since we connected is live, and never
-    /// dropped; one made before is a stored read, taken from the last live read we have on; one
-    /// made after its own arrival is neither (a memory written by a clock since set back).
+    /// made (by the clock as measured at this connect) since we connected is live; one made
+    /// before is a stored read, taken from the last live read we have on (a live read taken for
+    /// one, by the offset's error of some ms, is still taken, with its own time); one made after
+    /// its own arrival is neither (a memory written by a clock since set back). No live read is
+    /// dropped: a live read's time is after the last live read we have, and not ahead of itself.
     fn admit_during_download(&mut self, reader_time_us: Option<i64>, at: Stamp, host_synced: bool) -> Admit {
         let Some(t) = reader_time_us else { return self.live(None, at, host_synced) };
         let made = t.saturating_sub(self.offset_us());
@@ -87,7 +89,7 @@ impl Talk {
         if made > at.utc_us.saturating_add(LIVE_SLACK_US) {
             return self.outside();
         }
-        if made >= connected.saturating_sub(LIVE_SLACK_US) {
+        if made >= connected {
             return self.live(Some(t), at, host_synced);
         }
         let Rewind::Download { since, moved_mono, .. } = &mut self.rewind else { return self.outside() };
