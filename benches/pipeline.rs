@@ -98,7 +98,7 @@ fn dedup(c: &mut Criterion) {
         b.iter(|| {
             let mut d = Dedup::new(Duration::from_secs(3));
             for (i, chip) in chips.iter().enumerate() {
-                black_box(d.accept(chip, i as i64 * 10_000));
+                black_box(d.accept(chip, i as i64 * 10_000, i as i64 * 10_000));
             }
         })
     });

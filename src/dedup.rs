@@ -265,13 +265,13 @@ impl Strongest {
         if let Some((_, seen)) = self.closed.get_mut(&c.chip) {
             *seen = (*seen).max(mono_us);
         }
-        if let Some(w) = self.open.get_mut(&c.chip) {
-            if inside(c.timestamp_us, w.start_us, self.window_us) {
-                if c.rssi.unwrap_or(i64::MIN) > w.best.rssi.unwrap_or(i64::MIN) {
-                    w.best = c;
-                }
-                return None;
+        if let Some(w) = self.open.get_mut(&c.chip)
+            && inside(c.timestamp_us, w.start_us, self.window_us)
+        {
+            if c.rssi.unwrap_or(i64::MIN) > w.best.rssi.unwrap_or(i64::MIN) {
+                w.best = c;
             }
+            return None;
         }
         if self.covers(&c.chip, c.timestamp_us) {
             return None;

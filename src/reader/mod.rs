@@ -237,7 +237,7 @@ impl<'a> ReadSession<'a> {
             synced_checked: None,
             rejects_since_log: 0,
             last_reject_log: None,
-            talk: talk::Talk::new(&reader.cfg, reader.recall, reader.stats.talk.clone()),
+            talk: talk::Talk::new(&reader.cfg, reader.recall.clone(), reader.stats.talk.clone()),
             replaying: false,
         }
     }
@@ -404,44 +404,20 @@ impl<'a> ReadSession<'a> {
         let reader_time_us = p.reader_time.and_then(crate::timestamp::reader_us);
         let synced = self.clock_synced();
         let admit = self.talk.admit(reader_time_us, &bytes, stamp, synced, self.replaying);
-        let (timestamp_us, host_stamped, replayed_at_us) = match (admit, self.reader.cfg.timestamps, reader_time_us) {
-            (talk::Admit::Drop, ..) => return true,
-            // Made while we were away: its arrival says nothing of when. The reader's own time,
-            // less its clock's measured offset from ours, does.
-            (talk::Admit::Replayed(t), source, _) => {
-                let made = t.saturating_sub(self.talk.offset_us());
-                (if source == TimestampSource::Reader { t } else { made }, false, Some(made))
+        if admit == talk::Admit::Retimed {
+            let stats = &self.reader.stats;
+            if stats.retimed.fetch_add(1, Ordering::Relaxed) == 0
+                || stats.last_retimed_at.load(Ordering::Relaxed) < stamp.utc_us - 60_000_000
+            {
+                warn!(
+                    reader_time = %reader_time_us.map(crate::clock::rfc3339).unwrap_or_default(),
+                    "READER TIME NOT BELIEVED: further than reader.max_skew from the host clock; the read keeps the host's time"
+                );
             }
-            (talk::Admit::Retimed, ..) => {
-                let stats = &self.reader.stats;
-                if stats.retimed.fetch_add(1, Ordering::Relaxed) == 0
-                    || stats.last_retimed_at.load(Ordering::Relaxed) < stamp.utc_us - 60_000_000
-                {
-                    warn!(
-                        reader_time = %reader_time_us.map(crate::clock::rfc3339).unwrap_or_default(),
-                        "READER TIME NOT BELIEVED: further than reader.max_skew from the host clock; the read keeps the host's time"
-                    );
-                }
-                stats.last_retimed_at.store(stamp.utc_us, Ordering::Relaxed);
-                (stamp.utc_us, true, None)
-            }
-            (talk::Admit::Live, TimestampSource::Reader, Some(t)) => (t, false, None),
-            (talk::Admit::Live, ..) => (stamp.utc_us, true, None),
-        };
-        let read = Read {
-            host: stamp,
-            clock_synced: synced,
-            chip: p.chip,
-            antenna: p.antenna,
-            rssi: p.rssi,
-            reader_time_us,
-            bib: p.bib,
-            replay_key: p.replay_key,
-            raw: bytes,
-            timestamp_us,
-            host_stamped,
-            replayed_at_us,
-        };
+            stats.last_retimed_at.store(stamp.utc_us, Ordering::Relaxed);
+        }
+        let how = Stamping { source: self.reader.cfg.timestamps, at: stamp, synced, offset_us: self.talk.offset_us() };
+        let Some(read) = how.read(p, admit, bytes) else { return true };
         let stats = &self.reader.stats;
         stats.reads_total.fetch_add(1, Ordering::Relaxed);
         stats.last_read_at.store(stamp.utc_us, Ordering::Relaxed);
@@ -489,6 +465,50 @@ impl<'a> ReadSession<'a> {
             self.rejects_since_log = 0;
             self.last_reject_log = Some(Instant::now());
         }
+    }
+}
+
+/// How a parsed read is stamped, once [`talk::Talk::admit`] has said what it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamping {
+    pub source: TimestampSource,
+    /// When it arrived.
+    pub at: Stamp,
+    /// The host clock was synchronised then.
+    pub synced: bool,
+    /// The reader clock's measured offset (reader − host, µs; 0 unmeasured).
+    pub offset_us: i64,
+}
+
+impl Stamping {
+    /// The read to store; `None` when it is not taken.
+    pub fn read(&self, p: format::ParsedRead, admit: talk::Admit, raw: Vec<u8>) -> Option<Read> {
+        let reader_time_us = p.reader_time.and_then(crate::timestamp::reader_us);
+        let (timestamp_us, host_stamped, replayed_at_us) = match (admit, self.source, reader_time_us) {
+            (talk::Admit::Drop, ..) => return None,
+            // Made while we were away: its arrival says nothing of when. The reader's own time,
+            // less its clock's measured offset from ours, does.
+            (talk::Admit::Replayed(t), source, _) => {
+                let made = t.saturating_sub(self.offset_us);
+                (if source == TimestampSource::Reader { t } else { made }, false, Some(made))
+            }
+            (talk::Admit::Live, TimestampSource::Reader, Some(t)) => (t, false, None),
+            (talk::Admit::Live | talk::Admit::Retimed, ..) => (self.at.utc_us, true, None),
+        };
+        Some(Read {
+            host: self.at,
+            clock_synced: self.synced,
+            chip: p.chip,
+            antenna: p.antenna,
+            rssi: p.rssi,
+            reader_time_us,
+            bib: p.bib,
+            replay_key: p.replay_key,
+            raw,
+            timestamp_us,
+            host_stamped,
+            replayed_at_us,
+        })
     }
 }
 

@@ -539,4 +539,6 @@ impl Store {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;

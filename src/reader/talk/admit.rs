@@ -134,7 +134,7 @@ impl Talk {
             if missing > MAX_GAP_READS {
                 warn!(index, last, "the reader's log index jumped ahead: taken as a new log, not rewound");
             } else if missing > 0 && self.want_rewind {
-                self.queue_gap(Gap { from, to: index - 1, after_us: before_us, before_us: after_us });
+                self.queue_gap(Gap { from, to: index - 1, after_us: before_us, before_us: after_us, checking: false });
             }
             self.recall.ultra_index = Some(index);
         } else if index.saturating_add(1) < last {
@@ -183,7 +183,10 @@ impl Talk {
                     Some(lo) => t.max(lo),
                     None => t,
                 };
-                let hi = gap.before_us.unwrap_or_else(|| at.utc_us.saturating_add(self.offset_us()));
+                // Not after the read that told the gap; without a believed time for it, not
+                // further ahead of the reader's now than a live read's time may be.
+                let now = at.utc_us.saturating_add(self.offset_us());
+                let hi = gap.before_us.unwrap_or_else(|| now.saturating_add(self.max_skew_us));
                 Admit::Replayed(t.min(hi))
             }
             _ => self.outside(),

@@ -150,6 +150,9 @@ struct Gap {
     to: u64,
     after_us: Option<i64>,
     before_us: Option<i64>,
+    /// A hole among the stored reads found at start (a rewind a restart cut short, or lines
+    /// that were never reads): a replay that brings less is not a failure.
+    checking: bool,
 }
 
 /// What [`Talk::admit`] makes of a read.
@@ -218,6 +221,15 @@ impl Talk {
         };
         let mode = if family == Family::Mute { ClockMode::Ignore } else { cfg.clock_mode() };
         let want_rewind = cfg.rewind && matches!(family, Family::Ipico | Family::Elite | Family::Ultra);
+        let gaps = if want_rewind && family == Family::Ultra {
+            recall
+                .holes
+                .iter()
+                .map(|&(from, to)| Gap { from, to, after_us: None, before_us: None, checking: true })
+                .collect()
+        } else {
+            Vec::new()
+        };
         shared.clock(|c| c.clock = Some(mode.as_str().to_string()));
         shared.rewind(|r| r.state = if want_rewind { RewindState::Idle } else { RewindState::Off });
         Talk {
@@ -240,7 +252,7 @@ impl Talk {
             rewind_deadline: 0,
             set_after_rewind: false,
             measured: false,
-            gaps: Vec::new(),
+            gaps,
             window: (None, 0, 0),
             reported_off: false,
             connected_at: None,
@@ -258,7 +270,7 @@ impl Talk {
         self.connected_at = Some(now);
         self.live_seen = false;
         self.time_asked = false;
-        self.gaps.clear();
+        // Gaps still waiting are indexes of the reader's log: still there to ask for.
         self.pending.clear();
         self.window = (None, 0, now.monotonic_us);
         self.rewind = if self.want_rewind { Rewind::Idle } else { Rewind::Off };
@@ -301,6 +313,10 @@ impl Talk {
         // yet to bring: the next one starts where this one did.
         if let Rewind::Download { since, .. } | Rewind::Replay { since, .. } = self.rewind {
             self.recall.reader_time_us = Some(since);
+        }
+        if let Rewind::Log { gap, .. } = self.rewind {
+            // Asked again (what it brought is recognised as repeats).
+            self.gaps.insert(0, gap);
         }
         if matches!(
             self.rewind,

@@ -9,7 +9,7 @@ use crate::reader::control::ultra;
 
 /// What the reader last gave us, from the store at start and from every live read after:
 /// where a rewind begins.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recall {
     /// The reader time of the last live read whose time was believed (UTC µs, by its clock):
     /// the last, not the newest, so a clock set back is followed, and a read dated ahead (not
@@ -17,7 +17,14 @@ pub struct Recall {
     pub reader_time_us: Option<i64>,
     /// Ultra: the highest log index stored.
     pub ultra_index: Option<u64>,
+    /// Ultra: holes among the log indexes stored (the most recent [`MAX_HOLES`]): a rewind that
+    /// a restart cut short left them, and they are asked for again.
+    pub holes: Vec<(u64, u64)>,
 }
+
+/// Holes asked for again at start, and the widest (wider is a new log, not a hole).
+const MAX_HOLES: usize = 8;
+const MAX_HOLE: u64 = 10_000;
 
 /// A stored read, as far as a rewind cares.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +42,7 @@ impl Recall {
     /// highest Ultra log index.
     pub fn from_reads<'a>(reads: impl IntoIterator<Item = &'a StoredRead>, max_skew_us: i64) -> Recall {
         let mut recall = Recall::default();
+        let mut indexes = Vec::new();
         for read in reads {
             if recall.reader_time_us.is_none()
                 && !read.replayed
@@ -45,8 +53,18 @@ impl Recall {
             }
             if let Some((_, index)) = std::str::from_utf8(&read.raw).ok().and_then(ultra::replay_marks) {
                 recall.ultra_index = recall.ultra_index.max(Some(index));
+                indexes.push(index);
             }
         }
+        indexes.sort_unstable();
+        indexes.dedup();
+        recall.holes = indexes
+            .windows(2)
+            .filter(|w| w[1] - w[0] > 1 && w[1] - w[0] - 1 <= MAX_HOLE)
+            .map(|w| (w[0] + 1, w[1] - 1))
+            .collect();
+        let skip = recall.holes.len().saturating_sub(MAX_HOLES);
+        recall.holes.drain(..skip);
         recall
     }
 }

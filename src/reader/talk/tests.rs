@@ -117,6 +117,13 @@ fn set_waits_for_a_synchronised_host() {
     assert!(matches!(talk.clock, ClockJob::Measuring { then: Then::Set, .. }));
 }
 
+/// Measure an Ultra clock that is right (its reply is at the whole second `ms` falls in).
+fn measure_ultra(talk: &mut Talk, ms: i64) {
+    assert_eq!(talk.poll(at(ms), true), vec![ultra::GET_CLOCK.to_vec()]);
+    let reply = format!("{} (1)", utc(ms).format("%-H:%-M:%-S %-d-%-m-%Y"));
+    assert_eq!(talk.reply(reply.as_bytes(), at(ms)), Ok(true));
+}
+
 fn ultra_line(index: u64, replayed: bool) -> Vec<u8> {
     format!("0,{},1170518701,698,1,-71,{},2,1,0000000000000000,0,{index}\n", 11000 + index % 1000, replayed as u8)
         .into_bytes()
@@ -124,7 +131,7 @@ fn ultra_line(index: u64, replayed: bool) -> Vec<u8> {
 
 #[test]
 fn an_ultra_gap_is_rewound_by_index_and_ends_at_its_last_read() {
-    let recall = Recall { reader_time_us: None, ultra_index: Some(100) };
+    let recall = Recall { reader_time_us: None, ultra_index: Some(100), holes: Vec::new() };
     let mut c = cfg(Format::Ultra, ClockMode::Ignore, true);
     c.ultra_rewind_form = crate::config::UltraRewindForm::Ascii;
     let (mut talk, shared) = new(&c, recall);
@@ -142,7 +149,7 @@ fn an_ultra_gap_is_rewound_by_index_and_ends_at_its_last_read() {
 
 #[test]
 fn an_ultra_rewind_that_stops_short_is_a_failure() {
-    let recall = Recall { reader_time_us: None, ultra_index: Some(10) };
+    let recall = Recall { reader_time_us: None, ultra_index: Some(10), holes: Vec::new() };
     let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
     talk.admit(None, &ultra_line(21, false), at(0), true, false);
@@ -158,7 +165,7 @@ fn an_ultra_rewind_that_stops_short_is_a_failure() {
 
 #[test]
 fn a_restarted_ultra_log_is_not_rewound() {
-    let recall = Recall { reader_time_us: None, ultra_index: Some(5000) };
+    let recall = Recall { reader_time_us: None, ultra_index: Some(5000), holes: Vec::new() };
     let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
     talk.admit(None, &ultra_line(3, false), at(0), true, false);
@@ -198,7 +205,7 @@ fn start_download(talk: &mut Talk, t: i64) -> i64 {
 #[test]
 fn an_ipico_download_steps_filters_and_ends() {
     let since = T0 - 60_000_000;
-    let recall = Recall { reader_time_us: Some(since), ultra_index: None };
+    let recall = Recall { reader_time_us: Some(since), ultra_index: None, holes: Vec::new() };
     let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall);
     talk.connected(at(0), true);
     let t = measure_ipico(&mut talk, 0, 0);
@@ -214,7 +221,7 @@ fn an_ipico_download_steps_filters_and_ends() {
         "the last we have: a repeat the store recognises"
     );
     assert_eq!(talk.admit(Some(since + 1), b"", at(t), true, false), Admit::Replayed(since + 1), "missed");
-    assert_eq!(talk.admit(Some(T0 + 1000), b"", at(t), true, false), Admit::Live, "made after we connected");
+    assert_eq!(talk.admit(Some(T0 + 100_000), b"", at(t), true, false), Admit::Live, "made after we connected");
     assert_eq!(talk.admit(Some(T0 + 3_600_000_000), b"", at(t), true, false), Admit::Drop, "from the reader's future");
     talk.reply(&download_status(3, 3, 3), at(t + 1)).unwrap();
     assert_eq!(
@@ -236,7 +243,7 @@ fn live_reads_during_a_download_are_never_dropped_whatever_the_memory_holds() {
     // One stored record dated 2099 made the last live time we have meaningless before; now a
     // read's time is believed only near the host's, and live reads are told by their own time.
     let far = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap().timestamp_micros();
-    let recall = Recall { reader_time_us: Some(T0 - 10_000_000), ultra_index: None };
+    let recall = Recall { reader_time_us: Some(T0 - 10_000_000), ultra_index: None, holes: Vec::new() };
     let (mut talk, _) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall);
     talk.connected(at(0), true);
     let t = measure_ipico(&mut talk, 0, 0);
@@ -266,13 +273,13 @@ fn live_reads_during_a_download_are_never_dropped_whatever_the_memory_holds() {
 }
 
 fn recall_an_hour_fast() -> Recall {
-    Recall { reader_time_us: Some(T0 + 3_600_000_000 - 60_000_000), ultra_index: None }
+    Recall { reader_time_us: Some(T0 + 3_600_000_000 - 60_000_000), ultra_index: None, holes: Vec::new() }
 }
 
 #[test]
 fn a_download_that_is_not_answered_or_refused_gives_up_and_says_so() {
-    let recall = Recall { reader_time_us: Some(T0 - 60_000_000), ultra_index: None };
-    let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall);
+    let recall = Recall { reader_time_us: Some(T0 - 60_000_000), ultra_index: None, holes: Vec::new() };
+    let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall.clone());
     talk.connected(at(0), true);
     let t = measure_ipico(&mut talk, 0, 0);
     let mut sent = 0;
@@ -284,7 +291,7 @@ fn a_download_that_is_not_answered_or_refused_gives_up_and_says_so() {
     assert_eq!(r.state, RewindState::Failed);
     assert!(r.error.as_deref().unwrap().starts_with("not supported"), "{r:?}");
     // An error reply: not supported, at once.
-    let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall);
+    let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall.clone());
     talk.connected(at(0), true);
     let t = measure_ipico(&mut talk, 0, 0);
     talk.poll(at(t), true);
@@ -315,7 +322,7 @@ fn an_ultra_flagged_read_is_replayed_only_inside_what_was_asked() {
     assert_eq!(shared.rewind.lock().unwrap().outside_total, 1);
     // A gap 101..=110: indexes outside it are not taken; times are held between the reads
     // either side of the gap.
-    let recall = Recall { reader_time_us: Some(T0 - 20_000_000), ultra_index: Some(100) };
+    let recall = Recall { reader_time_us: Some(T0 - 20_000_000), ultra_index: Some(100), holes: Vec::new() };
     let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
     assert_eq!(talk.admit(Some(T0), &ultra_line(111, false), at(0), true, false), Admit::Live);
@@ -329,7 +336,7 @@ fn an_ultra_flagged_read_is_replayed_only_inside_what_was_asked() {
 
 #[test]
 fn ultra_gaps_are_bounded_and_index_arithmetic_is_checked() {
-    let recall = Recall { reader_time_us: None, ultra_index: Some(u64::MAX - 1) };
+    let recall = Recall { reader_time_us: None, ultra_index: Some(u64::MAX - 1), holes: Vec::new() };
     let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
     assert_eq!(talk.admit(None, &ultra_line(u64::MAX, false), at(0), true, false), Admit::Live);
@@ -348,7 +355,7 @@ fn ultra_gaps_are_bounded_and_index_arithmetic_is_checked() {
 
 #[test]
 fn a_live_time_beyond_max_skew_is_not_believed_and_moves_nothing() {
-    let recall = Recall { reader_time_us: Some(T0 - 1_000_000), ultra_index: None };
+    let recall = Recall { reader_time_us: Some(T0 - 1_000_000), ultra_index: None, holes: Vec::new() };
     let (mut talk, _) = new(&cfg(Format::Ipico, ClockMode::Ignore, false), recall);
     talk.connected(at(0), true);
     let day = 86_400_000_000;
@@ -366,12 +373,13 @@ fn a_live_time_beyond_max_skew_is_not_believed_and_moves_nothing() {
 #[test]
 fn a_quiet_ultra_reconnect_asks_only_for_the_gap_after_live_reads() {
     // Live reads advance the start point of a rewind by time.
-    let recall = Recall { reader_time_us: Some(T0 - 3_600_000_000), ultra_index: Some(1) };
-    let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
+    let recall = Recall { reader_time_us: Some(T0 - 3_600_000_000), ultra_index: Some(1), holes: Vec::new() };
+    let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Measure, true), recall);
     talk.connected(at(0), true);
     assert_eq!(talk.admit(Some(T0), &ultra_line(2, false), at(0), true, false), Admit::Live);
     talk.disconnected(at(1));
     talk.connected(at(10), true);
+    measure_ultra(&mut talk, 10);
     let sent: Vec<Vec<u8>> = (0..=6).flat_map(|s| talk.poll(at(10 + s * 1000), true)).collect();
     let local = crate::timestamp::utc_to_local(T0, chrono_tz::UTC).unwrap();
     let start = ultra::seconds_since_1980(local);
@@ -382,11 +390,14 @@ fn a_quiet_ultra_reconnect_asks_only_for_the_gap_after_live_reads() {
 #[test]
 fn an_elite_replay_takes_only_since_its_start_up_to_our_connect() {
     let since = T0 - 60_000_000;
-    let mut c = cfg(Format::Ipico, ClockMode::Ignore, true);
+    let mut c = cfg(Format::Ipico, ClockMode::Measure, true);
     c.elite_control = Some("tcp://127.0.0.1:9".into());
-    let (mut talk, shared) = new(&c, Recall { reader_time_us: Some(since), ultra_index: None });
+    let (mut talk, shared) = new(&c, Recall { reader_time_us: Some(since), ultra_index: None, holes: Vec::new() });
     talk.connected(at(0), true);
     talk.poll(at(0), true);
+    assert_eq!(talk.take_elite().len(), 1, "getdate");
+    talk.elite_line(&format!("date.{}", utc(0).format("%a %b %e %H:%M:%S UTC %Y")), at(1));
+    talk.poll(at(2), true);
     assert_eq!(talk.take_elite().len(), 1, "replay_start");
     assert_eq!(talk.admit(Some(since + 5), b"", at(1), true, true), Admit::Replayed(since + 5));
     assert_eq!(talk.admit(Some(since - 5), b"", at(1), true, true), Admit::Drop);
@@ -396,7 +407,7 @@ fn an_elite_replay_takes_only_since_its_start_up_to_our_connect() {
 
 #[test]
 fn a_rewind_is_stopped_after_its_longest_time() {
-    let recall = Recall { reader_time_us: None, ultra_index: Some(100) };
+    let recall = Recall { reader_time_us: None, ultra_index: Some(100), holes: Vec::new() };
     let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
     talk.connected(at(0), true);
     talk.admit(None, &ultra_line(1000, false), at(0), true, false);
@@ -423,7 +434,8 @@ fn a_rewind_is_stopped_after_its_longest_time() {
 fn clock_replies_out_of_range_are_ignored_not_a_panic() {
     let mut c = cfg(Format::Ultra, ClockMode::Measure, true);
     c.timezone = "Asia/Tokyo".parse().unwrap();
-    let (mut talk, shared) = new(&c, Recall { reader_time_us: Some(T0 - 1_000_000), ultra_index: None });
+    let (mut talk, shared) =
+        new(&c, Recall { reader_time_us: Some(T0 - 1_000_000), ultra_index: None, holes: Vec::new() });
     talk.connected(at(0), true);
     talk.poll(at(0), true);
     for reply in ["12:00:00 1-1-+262142 (1)", "12:00:00 31-12-9999 (1)", "0:0:0 1-1--262143 (1)"] {
@@ -455,7 +467,7 @@ fn recall_takes_the_last_believed_live_time_and_the_highest_index() {
         read(Some(T0 + 99), T0 - 20, false, ultra_line(6, false)),
     ];
     let r = Recall::from_reads(&rows, day);
-    assert_eq!(r, Recall { reader_time_us: Some(T0 - 10), ultra_index: Some(9) });
+    assert_eq!(r, Recall { reader_time_us: Some(T0 - 10), ultra_index: Some(9), holes: vec![(8, 8)] });
 }
 
 #[test]
@@ -491,9 +503,10 @@ fn an_ultra_is_asked_whether_it_reads_before_a_set() {
 #[test]
 fn a_quiet_ultra_is_asked_by_time_since_the_newest_read() {
     let since = T0 - 60_000_000;
-    let recall = Recall { reader_time_us: Some(since), ultra_index: Some(100) };
-    let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
+    let recall = Recall { reader_time_us: Some(since), ultra_index: Some(100), holes: Vec::new() };
+    let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Measure, true), recall);
     talk.connected(at(0), true);
+    measure_ultra(&mut talk, 0);
     assert_eq!(talk.next_due(), Some(at(5000).monotonic_us), "a live read may yet tell the gap");
     assert!(talk.poll(at(4999), true).is_empty());
     let from = ultra::seconds_since_1980(utc(-60_000).naive_utc());
@@ -515,7 +528,7 @@ fn a_quiet_ultra_is_asked_by_time_since_the_newest_read() {
 #[test]
 fn an_unfinished_download_starts_again_where_it_did() {
     let since = T0 - 60_000_000;
-    let recall = Recall { reader_time_us: Some(since), ultra_index: None };
+    let recall = Recall { reader_time_us: Some(since), ultra_index: None, holes: Vec::new() };
     let (mut talk, shared) = new(&cfg(Format::Ipico, ClockMode::Measure, true), recall);
     talk.connected(at(0), true);
     let t = measure_ipico(&mut talk, 0, 0);
@@ -534,4 +547,25 @@ fn an_unfinished_download_starts_again_where_it_did() {
         Admit::Replayed(since + 2),
         "what the first download had yet to bring is taken now, though a live read came after it"
     );
+}
+
+#[test]
+fn an_ultra_gap_cut_short_is_asked_again_at_the_next_connect_or_start() {
+    let recall = Recall { reader_time_us: None, ultra_index: Some(10), holes: Vec::new() };
+    let (mut talk, _) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
+    talk.connected(at(0), true);
+    talk.admit(None, &ultra_line(21, false), at(0), true, false);
+    assert_eq!(talk.poll(at(1), true), vec![b"60011\r20\n".to_vec()]);
+    talk.admit(Some(T0 - 1000), &ultra_line(11, true), at(2), true, false);
+    talk.disconnected(at(3));
+    talk.connected(at(4), true);
+    assert_eq!(talk.poll(at(5), true), vec![b"60011\r20\n".to_vec()], "the whole gap again");
+    // After a restart: the holes among the stored indexes.
+    let recall = Recall { reader_time_us: None, ultra_index: Some(21), holes: vec![(12, 20)] };
+    let (mut talk, shared) = new(&cfg(Format::Ultra, ClockMode::Ignore, true), recall);
+    talk.connected(at(0), true);
+    assert_eq!(talk.poll(at(1), true), vec![b"60012\r20\n".to_vec()]);
+    talk.poll(at(1 + 30_000), true);
+    let r = shared.rewind.lock().unwrap().clone();
+    assert_eq!((r.state, r.error), (RewindState::Done, None), "a hole that brings nothing is no failure");
 }
