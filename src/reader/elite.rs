@@ -25,7 +25,7 @@ const MAX_LINE: usize = 4096;
 const EVENTS_QUEUED: usize = 1024;
 /// The most a replay may bring, and the longest it may last: then it is cut off and said to
 /// have failed (a real memory holds some hundred thousand reads of under 40 bytes).
-const REPLAY_MAX_BYTES: u64 = 64 << 20;
+const REPLAY_MAX_BYTES: u64 = 16 << 20;
 const REPLAY_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// What the reader thread asks of the Elite.

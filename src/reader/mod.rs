@@ -286,16 +286,20 @@ impl<'a> ReadSession<'a> {
                         return Pump::Lost(e);
                     }
                 }
+                let mut more_replayed = false;
                 if let Some(elite) = &elite {
                     for request in self.talk.take_elite() {
                         elite.send(request);
                     }
-                    if !self.elite_events(elite) {
-                        return Pump::StoreGone;
+                    match self.elite_events(elite) {
+                        Some(more) => more_replayed = more,
+                        None => return Pump::StoreGone,
                     }
                 }
-                // Wake in time for the next command (an aligned clock set is due to the ms).
+                // Wake in time for the next command (an aligned clock set is due to the ms), and
+                // at once while a replay has more waiting.
                 let wanted = match self.talk.next_due() {
+                    _ if more_replayed => Duration::from_millis(1),
                     Some(due) => {
                         let wait = due - crate::clock::monotonic_us();
                         usual_timeout.min(Duration::from_micros(wait.max(1000) as u64))
@@ -342,9 +346,12 @@ impl<'a> ReadSession<'a> {
         }
     }
 
-    /// What an Elite's control and replay ports brought. False when the store has gone away.
-    fn elite_events(&mut self, elite: &elite::Elite) -> bool {
+    /// What an Elite's control and replay ports brought, a batch at most: whether more may be
+    /// waiting (`None`: the store has gone away).
+    fn elite_events(&mut self, elite: &elite::Elite) -> Option<bool> {
+        let mut taken = 0;
         for event in elite.events().take(REPLAY_BATCH) {
+            taken += 1;
             match event {
                 elite::Event::Line(line, at) => self.talk.elite_line(&line, at),
                 elite::Event::Replayed(bytes, stamp) => {
@@ -352,7 +359,7 @@ impl<'a> ReadSession<'a> {
                     let alive = self.handle(Framed::Record { bytes, stamp });
                     self.replaying = false;
                     if !alive {
-                        return false;
+                        return None;
                     }
                 }
                 elite::Event::ReplayEnd(error) => self.talk.replay_end(error, Stamp::now()),
@@ -362,7 +369,7 @@ impl<'a> ReadSession<'a> {
                 }
             }
         }
-        true
+        Some(taken == REPLAY_BATCH)
     }
 
     /// Returns false when the store has gone away.

@@ -232,6 +232,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reader_that_stops_reading_fails_the_write_within_its_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Small buffers on both sides, so the write blocks soon.
+        socket2::SockRef::from(&listener).set_recv_buffer_size(4096).unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap(); // accepted, never read
+        let cfg = ReaderConfig::default();
+        configure_tcp(&stream, &cfg).unwrap();
+        socket2::SockRef::from(&stream).set_send_buffer_size(4096).unwrap();
+        let mut port = Port::Tcp(stream);
+        let started = std::time::Instant::now();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0usize;
+        let error = loop {
+            match port.send(&chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(e) => break e,
+            }
+            assert!(sent < 1 << 30, "a gigabyte taken by a peer that reads nothing");
+        };
+        let took = started.elapsed();
+        assert!(matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{error:?}");
+        // It returns (the reader thread is not held for ever), after the timeout at the earliest.
+        assert!(took >= WRITE_TIMEOUT, "{took:?} after {sent} bytes");
+    }
+
+    #[test]
     fn a_networked_reader_gets_keepalive_probes() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();

@@ -19,6 +19,7 @@ mod hostile;
 mod layout;
 mod operations;
 mod pipeline;
+mod reader_trust;
 mod screenless;
 mod systemd;
 mod talk;

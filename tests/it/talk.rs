@@ -22,7 +22,7 @@ fn ipico_chip(i: usize) -> String {
 }
 
 /// Wait for the emulator to have a live connection from the gateway.
-async fn wait_connected(emu: &Emulator, gw: &Gateway) {
+pub(crate) async fn wait_connected(emu: &Emulator, gw: &Gateway) {
     let deadline = Instant::now() + DEADLINE;
     while !emu.connected() {
         assert!(Instant::now() < deadline, "the gateway did not connect to the emulator; log:\n{}", gw.logs());
@@ -31,7 +31,7 @@ async fn wait_connected(emu: &Emulator, gw: &Gateway) {
 }
 
 /// Per chip, the `num_passing`s RUFUS received for it (every session of the fake).
-fn received(fake: &rufus_gateway::fake_api::FakeApi) -> BTreeMap<String, Vec<i64>> {
+pub(crate) fn received(fake: &rufus_gateway::fake_api::FakeApi) -> BTreeMap<String, Vec<i64>> {
     let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for s in &fake.state().sessions {
         for (num, p) in &s.passings {

@@ -69,6 +69,13 @@ struct State {
     replay_since: Option<u64>,
     /// Ultra: in 'Read' mode (its clock cannot be set then).
     reading: bool,
+    /// IPICO: the download is held after its start until released (live reads come meanwhile).
+    hold_download: bool,
+    held: bool,
+    /// Ultra: the `r` reply to give instead of the clock (a hostile reader).
+    clock_reply: Option<String>,
+    /// Elite: bytes the replay port sends instead of its memory.
+    replay_flood: Option<Vec<u8>>,
 }
 
 impl State {
@@ -134,6 +141,14 @@ impl State {
         ipico::frame(ipico::DOWNLOAD, &data).into_bytes()
     }
 
+    /// IPICO: the whole memory, then the status that says so.
+    fn stream_memory(&mut self) {
+        let all: Vec<u8> = self.memory.iter().flat_map(|s| s.line.clone()).collect();
+        self.send(&all);
+        let done = self.download_status(3, self.memory.len() as u32);
+        self.send(&done);
+    }
+
     /// One IPICO control line.
     fn ipico_command(&mut self, line: &str) {
         let body = line.trim().trim_start_matches("ab");
@@ -164,10 +179,11 @@ impl State {
             (ipico::DOWNLOAD, [0x01, 0x01]) => {
                 let status = self.download_status(3, 0);
                 self.send(&status);
-                let all: Vec<u8> = self.memory.iter().flat_map(|s| s.line.clone()).collect();
-                self.send(&all);
-                let done = self.download_status(3, self.memory.len() as u32);
-                self.send(&done);
+                if self.hold_download {
+                    self.held = true;
+                } else {
+                    self.stream_memory();
+                }
             }
             (ipico::DOWNLOAD, _) => {
                 let progress = self.memory.len() as u32;
@@ -185,6 +201,12 @@ impl State {
             let rest = &buf[at..];
             match rest[0] {
                 b'\r' | b'\n' | 0 | b' ' => at += 1,
+                b'r' if self.clock_reply.is_some() => {
+                    let reply = self.clock_reply.clone().unwrap_or_default();
+                    self.commands.push(b"r".to_vec());
+                    self.send(format!("{reply}\n").as_bytes());
+                    at += 1;
+                }
                 b'r' => {
                     let now = self.local(self.reader_now());
                     let reply = format!(
@@ -292,6 +314,10 @@ impl Emulator {
             clock_sets: 0,
             replay_since: None,
             reading: true,
+            hold_download: false,
+            held: false,
+            clock_reply: None,
+            replay_flood: None,
         }))
     }
 
@@ -394,6 +420,55 @@ impl Emulator {
         if state.plugged {
             state.send(&line);
         }
+    }
+
+    /// The reader reads a tag its clock stamps `at` (a wrong clock, or a test's own times), keeps
+    /// it and sends it if connected.
+    pub fn read_at(&self, chip: &str, at: DateTime<Utc>) {
+        let mut state = self.state.lock().unwrap();
+        let line = state.keep(chip, at);
+        if state.plugged {
+            state.send(&line);
+        }
+    }
+
+    /// Send bytes as they are (a hostile or broken reader); nothing is kept.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.state.lock().unwrap().send(bytes);
+    }
+
+    /// IPICO: hold the next downloads after their start, until [`Emulator::release_download`].
+    pub fn hold_downloads(&self, hold: bool) {
+        self.state.lock().unwrap().hold_download = hold;
+    }
+
+    /// IPICO: a held download has started (the gateway asked for it).
+    pub fn download_held(&self) -> bool {
+        self.state.lock().unwrap().held
+    }
+
+    /// IPICO: stream the held download now.
+    pub fn release_download(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.held = false;
+        state.stream_memory();
+    }
+
+    /// Ultra: answer `r` with this instead of the clock.
+    pub fn set_clock_reply(&self, reply: &str) {
+        self.state.lock().unwrap().clock_reply = Some(reply.to_string());
+    }
+
+    /// Elite: the replay port sends these bytes instead of its memory.
+    pub fn set_replay_flood(&self, bytes: Vec<u8>) {
+        self.state.lock().unwrap().replay_flood = Some(bytes);
+    }
+
+    /// The reader's clock is set to be this far from ours (ms).
+    pub fn set_offset_ms(&self, ms: i64) {
+        let mut state = self.state.lock().unwrap();
+        state.offset_us = ms * 1000;
+        state.drift_from = Instant::now();
     }
 
     /// Keep a read made at `at` (reader time) in memory only, as if read before we came.
@@ -513,6 +588,13 @@ fn elite_replay(state: Arc<Mutex<State>>, mut stream: TcpStream) {
     let lines: Vec<u8> = {
         let state = state.lock().unwrap();
         let Some(since) = state.replay_since else { return };
+        if let Some(flood) = &state.replay_flood {
+            let flood = flood.clone();
+            drop(state);
+            let _ = stream.write_all(&flood);
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
         state.memory.iter().filter(|m| m.local_s >= since).flat_map(|m| m.line.clone()).collect()
     };
     let _ = stream.write_all(&lines);
