@@ -55,6 +55,18 @@ pub fn render_metrics(s: &Status) -> String {
         &plain(s.reader.rewind.reads_total as f64),
     );
     metric(
+        "rufus_rewind_outside_total",
+        "counter",
+        "Replayed reads not taken since start: outside what a rewind asked for, or flagged while none ran.",
+        &plain(s.reader.rewind.outside_total as f64),
+    );
+    metric(
+        "rufus_reader_retimed_total",
+        "counter",
+        "Live reads since start whose reader time was further than reader.max_skew from the host clock (kept with the host's time).",
+        &plain(s.reader.retimed_total as f64),
+    );
+    metric(
         "rufus_rewinds_total",
         "counter",
         "Rewinds finished (or ended early) since start.",

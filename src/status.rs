@@ -292,6 +292,7 @@ impl Status {
             || s.uplink.state == UplinkState::AuthFailed
             || !s.clock.synchronized
             || s.reader.clock.clock_off
+            || s.reader.retiming
             || s.reader.antennas.iter().any(|a| a.silent)
             || s.backup.as_ref().is_some_and(|b| b.error.is_some())
             || !session_open

@@ -151,4 +151,113 @@ proptest! {
             );
         }
     }
+
+    /// Every format with extreme numbers where its numbers and times go (`i64::MIN/MAX`,
+    /// `u64::MAX`, `-1`, years ±262143): a rejection or a read whose time is inside the years a
+    /// reader may name, never a panic.
+    #[test]
+    fn extreme_numbers_in_every_format(
+        a in extreme(), b in extreme(), c in extreme(), d in extreme(), year in extreme_year(),
+    ) {
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 6, 1).unwrap();
+        let records: Vec<(Format, String)> = vec![
+            (Format::Ultra, format!("0,1234,{a},{b},{c},{d},0,1,1,0000000000000000,0,{a}")),
+            (Format::Ultra, format!("0,1234,{a},0,1,-60,{b},{c},1,0000000000000000,0,{d}")),
+            (Format::ImpinjJson, format!("{{\"epc\":\"E200\",\"antennaPort\":{a},\"peakRssi\":{b},\"firstSeenTimestamp\":\"{year}-01-01T00:00:00Z\"}}")),
+            (Format::ImpinjJson, format!("{{\"epc\":\"E200\",\"antennaPort\":1,\"peakRssi\":{c}e300,\"firstSeenTimestamp\":\"{year}-12-31T23:59:59.999999Z\"}}")),
+            (Format::Ipico, ipico_with_date(&format!("{:02}", year.trim_start_matches(['+', '-']).len() % 100))),
+        ];
+        for (format, record) in records {
+            let parser = parser(format, ChipEncoding::Hex);
+            if let Parsed::Read(r) = parser.parse(record.as_bytes(), today) {
+                if let Some(t) = r.reader_time {
+                    prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)), "{record}");
+                }
+            }
+        }
+        for timestamp_format in ["unix", "unix_ms", "rfc3339", "%Y-%m-%d %H:%M:%S"] {
+            let mut cfg = ReaderConfig { format: Format::Regex, timezone: chrono_tz::Tz::Pacific__Kiritimati, ..Default::default() };
+            cfg.pattern = r"^(?P<chip>[0-9A-F]+),(?P<timestamp>.*)$".into();
+            cfg.timestamp_format = rufus_gateway::config::TimestampFormat::parse(timestamp_format).unwrap();
+            let parser = Parser::from_config(&cfg, ChipEncoding::Hex).unwrap();
+            for t in [a.clone(), format!("{year}-01-01T00:00:00"), format!("{year}-12-31 23:59:59"), format!("{a}.{b}")] {
+                if let Parsed::Read(r) = parser.parse(format!("ABCD,{t}").as_bytes(), today) {
+                    if let Some(t) = r.reader_time {
+                        prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The conversation with a reader that answers with extreme clocks and sends extreme times:
+    /// every family, clock mode and a zone at each end of the day, driven for a minute.
+    #[test]
+    fn the_conversation_takes_extreme_clocks_and_times(year in extreme_year(), t in any::<i64>(), index in any::<u64>()) {
+        use rufus_gateway::clock::Stamp;
+        use rufus_gateway::config::ClockMode;
+        use rufus_gateway::reader::talk::{Recall, Shared, Talk};
+        for (format, elite) in [(Format::Ipico, false), (Format::Ipico, true), (Format::Ultra, false), (Format::ImpinjJson, false)] {
+            for mode in [ClockMode::Measure, ClockMode::Set] {
+                for zone in [chrono_tz::Tz::Pacific__Kiritimati, chrono_tz::Tz::Pacific__Pago_Pago] {
+                    let cfg = ReaderConfig {
+                        format,
+                        clock: Some(mode),
+                        rewind: true,
+                        timezone: zone,
+                        elite_control: elite.then(|| "tcp://127.0.0.1:9".to_string()),
+                        ..Default::default()
+                    };
+                    let recall = Recall { reader_time_us: Some(t), ultra_index: Some(index), holes: vec![(index, index)] };
+                    let mut talk = Talk::new(&cfg, recall, std::sync::Arc::new(Shared::default()));
+                    let at = |ms: i64| Stamp { utc_us: 1_780_000_000_000_000 + ms * 1000, monotonic_us: 1_000_000 + ms * 1000 };
+                    talk.connected(at(0), true);
+                    for step in 0..60i64 {
+                        let now = at(step * 1000);
+                        talk.poll(now, true);
+                        talk.take_elite();
+                        let _ = talk.reply(format!("0:0:0 1-1-{year} (0)").as_bytes(), now);
+                        talk.elite_line(&format!("date.Wed Jan  1 00:00:00 UTC {year}"), now);
+                        let line = format!("0,1234,1,0,1,-60,{},1,1,0000000000000000,0,{}", step % 2, index.wrapping_add(step as u64));
+                        talk.admit(Some(t), line.as_bytes(), now, true, step % 3 == 0);
+                        talk.admit(Some(i64::MIN), b"", now, step % 2 == 0, false);
+                        talk.admit(Some(i64::MAX), b"", now, true, true);
+                    }
+                    talk.disconnected(at(61_000));
+                }
+            }
+        }
+    }
+}
+
+fn extreme() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(i64::MAX.to_string()),
+        Just(i64::MIN.to_string()),
+        Just(u64::MAX.to_string()),
+        Just("-1".to_string()),
+        Just("0".to_string()),
+        Just("99999999999999".to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+    ]
+}
+
+fn extreme_year() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("+262143".to_string()),
+        Just("-262143".to_string()),
+        Just("+262142".to_string()),
+        Just("9999".to_string()),
+        Just("1969".to_string()),
+        Just("0000".to_string()),
+        (-300_000i32..300_000).prop_map(|y| format!("{y:+}")),
+    ]
+}
+
+/// An IPICO record (valid checksum) dated in year `yy` of the century.
+fn ipico_with_date(yy: &str) -> String {
+    let body = format!("00123456789012ffff{yy}0101235959");
+    let line = format!("aa{body}00");
+    let sum = rufus_gateway::reader::format::ipico::checksum(&line[2..]);
+    format!("{line}{sum}")
 }

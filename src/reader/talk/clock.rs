@@ -152,14 +152,14 @@ impl Talk {
     }
 
     pub(super) fn report(&mut self, offset_us: i64, at: Stamp) {
-        let off = offset_us.abs() > self.tolerance_us;
+        let off = offset_us.unsigned_abs() > self.tolerance_us.unsigned_abs();
         let ms = (offset_us as f64 / 1000.0).round() as i64;
         if off && !self.reported_off {
             warn!(
                 offset_ms = ms,
                 "READER CLOCK {} by {:.3} s (beyond reader.clock_tolerance): its timestamps are off by as much",
                 if offset_us > 0 { "FAST" } else { "SLOW" },
-                offset_us.abs() as f64 / 1e6
+                offset_us.unsigned_abs() as f64 / 1e6
             );
         } else if !off && self.reported_off {
             info!(offset_ms = ms, "reader clock within tolerance again");
