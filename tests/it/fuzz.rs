@@ -169,10 +169,10 @@ proptest! {
         ];
         for (format, record) in records {
             let parser = parser(format, ChipEncoding::Hex);
-            if let Parsed::Read(r) = parser.parse(record.as_bytes(), today) {
-                if let Some(t) = r.reader_time {
-                    prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)), "{record}");
-                }
+            if let Parsed::Read(r) = parser.parse(record.as_bytes(), today)
+                && let Some(t) = r.reader_time
+            {
+                prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)), "{record}");
             }
         }
         for timestamp_format in ["unix", "unix_ms", "rfc3339", "%Y-%m-%d %H:%M:%S"] {
@@ -181,10 +181,10 @@ proptest! {
             cfg.timestamp_format = rufus_gateway::config::TimestampFormat::parse(timestamp_format).unwrap();
             let parser = Parser::from_config(&cfg, ChipEncoding::Hex).unwrap();
             for t in [a.clone(), format!("{year}-01-01T00:00:00"), format!("{year}-12-31 23:59:59"), format!("{a}.{b}")] {
-                if let Parsed::Read(r) = parser.parse(format!("ABCD,{t}").as_bytes(), today) {
-                    if let Some(t) = r.reader_time {
-                        prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)));
-                    }
+                if let Parsed::Read(r) = parser.parse(format!("ABCD,{t}").as_bytes(), today)
+                    && let Some(t) = r.reader_time
+                {
+                    prop_assert!(rufus_gateway::timestamp::READER_YEARS.contains(&chrono::Datelike::year(&t)));
                 }
             }
         }
