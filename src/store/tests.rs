@@ -297,3 +297,42 @@ fn watched_reads_carry_their_bib_and_passing() {
     assert_eq!(seen[0].antenna, Some(1));
     assert_eq!(seen[0].at_us, t + 100_000);
 }
+
+#[test]
+fn a_strongest_window_restored_after_a_restart_keeps_the_readers_bib() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.storage.path = dir.path().join("gateway.db");
+    cfg.clock.source = ClockSource::Trust;
+    cfg.passings.dedup_keep = crate::config::DedupKeep::Strongest;
+    cfg.passings.dedup_window = Duration::from_secs(60);
+    let open = |cfg: &Config| {
+        let (_tx, rx) = crossbeam_channel::bounded(1);
+        Store::open(cfg, rx, Arc::new(Notify::new()), Live::new(), Arc::default()).unwrap().store
+    };
+    let mut store = open(&cfg);
+    let id = store.apply(Op::StartSession { alias: "BIBS".into(), test: false }).unwrap().unwrap();
+    let at = crate::clock::now_us();
+    let read = Read {
+        host: Stamp { utc_us: at, monotonic_us: crate::clock::monotonic_us() },
+        clock_synced: true,
+        chip: "0A0B".into(),
+        antenna: Some(1),
+        rssi: Some(-50),
+        reader_time_us: None,
+        // A regex `bib` group's.
+        bib: Some("B77".into()),
+        replay_key: None,
+        raw: b"0A0B;B77".to_vec(),
+        timestamp_us: at,
+        host_stamped: false,
+        replayed_at_us: None,
+    };
+    assert!(store.flush(&mut vec![read]));
+    drop(store);
+    // A restart with the window still open: it is restored, and emitted when the session closes.
+    let mut store = open(&cfg);
+    store.apply(Op::CloseSession).unwrap();
+    let passings = Db::open_readonly(&cfg.storage.path).unwrap().passings_since(id, 0, 10).unwrap();
+    assert_eq!(passings.iter().map(|p| p.bib.as_str()).collect::<Vec<_>>(), ["B77"]);
+}

@@ -110,6 +110,18 @@ async fn the_notify_protocol() {
 /// stop while it is stuck, and resume once it runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_store_withholds_the_watchdog() {
+    // The store promised to be back within 6 s (1 s tick + 5 s commit patience), plus 0.5 s grace.
+    a_stuck_thread_withholds_the_watchdog("store", Duration::from_secs(8)).await;
+}
+
+/// The reader thread, stuck (as it was in a write to a reader that stopped reading): the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_reader_thread_withholds_the_watchdog() {
+    // The reader thread promised to be back within 10 s, plus 0.5 s grace.
+    a_stuck_thread_withholds_the_watchdog("reader", Duration::from_secs(12)).await;
+}
+
+async fn a_stuck_thread_withholds_the_watchdog(thread: &str, promise: Duration) {
     let (fake, device) = fake().await;
     let pty = pty();
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), STRICT_CHIP);
@@ -122,9 +134,9 @@ async fn a_stuck_store_withholds_the_watchdog() {
     let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|e| e.ok())
-        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "store"))
+        .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == thread))
         .map(|e| e.file_name().to_str().unwrap().parse::<i32>().unwrap())
-        .expect("the store thread");
+        .unwrap_or_else(|| panic!("the {thread} thread"));
     // SAFETY: plain ptrace calls on a thread of our own child process.
     let attached = unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) } == 0;
     if !attached {
@@ -136,21 +148,22 @@ async fn a_stuck_store_withholds_the_watchdog() {
     let mut wstatus = 0;
     unsafe { libc::waitpid(tid, &mut wstatus, libc::__WALL) };
     let stopped = Instant::now();
-    // The store promised to be back within 6 s (1 s tick + 5 s commit patience), plus 0.5 s grace.
-    let deadline = stopped + Duration::from_secs(20);
+    let deadline = stopped + promise + Duration::from_secs(12);
     let mut last_ping = stopped;
     loop {
         if let Some((at, _)) = notify.all().into_iter().rev().find(|(_, m)| m.contains("WATCHDOG=1")) {
             last_ping = at;
         }
-        if last_ping.elapsed() > Duration::from_secs(3) && stopped.elapsed() > Duration::from_secs(8) {
+        if last_ping.elapsed() > Duration::from_secs(3) && stopped.elapsed() > promise {
             break;
         }
-        assert!(Instant::now() < deadline, "pings never stopped while the store was stuck");
+        assert!(Instant::now() < deadline, "pings never stopped while the {thread} thread was stuck");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("last ping {:.1} s after the store stopped", (last_ping - stopped).as_secs_f64());
-    assert!(gw.logs().contains("withholding the watchdog ping"), "{}", gw.logs());
+    println!("last ping {:.1} s after the {thread} thread stopped", (last_ping - stopped).as_secs_f64());
+    let logs = gw.logs();
+    let said = logs.lines().find(|l| l.contains("withholding the watchdog ping")).unwrap_or_else(|| panic!("{logs}"));
+    assert!(said.contains(thread), "{said}");
     let pings = notify.count("WATCHDOG=1");
     unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
     notify.wait_for("WATCHDOG=1", pings + 2).await;
