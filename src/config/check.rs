@@ -63,6 +63,22 @@ pub fn warnings(cfg: &Config) -> Vec<String> {
                 .into(),
         );
     }
+    if cfg.reader.rewind && cfg.reader.clock_mode() == ClockMode::Ignore {
+        match cfg.reader.format {
+            Format::Ipico => out.push(
+                "reader.rewind: with reader.clock = \"ignore\" no rewind is run: an IPICO's stored reads are told \
+                 from live ones (and an Elite's replay is bounded) by the reader's clock, measured at each connect. \
+                 Use reader.clock = \"measure\""
+                    .into(),
+            ),
+            Format::Ultra => out.push(
+                "reader.rewind: with reader.clock = \"ignore\" an Ultra is rewound by log index only (when a live \
+                 read shows the gap), never by time. Use reader.clock = \"measure\""
+                    .into(),
+            ),
+            _ => {}
+        }
+    }
     if cfg.reader.clock_mode() == ClockMode::Set && cfg.reader.format == Format::Ultra {
         out.push(
             "reader.clock: setting an Ultra's clock is known from one source only, and only while it is not \
@@ -389,6 +405,13 @@ mod tests {
         assert_eq!(reader(Format::Ultra, Some(ClockMode::Set), true).validate(Purpose::Local), Ok(()));
         let warned = warnings(&reader(Format::Ipico, None, true));
         assert!(warned.iter().any(|w| w.starts_with("reader.rewind: an IPICO Lite")), "{warned:?}");
+        let mut short = reader(Format::Ultra, None, false);
+        short.reader.max_skew = Duration::from_secs(10);
+        assert!(short.validate(Purpose::Local).unwrap_err().starts_with("reader.max_skew"));
+        for format in [Format::Ipico, Format::Ultra] {
+            let warned = warnings(&reader(format, Some(ClockMode::Ignore), true));
+            assert!(warned.iter().any(|w| w.contains("reader.clock = \"ignore\"")), "{format:?}: {warned:?}");
+        }
     }
 
     #[test]
