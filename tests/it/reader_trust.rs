@@ -176,8 +176,8 @@ async fn row2b_an_hour_fast_reader_set_and_rewound_loses_no_live_read() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.wait_status("all sent", |s| s["queue"]["pending"] == 0).await;
-    let state = fake.state();
-    let times: std::collections::BTreeMap<String, DateTime<Utc>> = state
+    let times: std::collections::BTreeMap<String, DateTime<Utc>> = fake
+        .state()
         .sessions
         .iter()
         .flat_map(|s| s.passings.values())
