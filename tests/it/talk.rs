@@ -430,6 +430,12 @@ async fn set_is_refused_while_the_host_clock_is_unsynchronised() {
     // Once the host synchronises, the owed set is made at the next check.
     std::fs::write(&flag, "").unwrap();
     gw.wait_status("set once synchronised", |s| s["reader"]["clock_set_at"].is_string()).await;
+    // Status says "set" as the command leaves; the reader takes it a moment later.
+    let deadline = Instant::now() + DEADLINE;
+    while emu.clock_sets() == 0 {
+        assert!(Instant::now() < deadline, "the set never reached the reader; log:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(emu.clock_sets(), 1);
 }
 
