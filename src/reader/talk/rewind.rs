@@ -144,10 +144,10 @@ impl Talk {
         self.connected_at.map_or(now.utc_us, |c| c.utc_us).saturating_add(self.offset_us())
     }
 
-    /// The reader cannot rewind (said once per connect; no more is asked of it until the next).
+    /// The rewind cannot be made (said once: an IPICO or an Elite is asked nothing more until the
+    /// next connect; an Ultra's gaps are still asked by index).
     fn not_supported(&mut self, now: Stamp, why: &str) {
         self.finish(now, Some(format!("not supported: {why}")));
-        self.rewind = Rewind::Off;
     }
 
     pub(super) fn download_step(step: u8) -> Vec<u8> {
