@@ -136,7 +136,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => {
             let cfg = Config::load(&path, Purpose::Daemon)?;
             println!("{} is valid\n\n{}", path.display(), cfg.summary());
-            for warning in crate::config::warnings(&cfg) {
+            for warning in
+                crate::config::config_file_warning(&path, &cfg).into_iter().chain(crate::config::warnings(&cfg))
+            {
                 println!("\nWARNING: {warning}");
             }
             Ok(())
@@ -209,7 +211,7 @@ fn run_daemon(cfg: Config, path: &std::path::Path) -> anyhow::Result<()> {
     limit_malloc_arenas();
     let log = crate::logging::init(&cfg.log)?;
     info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), port = cfg.reader.port.as_deref().unwrap_or(""), "rufus-gateway starting");
-    for warning in crate::config::warnings(&cfg) {
+    for warning in crate::config::config_file_warning(path, &cfg).into_iter().chain(crate::config::warnings(&cfg)) {
         warn!("{warning}");
     }
     // What systemd kept for this unit (the reader's port, open across the restart).

@@ -47,6 +47,22 @@ pub fn console_warning(reader: &ReaderConfig) -> Option<String> {
     console_warning_for(reader.port.as_deref()?, &cmdline, Path::new("/dev"))
 }
 
+/// The config file at `path` holds the API key and any user of the box can read it.
+pub fn config_file_warning(path: &Path, cfg: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if cfg.api.api_key.is_none() || cfg.api.api_key_file.is_some() {
+        return None;
+    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "api.api_key: {} holds the API key and any user of this box can read it (mode {mode:o}). \
+             Run `chgrp rufus-gateway {0} && chmod 640 {0}`, or move the key to api.api_key_file",
+            path.display()
+        )
+    })
+}
+
 /// What is valid but unwise: printed by `check-config`, logged at start.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut out: Vec<String> = console_warning(&cfg.reader).into_iter().collect();
@@ -219,6 +235,14 @@ impl Config {
             if control.strip_prefix("tcp://").and_then(|a| a.rsplit_once(':')).is_none() {
                 return Err(format!(
                     "reader.elite_control: \"{control}\" is not tcp://host:port, e.g. \"tcp://192.168.1.50:9999\""
+                ));
+            }
+        }
+        for (key, name) in [("signal.led", &self.signal.led), ("signal.beeper", &self.signal.beeper)] {
+            if name.contains(['/', '\0']) || name == "." || name == ".." {
+                return Err(format!(
+                    "{key}: \"{name}\" is a path, not a name; give the LED's name as `ls {}` lists it (e.g. \"ACT\")",
+                    self.signal.leds_dir.display()
                 ));
             }
         }

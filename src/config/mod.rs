@@ -16,7 +16,7 @@ pub use crate::timestamp::TimestampFormat;
 mod check;
 mod reader;
 
-pub use check::{ALIAS_MAX, TOKEN_MIN, alias_or_default, check_alias, console_warning, warnings};
+pub use check::{ALIAS_MAX, TOKEN_MIN, alias_or_default, check_alias, config_file_warning, console_warning, warnings};
 pub use reader::*;
 
 /// Where the config lives unless `-c` or `RUFUS_GATEWAY_CONFIG` says otherwise.

@@ -16,6 +16,7 @@ mod field;
 mod formats;
 mod fuzz;
 mod hostile;
+mod lan_trust;
 mod layout;
 mod operations;
 mod pipeline;

@@ -54,10 +54,23 @@ pub enum Reject {
     /// `_` for ASCII-encoded chips), or longer than [`CHIP_MAX`]: tags anyone can program must
     /// not carry a line end, a comma or a formula into the feed, a CSV file or the API.
     BadChip,
+    /// A bib a record carries (a regex `bib` group) outside its alphabet ([`is_safe_bib`]): an
+    /// escape sequence would clear a timer's screen in `watch` and reach the API as it is.
+    BadBib,
 }
 
 /// The longest chip code: an EPC is at most 496 bits (124 hex digits).
 pub const CHIP_MAX: usize = 128;
+/// The longest bib a record may carry, in characters.
+pub const BIB_MAX: usize = 32;
+
+/// A bib from a record: letters and digits of any script, ASCII punctuation and spaces, at most
+/// [`BIB_MAX`] characters. No control or format characters (escape sequences, bidi overrides).
+pub fn is_safe_bib(bib: &str) -> bool {
+    !bib.is_empty()
+        && bib.chars().count() <= BIB_MAX
+        && bib.chars().all(|c| c.is_alphanumeric() || c.is_ascii_punctuation() || c == ' ')
+}
 
 /// A hex chip code (IPICO, Chafon, Impinj): hex digits only.
 pub fn is_hex_chip(chip: &str) -> bool {
@@ -73,7 +86,7 @@ pub fn is_safe_chip(chip: &str, spaces: bool) -> bool {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 9] = [
         Reject::TooLong,
         Reject::InvalidUtf8,
         Reject::NoMatch,
@@ -82,6 +95,7 @@ impl Reject {
         Reject::BadTime,
         Reject::BadField,
         Reject::BadChip,
+        Reject::BadBib,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +108,7 @@ impl Reject {
             Reject::BadTime => "bad_time",
             Reject::BadField => "bad_field",
             Reject::BadChip => "bad_chip",
+            Reject::BadBib => "bad_bib",
         }
     }
 
@@ -135,6 +150,7 @@ impl Parser {
             Parsed::Read(r) if !self.chip_ok(&r.chip) => Parsed::Reject(Reject::BadChip),
             Parsed::Reads(reads) if reads.iter().any(|r| !self.chip_ok(&r.chip)) => Parsed::Reject(Reject::BadChip),
             Parsed::Read(r) if !time_ok(&r) => Parsed::Reject(Reject::BadTime),
+            Parsed::Read(r) if r.bib.as_deref().is_some_and(|b| !is_safe_bib(b)) => Parsed::Reject(Reject::BadBib),
             Parsed::Reads(reads) if !reads.iter().all(time_ok) => Parsed::Reject(Reject::BadTime),
             parsed => parsed,
         }
@@ -194,6 +210,18 @@ mod tests {
         assert_eq!(decode_ascii_chip("\u{578}#"), None, "not hex, and not a panic");
         // ",9" and "=1" decode; the parser refuses them as chips (`chip_alphabets`).
         assert_eq!(decode_ascii_chip("2C39").as_deref(), Some(",9"));
+    }
+
+    #[test]
+    fn bib_alphabet() {
+        for good in ["B12", "1042", "Ñandú 7", "M-40/2", "A.1"] {
+            assert!(is_safe_bib(good), "{good:?}");
+        }
+        for bad in
+            ["", "\u{1b}]0;pwned\u{7}", "A\u{1b}[2J", "x\ny", "\u{202e}21", "\u{9b}31m", &"9".repeat(BIB_MAX + 1)]
+        {
+            assert!(!is_safe_bib(bad), "{bad:?}");
+        }
     }
 
     #[test]
