@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::alias_or_default;
-use crate::limits::{AcceptPause, CONTROL_CONNECTIONS, ConnectionCap};
+use crate::limits::{AcceptPause, CONTROL_CONNECTIONS, ConnectionCap, WATCHERS};
 use crate::status::StatusSource;
 use crate::store::query::Db;
 use crate::store::{Op, ReadEvent, StoreHandle};
@@ -80,9 +80,15 @@ pub struct ControlServer {
     status: StatusSource,
     default_alias: String,
     cap: ConnectionCap,
+    /// Slots for `watch` clients (inside `cap`).
+    watchers: Arc<tokio::sync::Semaphore>,
     /// The store's read events, for `watch`.
     reads: broadcast::Sender<Arc<ReadEvent>>,
 }
+
+/// The answer to a client the cap refuses: it is told, rather than hung up on (the command line
+/// then says "busy", not "not running").
+const BUSY: &[u8] = b"{\"ok\":false,\"error\":\"busy: too many clients of the control socket; try again\"}\n";
 
 impl ControlServer {
     /// The path's local address, for `status.listening.control`.
@@ -119,7 +125,8 @@ impl ControlServer {
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         let cap = ConnectionCap::new("control", CONTROL_CONNECTIONS, status.listening.clone());
-        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap, reads })
+        let watchers = Arc::new(tokio::sync::Semaphore::new(WATCHERS));
+        Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap, watchers, reads })
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -132,17 +139,23 @@ impl ControlServer {
                         Ok((stream, _)) => { pause.accepted(); stream }
                         Err(e) => { pause.failed(&e).await; continue; }
                     };
-                    let Some(slot) = self.cap.admit() else { continue };
+                    let Some(slot) = self.cap.admit() else {
+                        // A fresh socket's buffer is empty: this never waits (and a client that
+                        // cannot take a line this short gets nothing).
+                        let _ = stream.try_write(BUSY);
+                        continue;
+                    };
                     let store = self.store.clone();
                     let status = self.status.clone();
                     let alias = self.default_alias.clone();
                     let reads = self.reads.clone();
+                    let watchers = self.watchers.clone();
                     let cancel = cancel.clone();
                     tokio::spawn(async move {
                         let _slot = slot;
                         tokio::select! {
                             _ = cancel.cancelled() => {}
-                            _ = serve(stream, &store, &status, &alias, &reads) => {}
+                            _ = serve(stream, &store, &status, &alias, &reads, &watchers) => {}
                         }
                     });
                 }
@@ -164,12 +177,22 @@ async fn serve(
     status: &StatusSource,
     alias: &str,
     reads: &broadcast::Sender<Arc<ReadEvent>>,
+    watchers: &Arc<tokio::sync::Semaphore>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut read = AsyncBufReader::with_capacity(1024, read);
     let response = match tokio::time::timeout(REQUEST_WAIT, crate::limits::read_line(&mut read, REQUEST_MAX)).await {
         Ok(Ok(Some(line))) => match std::str::from_utf8(&line) {
             Ok(line) if is_watch(line) => {
+                let Ok(_watching) = watchers.clone().try_acquire_owned() else {
+                    let busy = refusal(format!(
+                        "busy: {WATCHERS} watchers already follow the reads; try again when one leaves"
+                    ));
+                    let mut text = serde_json::to_string(&busy).unwrap_or_default();
+                    text.push('\n');
+                    let _ = tokio::time::timeout(ANSWER_WAIT, write.write_all(text.as_bytes())).await;
+                    return;
+                };
                 // Subscribed before answering: nothing committed after the answer is missed.
                 let live = reads.subscribe();
                 let ok = Response { ok: true, result: Some(serde_json::json!({ "watching": true })), error: None };
@@ -267,10 +290,16 @@ pub fn watch(socket: &Path, json: bool) -> anyhow::Result<()> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(not_running)?;
     let mut request = serde_json::to_string(&Request::Watch)?;
     request.push('\n');
-    stream.write_all(request.as_bytes()).map_err(not_running)?;
+    // As in `request`: a "busy" said before the request was written is still read.
+    let written = stream.write_all(request.as_bytes());
     let mut lines = BufReader::new(stream);
     let mut first = String::new();
-    lines.read_line(&mut first).map_err(not_running)?;
+    let read = lines.read_line(&mut first);
+    if first.is_empty() {
+        return Err(
+            not_running(written.err().or(read.err()).unwrap_or_else(|| std::io::Error::other("no answer"))).into()
+        );
+    }
     let response: Response = serde_json::from_str(&first)
         .map_err(|_| NotRunning { socket: socket.display().to_string(), reason: "no answer".into() })?;
     if !response.ok {
@@ -312,11 +341,17 @@ pub fn request(socket: &Path, request: &Request) -> anyhow::Result<Value> {
         anyhow::bail!("the request is longer than the daemon takes ({REQUEST_MAX} bytes): is the alias that long?");
     }
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(not_running)?;
+    // A daemon too busy to serve answers "busy" at once and hangs up, maybe before the request
+    // is written: what it said is read even when the write failed.
+    let written = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(not_running)?;
+    let read = BufReader::new(stream).read_line(&mut answer);
     if answer.is_empty() {
-        return Err(NotRunning { socket: socket.display().to_string(), reason: "no answer".into() }.into());
+        let reason = match (written, read) {
+            (Err(e), _) | (Ok(()), Err(e)) => e.to_string(),
+            (Ok(()), Ok(_)) => "no answer".into(),
+        };
+        return Err(NotRunning { socket: socket.display().to_string(), reason }.into());
     }
     let response: Response = serde_json::from_str(&answer)?;
     if response.ok {

@@ -23,6 +23,9 @@ pub const HTTP_CONNECTIONS: usize = 64;
 pub const FEED_CONNECTIONS: usize = 64;
 /// Control-socket clients at once (the CLI: one request each).
 pub const CONTROL_CONNECTIONS: usize = 16;
+/// `watch` clients at once, inside the control socket's cap: watchers that never read hold their
+/// slots, and `status` and `session close` must still get in.
+pub const WATCHERS: usize = 4;
 
 /// How often a repeated warning may reach the journal: journald's own rate limit would otherwise
 /// drop the warnings that matter along with the flood.

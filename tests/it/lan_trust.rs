@@ -73,3 +73,47 @@ fn a_world_readable_config_with_the_api_key_is_a_warning() {
     let (_, stdout, _) = check_config(&path);
     assert!(!stdout.contains("WARNING: api.api_key:"), "{stdout}");
 }
+
+/// Row 6: 16 `watch` clients that never read took every slot of the control socket, so
+/// `rufus-gateway status` and `session close` said "the daemon is not running" (exit 69). Now
+/// `watch` has 4 slots of its own, and a client refused for want of a slot is told "busy".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_that_never_read_leave_room_for_the_command_line() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), "");
+    gw.start().await;
+    let connect = || UnixStream::connect(&gw.socket).unwrap();
+    let mut watchers = Vec::new();
+    let mut busy = 0;
+    for _ in 0..16 {
+        let mut s = connect();
+        s.write_all(b"{\"command\":\"watch\"}\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(s.try_clone().unwrap()).read_line(&mut answer).unwrap();
+        if answer.contains("\"watching\":true") {
+            watchers.push(s); // and never read again
+        } else {
+            assert!(answer.contains("busy"), "{answer}");
+            busy += 1;
+        }
+    }
+    assert_eq!((watchers.len(), busy), (4, 12));
+    gw.cli_ok(&["status"]);
+    gw.cli_ok(&["session", "start", "--alias", "WATCHED"]);
+    write_lines(&mut pty, &["ABCD0001".into()]);
+    wait_fake(&fake, &gw, "a passing", |s| s.total_passings() >= 1).await;
+    gw.cli_ok(&["session", "close"]);
+    // Every other slot held by clients that say nothing: the command line is told "busy".
+    let idle: Vec<UnixStream> = (0..12).map(|_| connect()).collect();
+    let out = gw.cli(&["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("busy"), "{stderr}");
+    drop(idle);
+    eprintln!(
+        "lan row 6: 16 watch clients: 4 watching, 12 told busy; status and session close answered; a full socket says \"busy\" (exit 1), not \"not running\" (69)"
+    );
+}
