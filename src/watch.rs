@@ -21,8 +21,11 @@ use crate::store::ReadEvent;
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// A watcher that takes no line for this long is dropped (its terminal is paused, or gone).
 pub const STALL_MAX: Duration = Duration::from_secs(60);
-/// Distinct chips remembered for the summary; beyond it the count says "at least".
-const CHIPS_MAX: usize = 100_000;
+/// Distinct chips remembered for the summary; beyond it the count says "at least". Bounded so
+/// that a watcher costs the same at any read rate (a reader flooding distinct chips).
+const CHIPS_MAX: usize = 10_000;
+/// Antennas counted apart in one second; more are counted as "other".
+const ANTENNAS_MAX: usize = 16;
 
 /// A read as `watch --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,14 +88,21 @@ impl From<&ReadEvent> for WatchedRead {
     }
 }
 
-/// What a watcher has seen, for its summaries.
+/// What a watcher has seen, for its summaries: a bounded chip set and, per second of the last
+/// minute, counts per antenna (not one entry per read).
 #[derive(Debug, Default)]
 pub struct Tally {
     chips: HashSet<String>,
     reads: u64,
     missed: u64,
-    /// (when, antenna) of the reads of the last minute.
-    recent: VecDeque<(Instant, Option<i64>)>,
+    /// When the tally began (seconds are counted from it).
+    origin: Option<Instant>,
+    /// (second, reads per antenna) for the seconds of the last minute that had reads.
+    recent: VecDeque<(u64, BTreeMap<String, usize>)>,
+}
+
+fn antenna_key(antenna: Option<i64>) -> String {
+    antenna.map_or_else(|| "none".to_string(), |a| a.to_string())
 }
 
 impl Tally {
@@ -104,7 +114,27 @@ impl Tally {
         if self.chips.len() < CHIPS_MAX {
             self.chips.insert(e.chip.clone());
         }
-        self.recent.push_back((now, e.antenna));
+        let second = self.second(now);
+        if self.recent.back().is_none_or(|(s, _)| *s != second) {
+            self.recent.push_back((second, BTreeMap::new()));
+            self.forget(second);
+        }
+        if let Some((_, counts)) = self.recent.back_mut() {
+            let key = antenna_key(e.antenna);
+            let key = if counts.len() < ANTENNAS_MAX || counts.contains_key(&key) { key } else { "other".into() };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+    }
+
+    fn second(&mut self, now: Instant) -> u64 {
+        now.duration_since(*self.origin.get_or_insert(now)).as_secs()
+    }
+
+    /// Drop the seconds older than a minute before `second`.
+    fn forget(&mut self, second: u64) {
+        while self.recent.front().is_some_and(|(s, _)| second.saturating_sub(*s) >= 60) {
+            self.recent.pop_front();
+        }
     }
 
     pub fn missed(&mut self, n: u64) {
@@ -112,22 +142,28 @@ impl Tally {
     }
 
     pub fn summary(&mut self, now: Instant) -> Summary {
-        while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60)) {
-            self.recent.pop_front();
-        }
-        let mut antennas = BTreeMap::new();
-        for (_, a) in &self.recent {
-            *antennas.entry(a.map_or_else(|| "none".to_string(), |a| a.to_string())).or_insert(0) += 1;
+        let second = self.second(now);
+        self.forget(second);
+        let mut antennas: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, counts) in &self.recent {
+            for (a, n) in counts {
+                *antennas.entry(a.clone()).or_insert(0) += n;
+            }
         }
         Summary {
             summary: true,
             at: crate::clock::api_timestamp(crate::clock::now_us()),
             chips: self.chips.len(),
             reads: self.reads,
-            reads_per_minute: self.recent.len(),
+            reads_per_minute: antennas.values().sum(),
             antennas,
             missed: self.missed,
         }
+    }
+
+    /// Entries held: the chips and the per-second counts (what a watcher costs).
+    pub fn held(&self) -> usize {
+        self.chips.len() + self.recent.iter().map(|(_, c)| c.len()).sum::<usize>()
     }
 }
 
@@ -276,5 +312,24 @@ mod tests {
         assert!(line.contains("bib 7") && line.contains("ant 2") && line.contains("passing #5"), "{line}");
         let line = human(&Line::Read(WatchedRead::from(&event("B", None, None))));
         assert!(line.contains("unmapped") && line.ends_with("repeat"), "{line}");
+    }
+
+    #[test]
+    fn a_watcher_costs_the_same_at_any_read_rate() {
+        let mut tally = Tally::default();
+        let start = Instant::now();
+        // A minute and a half of a reader flooding distinct chips on 100 antennas, 2,000 a second.
+        for i in 0..180_000u64 {
+            let at = start + Duration::from_micros(i * 500);
+            let chip = format!("{i:024X}");
+            tally.read(&event(&chip, Some((i % 100) as i64), None), at);
+        }
+        let held = tally.held();
+        assert!(held <= CHIPS_MAX + 61 * (ANTENNAS_MAX + 1), "{held}");
+        let s = tally.summary(start + Duration::from_secs(90));
+        assert_eq!(s.reads, 180_000);
+        assert_eq!(s.chips, CHIPS_MAX, "at least this many");
+        assert!(s.reads_per_minute >= 118_000 && s.reads_per_minute <= 120_000, "{}", s.reads_per_minute);
+        assert!(s.antennas.contains_key("other") && s.antennas.len() <= ANTENNAS_MAX + 1, "{:?}", s.antennas);
     }
 }
