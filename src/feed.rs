@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::limits::{AcceptPause, ConnectionCap, FEED_CONNECTIONS};
+use crate::limits::{AcceptPause, ConnectionCap, FEED_CONNECTIONS, FEED_PER_HOST, RESERVED_FOR_THIS_BOX};
 use crate::store::PassingEvent;
 use crate::store::query::SharedDb;
 
@@ -62,7 +62,7 @@ impl FeedServer {
 
     /// The cap every feed listener of this process shares (`status.listening.refused.feed`).
     pub fn cap(listening: std::sync::Arc<std::sync::Mutex<crate::status::Listening>>) -> ConnectionCap {
-        ConnectionCap::new("feed", FEED_CONNECTIONS, listening)
+        ConnectionCap::new("feed", FEED_CONNECTIONS, listening).with_shares(FEED_PER_HOST, RESERVED_FOR_THIS_BOX)
     }
 
     pub fn local_addr(&self) -> Option<String> {
@@ -77,7 +77,7 @@ impl FeedServer {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         pause.accepted();
-                        let Some(slot) = self.cap.admit() else { continue };
+                        let Some(slot) = self.cap.admit_from(peer.ip()) else { continue };
                         // Subscribe before the replay, so nothing falls between the two.
                         let live = self.events.subscribe();
                         let (db, cancel) = (self.db.clone(), cancel.clone());

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Secret;
-use crate::limits::{AcceptPause, ConnectionCap, HTTP_CONNECTIONS, LOG_EVERY, Throttle};
+use crate::limits::{
+    AcceptPause, ConnectionCap, HTTP_CONNECTIONS, HTTP_PER_HOST, LOG_EVERY, RESERVED_FOR_THIS_BOX, Throttle,
+};
 use crate::status::{Status, StatusSource};
 use crate::store::query::{SessionState, SharedDb};
 use crate::store::{Op, StoreError, StoreHandle};
@@ -43,6 +45,9 @@ pub const REQUEST_WAIT: Duration = Duration::from_secs(15);
 pub const BODY_MAX: usize = 4096;
 /// At a stop, requests in flight get this long to finish; then their connections are dropped.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
+/// The longest a connection is kept, however often it asks: one host cannot hold slots for ever
+/// with a request now and then (the dashboard polls; its browser just opens another).
+pub const CONNECTION_LIFE: Duration = Duration::from_secs(60);
 /// How long a status answer is reused: 200 pollers cost what one does.
 const STATUS_FRESH: Duration = Duration::from_millis(250);
 /// Wrong tokens a client may send per [`FAILURE_WINDOW`] before it is refused with 429 until
@@ -137,7 +142,7 @@ impl HttpServer {
 
     /// The cap every dashboard listener of this process shares (`status.listening.refused.http`).
     pub fn cap(listening: Arc<Mutex<crate::status::Listening>>) -> ConnectionCap {
-        ConnectionCap::new("http", HTTP_CONNECTIONS, listening)
+        ConnectionCap::new("http", HTTP_CONNECTIONS, listening).with_shares(HTTP_PER_HOST, RESERVED_FOR_THIS_BOX)
     }
 
     pub fn local_addr(&self) -> Option<String> {
@@ -172,7 +177,7 @@ impl HttpServer {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         pause.accepted();
-                        let Some(slot) = self.cap.admit() else { continue };
+                        let Some(slot) = self.cap.admit_from(peer.ip()) else { continue };
                         let (router, cancel) = (router.clone(), cancel.clone());
                         connections.spawn(async move {
                             let _slot = slot;
@@ -211,6 +216,12 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, router: Router, c
     tokio::select! {
         _ = connection.as_mut() => {}
         _ = cancel.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(STOP_GRACE, connection).await;
+        }
+        // Kept alive by a request now and then, a connection would hold its slot for ever: after
+        // its time it ends (after the request in flight, if any) and the browser opens another.
+        _ = tokio::time::sleep(CONNECTION_LIFE) => {
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(STOP_GRACE, connection).await;
         }

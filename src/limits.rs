@@ -6,7 +6,9 @@
 //! Whatever a client does, the pipeline (reader → store → uplink) must not notice: these bounds
 //! keep memory, descriptors, threads, CPU and the journal out of a client's reach.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +23,11 @@ use crate::status::Listening;
 pub const HTTP_CONNECTIONS: usize = 64;
 /// Live-feed clients at once (timing software, a scoreboard, a commentator's laptop …).
 pub const FEED_CONNECTIONS: usize = 64;
+/// What one remote address may hold of the dashboard's and the feed's connections (a browser
+/// opens six; a timing program one or two), and the slots kept for the box itself.
+pub const HTTP_PER_HOST: usize = 16;
+pub const FEED_PER_HOST: usize = 8;
+pub const RESERVED_FOR_THIS_BOX: usize = 4;
 /// Control-socket clients at once (the CLI: one request each).
 pub const CONTROL_CONNECTIONS: usize = 16;
 /// `watch` clients at once, inside the control socket's cap: watchers that never read hold their
@@ -40,33 +47,113 @@ pub struct ConnectionCap {
     max: usize,
     listening: Arc<Mutex<Listening>>,
     warn: Arc<Throttle>,
+    /// Connections per remote address (the box itself is not counted).
+    hosts: Hosts,
+    /// The most one remote address may hold, and the slots only the box itself may take.
+    per_host: usize,
+    reserved: usize,
+}
+
+/// Connections per remote address, shared by a cap and its slots.
+type Hosts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's hold on a cap: a slot, and its address's share, given back when it ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    host: Option<(IpAddr, Hosts)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((ip, hosts)) = &self.host
+            && let Ok(mut hosts) = hosts.lock()
+            && let Some(n) = hosts.get_mut(ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                hosts.remove(ip);
+            }
+        }
+    }
+}
+
+/// The box itself: `localhost`. Other loopback addresses (127.0.0.2 …) count as hosts of their
+/// own, as the tests use them.
+fn is_this_box(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
 }
 
 impl ConnectionCap {
     pub fn new(what: &'static str, max: usize, listening: Arc<Mutex<Listening>>) -> Self {
-        Self { what, slots: Arc::new(Semaphore::new(max)), max, listening, warn: Arc::new(Throttle::new(LOG_EVERY)) }
+        Self {
+            what,
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            listening,
+            warn: Arc::new(Throttle::new(LOG_EVERY)),
+            hosts: Arc::default(),
+            per_host: max,
+            reserved: 0,
+        }
+    }
+
+    /// Fair shares: one remote address holds at most `per_host` connections, and `reserved`
+    /// slots are kept for the box itself (its own tools, a kiosk browser on the Pi).
+    pub fn with_shares(mut self, per_host: usize, reserved: usize) -> Self {
+        self.per_host = per_host.max(1);
+        self.reserved = reserved.min(self.max.saturating_sub(1));
+        self
     }
 
     /// A slot for one more connection, held for as long as it is served; `None` (counted and
     /// logged, at most once a minute) when all are taken.
-    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+    pub fn admit(&self) -> Option<Slot> {
         match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                if let Ok(mut l) = self.listening.lock() {
-                    *l.refused.entry(self.what.to_string()).or_default() += 1;
-                }
-                if let Some(count) = self.warn.hit() {
-                    warn!(
-                        listener = self.what,
-                        max = self.max,
-                        refused = count,
-                        "connection refused: too many clients"
-                    );
-                }
-                None
-            }
+            Ok(permit) => Some(Slot { _permit: permit, host: None }),
+            Err(_) => self.refuse("too many clients"),
         }
+    }
+
+    /// A slot for a connection from `peer`, within its address's share (see [`Self::with_shares`]).
+    pub fn admit_from(&self, peer: IpAddr) -> Option<Slot> {
+        let ip = peer.to_canonical();
+        if is_this_box(ip) {
+            return self.admit();
+        }
+        if self.slots.available_permits() <= self.reserved {
+            return self.refuse("too many clients (the last slots are kept for the box itself)");
+        }
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let held = hosts.get(&ip).copied().unwrap_or(0);
+        if held >= self.per_host {
+            drop(hosts);
+            return self.refuse("too many clients from one address");
+        }
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            drop(hosts);
+            return self.refuse("too many clients");
+        };
+        hosts.insert(ip, held + 1);
+        Some(Slot { _permit: permit, host: Some((ip, self.hosts.clone())) })
+    }
+
+    fn refuse(&self, why: &'static str) -> Option<Slot> {
+        if let Ok(mut l) = self.listening.lock() {
+            *l.refused.entry(self.what.to_string()).or_default() += 1;
+        }
+        if let Some(count) = self.warn.hit() {
+            warn!(
+                listener = self.what,
+                max = self.max,
+                per_host = self.per_host,
+                refused = count,
+                "connection refused: {why}"
+            );
+        }
+        None
     }
 
     /// Connections being served now.
@@ -212,5 +299,21 @@ mod tests {
         assert_eq!(cap.in_use(), 2);
         drop(a);
         assert!(cap.admit().is_some(), "a slot frees when its connection ends");
+    }
+
+    #[test]
+    fn one_address_holds_its_share_and_the_box_keeps_its_slots() {
+        let listening = Arc::new(Mutex::new(Listening::default()));
+        let cap = ConnectionCap::new("test", 8, listening).with_shares(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "::ffff:192.0.2.2".parse().unwrap());
+        let held_a: Vec<Slot> = (0..5).filter_map(|_| cap.admit_from(a)).collect();
+        assert_eq!(held_a.len(), 3, "a share of 3");
+        let held_b: Vec<Slot> = (0..5).filter_map(|_| cap.admit_from(b)).collect();
+        assert_eq!(held_b.len(), 3, "a v4-mapped address is its v4 address, with its own share");
+        assert!(cap.admit_from("192.0.2.3".parse().unwrap()).is_none(), "the last 2 slots are the box's");
+        let own: Vec<Slot> = (0..3).filter_map(|_| cap.admit_from("127.0.0.1".parse().unwrap())).collect();
+        assert_eq!(own.len(), 2);
+        drop(held_a);
+        assert!(cap.admit_from(a).is_some(), "a share comes back when its connections end");
     }
 }

@@ -151,3 +151,83 @@ async fn a_watcher_costs_the_same_whatever_the_reader_floods() {
         before.rss_kb, after.rss_kb
     );
 }
+
+/// A TCP connection to `to` from the loopback address `from` (another "host" on the tent LAN).
+fn connect_from(from: &str, to: &str) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&format!("{from}:0").parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    socket.connect(&to.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    socket.into()
+}
+
+fn listening(gw: &Gateway, what: &str) -> String {
+    gw.status()["listening"][what].as_str().unwrap_or_else(|| panic!("{what} address in status")).to_string()
+}
+
+const LISTENERS: &str = "session.auto_start = true\nhttp.listen = \"127.0.0.1:0\"\nhttp.token = \"a-long-enough-token-for-the-tests\"\nfeed.listen = \"127.0.0.1:0\"";
+
+/// Row 4: one host opening 64 idle feed connections locked the timing software's feed client out
+/// (the cap was global). Now one address holds at most 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_take_the_whole_feed() {
+    use std::io::{BufRead, BufReader, Write};
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), LISTENERS);
+    gw.start().await;
+    let feed = listening(&gw, "feed");
+    let attacker: Vec<std::net::TcpStream> = (0..64).map(|_| connect_from("127.0.0.2", &feed)).collect();
+    let s = gw.wait_status("56 refused", |s| s["listening"]["refused"]["feed"].as_u64() == Some(56)).await;
+    let mut client = connect_from("127.0.0.3", &feed);
+    client.write_all(b"0\n").unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    write_lines(&mut pty, &["ABCD0042".into()]);
+    let mut line = String::new();
+    BufReader::new(&client).read_line(&mut line).unwrap();
+    assert!(line.contains("ABCD0042"), "the timing software's client gets the passing: {line:?}");
+    wait_fake(&fake, &gw, "the passing delivered", |s| s.total_passings() >= 1).await;
+    drop(attacker);
+    eprintln!(
+        "lan row 4: 64 idle feed connections from one host: {} refused (8 held); another host's client fed: {}",
+        s["listening"]["refused"]["feed"],
+        line.trim()
+    );
+}
+
+/// Row 5: one host keeping 64 keep-alive dashboard connections left 0 of 20 legitimate requests
+/// served. Now one address holds at most 16 (and a connection lives at most a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_take_the_whole_dashboard() {
+    use std::io::{Read, Write};
+    let (fake, device) = fake().await;
+    let pty = pty();
+    let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), LISTENERS);
+    gw.start().await;
+    let http = listening(&gw, "http");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut c = connect_from("127.0.0.2", &http);
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(format!("GET /api/status HTTP/1.1\r\nHost: {http}\r\n\r\n").as_bytes());
+        let mut buf = [0u8; 512];
+        if matches!(c.read(&mut buf), Ok(n) if n > 0) {
+            held.push(c); // answered, and kept alive
+        }
+    }
+    assert_eq!(held.len(), 16, "one address holds 16 connections");
+    let _ = http_client(); // installs the crypto provider
+    let client =
+        reqwest::Client::builder().local_address("127.0.0.3".parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    let mut served = 0;
+    for _ in 0..20 {
+        let answer = client.get(format!("http://{http}/api/status")).send().await;
+        if answer.is_ok_and(|a| a.status().is_success()) {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 20);
+    drop(held);
+    eprintln!(
+        "lan row 5: 64 keep-alive connections from one host: 16 held, 48 refused; another host: {served} of 20 requests served"
+    );
+}
