@@ -9,6 +9,13 @@
 //!
 //! Optional and isolated: a thread of its own with its own read connection; nothing waits for
 //! it. A stick that hangs leaves that thread stuck, and `status.backup.error` says so.
+//!
+//! The stick is a foreign filesystem: a file on it is opened without following a symbolic link,
+//! and written only if it is a regular file on the stick itself; a new one is created exclusively.
+//! A file is appended to only if its last row is this session's row of that number (same chip,
+//! same time): a file of the same name from an earlier race, or a reset database, or a forged
+//! last line, is left alone and reported, and the session is written under the next free name
+//! (`…-2.csv`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -17,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -46,6 +53,10 @@ pub struct BackupStatus {
     #[serde(default)]
     pub passes: u64,
     pub error: Option<String>,
+    /// Files on the stick left alone in the last pass, and why (a link, not a regular file,
+    /// another race's file): the sessions were written under other names.
+    #[serde(default)]
+    pub left_alone: Option<String>,
     /// Since when the current pass has been running, while it is (UTC µs; 0 = idle).
     #[serde(skip)]
     pub busy_since_us: i64,
@@ -156,14 +167,54 @@ fn rows_after(db: &Db, session: &SessionRow, after: i64) -> rusqlite::Result<Vec
     .collect()
 }
 
-/// Open a session's file for appending, cutting off a torn last line; returns it with the number
-/// in the first column of its last row (0 when only the header, or new).
-fn open_file(path: &Path, header: &str) -> std::io::Result<(File, i64)> {
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+/// Open a file on the stick: never through a symbolic link, only a regular file on the stick
+/// (`dev`, the device of `backup.dir`) itself; a file that is not there yet is created exclusively.
+fn open_on_stick(path: &Path, dev: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // O_NONBLOCK: a FIFO planted under the name must not hold the thread up.
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let opened = OpenOptions::new().read(true).write(true).custom_flags(flags).open(path);
+    let file = match opened {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            OpenOptions::new().read(true).write(true).create_new(true).custom_flags(flags).open(path)?
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(std::io::Error::other("it is a symbolic link"));
+        }
+        other => other?,
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    if meta.dev() != dev {
+        return Err(std::io::Error::other("it is not on the stick"));
+    }
+    Ok(file)
+}
+
+/// Note a file left alone (once).
+fn left_alone(refused: &mut Vec<String>, why: String) {
+    if !refused.contains(&why) {
+        refused.push(why);
+    }
+}
+
+/// A session's file as found: open for appending, the number in the first column of its last row
+/// (0 when only the header, or new) and that row.
+struct Found {
+    file: File,
+    last: i64,
+    last_line: String,
+}
+
+/// Open a session's file for appending, cutting off a torn last line.
+fn open_file(path: &Path, header: &str, dev: u64) -> std::io::Result<Found> {
+    let mut file = open_on_stick(path, dev)?;
     let len = file.metadata()?.len();
     if len == 0 {
         file.write_all(format!("{header}\n").as_bytes())?;
-        return Ok((file, 0));
+        return Ok(Found { file, last: 0, last_line: String::new() });
     }
     // The tail holds the last complete line (rows are short).
     let tail_len = len.min(64 * 1024);
@@ -187,10 +238,23 @@ fn open_file(path: &Path, header: &str) -> std::io::Result<(File, i64)> {
         file.set_len(0)?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(format!("{header}\n").as_bytes())?;
-        return Ok((file, 0));
+        return Ok(Found { file, last: 0, last_line: String::new() });
     }
     file.seek(SeekFrom::End(0))?;
-    Ok((file, last))
+    Ok(Found { file, last, last_line })
+}
+
+/// The cells of a CSV line (quoted cells as the CSV writer made them).
+fn cells(line: &str) -> Vec<String> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(line.as_bytes());
+    reader.records().next().and_then(Result::ok).map(|r| r.iter().map(str::to_string).collect()).unwrap_or_default()
+}
+
+/// `base`, then `base-2` … `base-9` (before `.csv`): where a session is written when a file of
+/// its name is not its own.
+fn candidates(base: &str) -> impl Iterator<Item = String> + '_ {
+    let stem = base.trim_end_matches(".csv");
+    std::iter::once(base.to_string()).chain((2..=9).map(move |n| format!("{stem}-{n}.csv")))
 }
 
 pub struct Backup {
@@ -201,6 +265,10 @@ pub struct Backup {
     status: Arc<Mutex<BackupStatus>>,
     /// Per session: the last `num_passing` known to be in its file, while the same stick is in.
     written: HashMap<i64, i64>,
+    /// Per session (and `true` for its reads file): the file found to be its own on this stick.
+    chosen: HashMap<(i64, bool), PathBuf>,
+    /// Files on this stick left alone, and why (reported while the same stick is in).
+    refused: Vec<String>,
     /// Closed sessions whose reads file is complete on this stick.
     reads_done: std::collections::HashSet<i64>,
     /// The mount the cache belongs to (device id of `dir`).
@@ -223,6 +291,8 @@ impl Backup {
             host,
             status,
             written: HashMap::new(),
+            chosen: HashMap::new(),
+            refused: Vec::new(),
             reads_done: Default::default(),
             mounted_dev: None,
             db: None,
@@ -273,6 +343,9 @@ impl Backup {
             // Nothing is written to a directory that is not a stick: the SD card never fills.
             self.mounted_dev = None;
             self.written.clear();
+            self.chosen.clear();
+            self.refused.clear();
+            self.update(|s| s.left_alone = None);
             self.reads_done.clear();
             return Ok(());
         }
@@ -280,7 +353,9 @@ impl Backup {
         if self.mounted_dev != Some(dev) {
             // Another stick, or the same one plugged back: its files say what they hold.
             self.written.clear();
+            self.chosen.clear();
             self.reads_done.clear();
+            self.refused.clear();
             self.mounted_dev = Some(dev);
         }
         if self.db.is_none() {
@@ -304,12 +379,70 @@ impl Backup {
             }
             self.session(session)?;
         }
+        let note = (!self.refused.is_empty()).then(|| self.refused.join("; "));
+        let before = self.status.lock().ok().and_then(|s| s.left_alone.clone());
+        if note != before
+            && let Some(note) = &note
+        {
+            warn!(dir = %self.dir.display(), files = %note, "files on the backup stick left alone; the sessions are written under other names");
+        }
+        self.update(|s| s.left_alone = note);
         Ok(())
     }
 
+    /// The session's file on this stick (`reads`: its reads file): the one of its name if that is
+    /// its own (`own(last, last_line)`), else the next free name; files left alone are noted.
+    fn open_own(
+        &mut self,
+        session: &SessionRow,
+        reads: bool,
+        own: impl Fn(&Db, i64, &str) -> rusqlite::Result<bool>,
+    ) -> anyhow::Result<Found> {
+        let dev = self.mounted_dev.ok_or_else(|| anyhow::anyhow!("no stick"))?;
+        let (header, base) = if reads {
+            let name = file_name(&self.host, session.id, &session.alias);
+            (READS_HEADER, format!("{}-reads.csv", name.trim_end_matches(".csv")))
+        } else {
+            (HEADER, file_name(&self.host, session.id, &session.alias))
+        };
+        if let Some(path) = self.chosen.get(&(session.id, reads)) {
+            return Ok(open_file(path, header, dev)?);
+        }
+        let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
+        for name in candidates(&base) {
+            let path = self.dir.join(&name);
+            match open_file(&path, header, dev) {
+                Ok(found) if found.last == 0 || own(db, found.last, &found.last_line)? => {
+                    self.chosen.insert((session.id, reads), path);
+                    return Ok(found);
+                }
+                Ok(found) => left_alone(
+                    &mut self.refused,
+                    format!(
+                        "{name}: its last row (#{}) is not session {}'s (an earlier race, or a reset database)",
+                        found.last, session.id
+                    ),
+                ),
+                // Not a file of ours to write (a link, a FIFO, another filesystem): the next name.
+                Err(e) if e.raw_os_error().is_none() => left_alone(&mut self.refused, format!("{name}: {e}")),
+                // The stick itself fails (full, read-only, gone): said as it is, retried.
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("no file of session {} can be written on the stick", session.id)
+    }
+
     fn session(&mut self, session: &SessionRow) -> anyhow::Result<()> {
-        let path = self.dir.join(file_name(&self.host, session.id, &session.alias));
-        let (mut file, mut last) = open_file(&path, HEADER)?;
+        // Its own: the last row is this session's row of that number, the same chip at the same
+        // time (the state column changes as passings are delivered).
+        let Found { mut file, mut last, .. } = self.open_own(session, false, |db, last, line| {
+            let cells = cells(line);
+            Ok(last <= session.passings
+                && rows_after(db, session, last - 1)?.first().is_some_and(|r| {
+                    let mine = self::cells(&row(r));
+                    r.num_passing == last && cells.get(2) == mine.get(2) && cells.get(5) == mine.get(5)
+                }))
+        })?;
         let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
         let mut appended = 0u64;
         loop {
@@ -344,9 +477,18 @@ impl Backup {
         if self.reads_done.contains(&session.id) {
             return Ok(());
         }
-        let name = file_name(&self.host, session.id, &session.alias);
-        let path = self.dir.join(format!("{}-reads.csv", name.trim_end_matches(".csv")));
-        let (mut file, mut last) = open_file(&path, READS_HEADER)?;
+        // Its own: the last row is this session's read of that id (same arrival, same chip).
+        let Found { mut file, mut last, .. } = self.open_own(session, true, |db, last, line| {
+            let cells = cells(line);
+            let mine: Option<(i64, String)> = db
+                .connection()
+                .prepare_cached("SELECT received_at, chip FROM reads WHERE id = ?1 AND session_id = ?2")?
+                .query_row(params![last, session.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(mine.is_some_and(|(at, chip)| {
+                cells.get(1) == Some(&crate::clock::api_timestamp(at)) && cells.get(2) == Some(&chip)
+            }))
+        })?;
         let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
         let mut appended = 0u64;
         loop {
@@ -399,23 +541,56 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_cut_and_the_last_number_found() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
+        let dev = std::fs::metadata(dir.path()).unwrap().dev();
         let path = dir.path().join("s.csv");
-        let (_, last) = open_file(&path, HEADER).unwrap();
+        let last = open_file(&path, HEADER, dev).unwrap().last;
         assert_eq!(last, 0);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{HEADER}\n"));
         std::fs::write(&path, format!("{HEADER}\n1,7,C1,d,t,ts,1,A,pending\n2,8,C2,d,t,ts,1,A,pending\n3,9,C"))
             .unwrap();
-        let (mut file, last) = open_file(&path, HEADER).unwrap();
+        let Found { mut file, last, last_line } = open_file(&path, HEADER, dev).unwrap();
         assert_eq!(last, 2, "the torn third row does not count");
+        assert_eq!(cells(&last_line)[2], "C2");
         file.write_all(b"3,9,C3,d,t,ts,1,A,pending\n").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 4);
         assert!(text.ends_with("2,8,C2,d,t,ts,1,A,pending\n3,9,C3,d,t,ts,1,A,pending\n"), "{text}");
         // A header torn in two starts the file again.
         std::fs::write(&path, "num_pass").unwrap();
-        let (_, last) = open_file(&path, HEADER).unwrap();
-        assert_eq!((last, std::fs::read_to_string(&path).unwrap()), (0, format!("{HEADER}\n")));
+        let found = open_file(&path, HEADER, dev).unwrap();
+        assert_eq!((found.last, std::fs::read_to_string(&path).unwrap()), (0, format!("{HEADER}\n")));
+    }
+
+    #[test]
+    fn only_a_regular_file_on_the_stick_is_opened() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = std::fs::metadata(dir.path()).unwrap().dev();
+        let target = dir.path().join("gateway.db-wal");
+        std::fs::write(&target, "precious").unwrap();
+        let link = dir.path().join("s.csv");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = open_file(&link, HEADER, dev).err().expect("a symlink is refused");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious", "untouched");
+        let fifo = dir.path().join("f.csv");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::RWXU, 0).unwrap();
+        assert!(open_file(&fifo, HEADER, dev).err().unwrap().to_string().contains("not a regular file"));
+        assert!(
+            open_file(&dir.path().join("new.csv"), HEADER, dev + 1)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("not on the stick")
+        );
+    }
+
+    #[test]
+    fn names_go_on_when_a_file_is_not_ours() {
+        let names: Vec<String> = candidates("rufus-gateway-pi-1-A.csv").take(3).collect();
+        assert_eq!(names, ["rufus-gateway-pi-1-A.csv", "rufus-gateway-pi-1-A-2.csv", "rufus-gateway-pi-1-A-3.csv"]);
     }
 
     #[test]

@@ -242,6 +242,13 @@ fn with_problems(mut s: Status, held: &[SessionRow], readable: bool) -> Status {
         ));
     }
     if let Some(b) = &s.backup {
+        // Files left alone: the backup goes on under other names, and the stick is suspect.
+        if let Some(files) = &b.left_alone {
+            p.push(format!(
+                "BACKUP STICK at {} holds files this box must not write ({files}); its sessions are written under other names: check the stick",
+                b.dir
+            ));
+        }
         match &b.error {
             Some(e) => p.push(format!(
                 "BACKUP NOT WRITTEN to {} ({e}); reading, storing and uploading are not affected",

@@ -347,9 +347,10 @@ async fn with_require_mount_a_directory_without_a_stick_is_left_alone() {
 }
 
 /// A stick that hangs (a USB device that stops answering): the backup's write blocks in the
-/// kernel. Stood in for by a FIFO at the session file's name that nobody reads: the thread's
-/// write blocks once the pipe is full, as on a dead device. Reading, storing and uploading go
-/// on, status says so after 10 s, and a stop is not held up by the stuck thread.
+/// kernel. Stood in for by the stick's filesystem frozen (`fsfreeze`): every write to it waits,
+/// as on a dead device. Reading, storing and uploading go on, status says so after 10 s, and a
+/// stop is not held up by the stuck thread (the process ends once the stick answers again, as
+/// it would once a dead stick is pulled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_stick_is_reported_and_holds_nothing_up() {
     let Some(stick) = Stick::new(16) else { return };
@@ -357,12 +358,10 @@ async fn a_hung_stick_is_reported_and_holds_nothing_up() {
     let mut pty = pty();
     let mut gw = gateway(&fake, &device, &pty, &stick.mnt, "").await;
     gw.cli_ok(&["session", "start", "--alias", "HUNG"]);
-    let session = gw.status()["session"]["id"].as_i64().unwrap();
-    let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-    let file = stick.mnt.join(format!("rufus-gateway-{host}-{session}-HUNG.csv"));
-    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    // More than a pipe holds (64 KiB): the write blocks for good.
-    write_lines(&mut pty, &chips(0..2000));
+    write_lines(&mut pty, &chips(0..10));
+    file_with(&gw, &stick, 10).await;
+    let frozen = Frozen::new(&stick.mnt);
+    write_lines(&mut pty, &chips(10..2000));
     wait_fake(&fake, &gw, "every passing delivered while the stick hangs", |s| s.total_passings() == 2000).await;
     let s = gw
         .wait_status("the hung stick reported", |s| {
@@ -374,6 +373,29 @@ async fn a_hung_stick_is_reported_and_holds_nothing_up() {
     write_lines(&mut pty, &chips(2000..2100));
     wait_fake(&fake, &gw, "more passings delivered", |s| s.total_passings() == 2100).await;
     let stopped = Instant::now();
-    assert_eq!(gw.terminate().await.code(), Some(0), "a clean stop despite the stuck thread");
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + DEADLINE;
+    while !gw.logs().contains("stopped cleanly") {
+        assert!(Instant::now() < deadline, "the stop waited on the stuck thread; log:\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!("stopped {:.2} s after SIGTERM with the backup thread stuck", stopped.elapsed().as_secs_f64());
+    drop(frozen);
+    assert_eq!(gw.terminate().await.code(), Some(0), "a clean stop despite the stuck thread");
+}
+
+/// A filesystem frozen for as long as this lives (thawed at the end, whatever happens).
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn new(mnt: &Path) -> Frozen {
+        assert!(Command::new("fsfreeze").arg("-f").arg(mnt).status().unwrap().success(), "fsfreeze");
+        Frozen(mnt.to_path_buf())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+    }
 }

@@ -231,3 +231,110 @@ async fn one_host_cannot_take_the_whole_dashboard() {
         "lan row 5: 64 keep-alive connections from one host: 16 held, 48 refused; another host: {served} of 20 requests served"
     );
 }
+
+fn host() -> String {
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
+}
+
+/// A gateway writing its backup to `dir` (a plain directory standing in for the stick: the rule
+/// under test is how files on it are opened, not how it is mounted).
+async fn backed_up(
+    fake: &rufus_gateway::fake_api::FakeApi,
+    device: &str,
+    pty: &rufus_gateway::pty::Pty,
+    dir: &std::path::Path,
+) -> Gateway {
+    let extra = format!(
+        "backup.dir = \"{}\"\nbackup.interval = \"1s\"\nbackup.require_mount = false\npassings.dedup_window = \"0s\"",
+        dir.display()
+    );
+    let mut gw = Gateway::new(fake, device, &pty.path.display().to_string(), &extra);
+    gw.start().await;
+    gw
+}
+
+/// Wait until the file at `path` holds `rows` rows.
+async fn rows_in(gw: &Gateway, path: &std::path::Path, rows: usize) -> String {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && text.lines().count() == rows + 1
+        {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} never held {rows} rows; log:\n{}", path.display(), gw.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Stick row 1: a symlink on the stick named like this session's CSV, pointing at a file outside
+/// it, was opened, cut and appended to. Now it is left alone and reported, and the session is
+/// written under the next name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_on_the_stick_is_never_followed() {
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let stick = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let precious = outside.path().join("gateway.db-wal");
+    std::fs::write(&precious, "precious bytes\nthat must stay").unwrap();
+    let gw = backed_up(&fake, &device, &pty, stick.path()).await;
+    gw.cli_ok(&["session", "start", "--alias", "LINK"]);
+    let name = rufus_gateway::backup::file_name(&host(), 1, "LINK");
+    std::os::unix::fs::symlink(&precious, stick.path().join(&name)).unwrap();
+    let chips: Vec<String> = (0..20).map(|i| format!("{i:08X}")).collect();
+    write_lines(&mut pty, &chips);
+    wait_fake(&fake, &gw, "20 passings delivered", |s| s.total_passings() == 20).await;
+    let next = stick.path().join(name.replace(".csv", "-2.csv"));
+    rows_in(&gw, &next, 20).await;
+    let s = gw
+        .wait_status("the link reported", |s| {
+            s["backup"]["left_alone"].as_str().is_some_and(|e| e.contains("symbolic link"))
+        })
+        .await;
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious bytes\nthat must stay");
+    assert!(s["problems"].to_string().contains("BACKUP STICK"), "{}", s["problems"]);
+    assert!(gw.logs().contains("left alone"), "and in the journal");
+    eprintln!(
+        "stick row 1: the symlink left alone (target unchanged), 20 rows in {}; reported: {}",
+        next.display(),
+        s["backup"]["left_alone"]
+    );
+}
+
+/// Stick row 3: a file of the same name from an earlier race (a reset database starts at
+/// session 1 again), or a forged last line, was trusted: the new race was appended after the
+/// old one, or not written at all. Now a file whose last row is not this session's is left alone
+/// and reported, and the session is written under the next name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_this_sessions_is_never_appended_to() {
+    use rufus_gateway::backup::HEADER;
+    let (fake, device) = fake().await;
+    let mut pty = pty();
+    let stick = tempfile::tempdir().unwrap();
+    let gw = backed_up(&fake, &device, &pty, stick.path()).await;
+    let name = rufus_gateway::backup::file_name(&host(), 1, "AGAIN");
+    let old: String = (1..=81)
+        .map(|n| format!("{n},9{n},9{n},2026-05-01,09:00:00.000,2026-05-01T09:00:00.000Z,1,AGAIN,delivered\n"))
+        .collect();
+    std::fs::write(stick.path().join(&name), format!("{HEADER}\n{old}")).unwrap();
+    let forged = rufus_gateway::backup::file_name(&host(), 1, "AGAIN").replace(".csv", "-2.csv");
+    std::fs::write(stick.path().join(&forged), format!("{HEADER}\n999999999,1,1,d,t,ts,1,AGAIN,pending\n")).unwrap();
+    gw.cli_ok(&["session", "start", "--alias", "AGAIN"]);
+    let chips: Vec<String> = (0..90).map(|i| format!("{i:08X}")).collect();
+    write_lines(&mut pty, &chips);
+    wait_fake(&fake, &gw, "90 passings delivered", |s| s.total_passings() == 90).await;
+    let third = stick.path().join(name.replace(".csv", "-3.csv"));
+    rows_in(&gw, &third, 90).await;
+    let s = gw
+        .wait_status("both reported", |s| {
+            s["backup"]["left_alone"].as_str().is_some_and(|e| e.contains("#81") && e.contains("#999999999"))
+        })
+        .await;
+    assert_eq!(std::fs::read_to_string(stick.path().join(&name)).unwrap(), format!("{HEADER}\n{old}"), "untouched");
+    eprintln!(
+        "stick row 3: the old race's file and a forged one left alone; 90 rows in {}; reported: {}",
+        third.display(),
+        s["backup"]["left_alone"]
+    );
+}

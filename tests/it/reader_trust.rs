@@ -309,8 +309,11 @@ async fn row6_the_chip_check_never_leaks_into_the_race() {
     gw.cli_ok(&["session", "close"]);
     gw.cli_ok(&["session", "start", "--alias", "RACE"]);
     // The race's first reads are made while the link is down: the download brings them, and the
-    // whole memory with them (the chip check's read included).
+    // whole memory with them (the chip check's read included). They come a moment after the
+    // start: a replayed read within the reader clock's uncertainty of a session change (an
+    // IPICO's 10 ms) may fall on either side of it.
     emu.unplug();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     emu.read(&ipico_chip(2));
     emu.read(&ipico_chip(3));
     emu.plug();
