@@ -2,7 +2,7 @@
 //! (`reader.timestamp_format`), and a reader's local wall-clock time to UTC. Used by the config
 //! (to check the setting) and by the parsers; it depends on neither.
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// How a regex `timestamp` group is written (`reader.timestamp_format`).
@@ -86,7 +86,7 @@ pub fn local_to_utc(local: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
 /// [`READER_YEARS`].
 pub fn utc_to_local(us: i64, tz: Tz) -> Option<NaiveDateTime> {
     let utc = DateTime::from_timestamp_micros(us).filter(|t| READER_YEARS.contains(&t.year()))?;
-    Some(utc.with_timezone(&tz).naive_local())
+    utc.naive_utc().checked_add_offset(utc.with_timezone(&tz).offset().fix())
 }
 
 /// A parsed reader time inside [`READER_YEARS`], as UTC µs.

@@ -391,7 +391,6 @@ impl<'a> ReadSession<'a> {
         }
         let today = chrono::DateTime::from_timestamp_micros(stamp.utc_us).unwrap_or_else(Utc::now).date_naive();
         let Some(parsed) = parse_guarded(&self.reader.parser, &bytes, today) else {
-            self.reader.stats.parser_panics.fetch_add(1, Ordering::Relaxed);
             self.reject(Reject::BadField, &bytes);
             return true;
         };

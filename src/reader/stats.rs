@@ -21,8 +21,6 @@ pub struct ReaderStats {
     /// host time instead; and the host time of the last (UTC µs; 0 = never).
     pub retimed: AtomicU64,
     pub last_retimed_at: AtomicI64,
-    /// Records whose parsing panicked (a bug, caught: see [`parse_guarded`]).
-    pub parser_panics: AtomicU64,
     /// Proof of life for the watchdog: the reader thread beats between records and reopens.
     pub live: Arc<crate::liveness::Liveness>,
     pub last_error: Mutex<Option<String>>,

@@ -180,11 +180,10 @@ fn open_store(cfg: &Config) -> Store {
     parts.store
 }
 
-fn new_talk(cfg: &Config, store: &Store) -> Talk {
+fn new_talk(cfg: &Config) -> Talk {
     let db = query::Db::open_readonly(&cfg.storage.path).expect("readable");
     let max_skew = cfg.reader.max_skew.as_micros() as i64;
     let recall = Recall::from_reads(&db.last_reads(500).expect("last reads"), max_skew);
-    let _ = store;
     Talk::new(&cfg.reader, recall, Arc::new(Shared::default()))
 }
 
@@ -201,7 +200,7 @@ impl Harness {
         cfg.reader.clock = Some(ClockMode::Ignore);
         cfg.reader.rewind = true;
         let store = open_store(&cfg);
-        let talk = new_talk(&cfg, &store);
+        let talk = new_talk(&cfg);
         let parser = Parser::from_config(&cfg.reader, ChipEncoding::Hex).unwrap();
         let mut h = Harness {
             dir,
@@ -345,7 +344,7 @@ impl Harness {
             Event::Restart => {
                 self.flush();
                 self.store = open_store(&self.cfg);
-                self.talk = new_talk(&self.cfg, &self.store);
+                self.talk = new_talk(&self.cfg);
                 self.replays.clear();
                 self.connect();
             }

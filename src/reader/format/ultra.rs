@@ -95,7 +95,9 @@ impl UltraParser {
         }
         let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0)).expect("valid date");
         // Checked all the way: `seconds` is whatever the line says, up to `i64::MAX`.
-        let since_epoch = TimeDelta::try_seconds(seconds).and_then(|s| s.checked_add(&TimeDelta::milliseconds(millis)));
+        let since_epoch = TimeDelta::try_seconds(seconds)
+            .zip(TimeDelta::try_milliseconds(millis))
+            .and_then(|(s, ms)| s.checked_add(&ms));
         let Some(local) = since_epoch.and_then(|d| epoch.checked_add_signed(d)) else {
             return Parsed::Reject(Reject::BadTime);
         };
