@@ -368,6 +368,21 @@ impl Config {
             format!("control    {}", self.control.socket.display()),
             format!("http       {} (token {token})", or_off(&self.http.listen)),
             format!("feed       {}", or_off(&self.feed.listen)),
+            // `packaging/mount-backup` looks for "ext4 sticks allowed" on this line.
+            format!(
+                "backup     {}",
+                self.backup.dir.as_ref().map_or_else(
+                    || "off".to_string(),
+                    |dir| format!(
+                        "{} every {} (mount point {}, reads {}), ext4 sticks {}",
+                        dir.display(),
+                        humantime::format_duration(self.backup.interval),
+                        if self.backup.require_mount { "required" } else { "not required" },
+                        if self.backup.reads { "too" } else { "not kept" },
+                        if self.backup.allow_ext4 { "allowed" } else { "refused" }
+                    )
+                )
+            ),
             format!("log        {} to {:?}", self.log.level, self.log.target),
         ]
         .join("\n")
@@ -377,6 +392,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `packaging/mount-backup` mounts an ext4 stick only if a config's summary has a line
+    /// starting "backup " and ending "ext4 sticks allowed".
+    #[test]
+    fn the_summary_says_whether_ext4_sticks_are_allowed() {
+        let line = |dir: Option<&str>, allow_ext4| {
+            let config = Config {
+                backup: BackupConfig { dir: dir.map(PathBuf::from), allow_ext4, ..BackupConfig::default() },
+                ..Config::default()
+            };
+            config.summary().lines().find(|l| l.starts_with("backup ")).unwrap().to_string()
+        };
+        let allowed = line(Some("/media/rufus-backup"), true);
+        assert!(allowed.ends_with("ext4 sticks allowed"), "{allowed}");
+        assert!(allowed.contains("/media/rufus-backup every 5s"), "{allowed}");
+        let refused = line(Some("/media/rufus-backup"), false);
+        assert!(refused.ends_with("ext4 sticks refused"), "{refused}");
+        // No backup, no stick: allow_ext4 alone opens nothing.
+        assert_eq!(line(None, true), "backup     off");
+    }
 
     #[test]
     fn a_reader_on_the_kernel_console_is_warned_about() {

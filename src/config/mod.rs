@@ -291,11 +291,15 @@ pub struct BackupConfig {
     pub require_mount: bool,
     /// Also keep the raw reads there.
     pub reads: bool,
+    /// Whether the shipped udev rule may mount an ext4 stick (`packaging/mount-backup` asks
+    /// `check-config`): ext4 brings owners, modes and the kernel's ext4 parser on an untrusted
+    /// image, so FAT and exFAT only unless this is true.
+    pub allow_ext4: bool,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        Self { dir: None, interval: Duration::from_secs(5), require_mount: true, reads: false }
+        Self { dir: None, interval: Duration::from_secs(5), require_mount: true, reads: false, allow_ext4: false }
     }
 }
 

@@ -650,9 +650,11 @@ impl Drop for LoopDevice {
 
 /// The USB backup through what the package ships: an ext4 image labelled RUFUSBACKUP (this
 /// kernel has no vfat) is attached as a block device; udev's own rule processing (`udevadm test`,
-/// as udevd is not run in a container) yields the shipped rule's command; the helper it runs asks
-/// systemd-mount for /media/rufus-backup with nodev,nosuid,noexec (a stand-in records it: a
-/// container cannot mount a block device through a device unit), and it is mounted so; the
+/// as udevd is not run in a container) yields the shipped rule's command; the helper it runs
+/// refuses the ext4 stick until the config allows ext4 (`backup.allow_ext4`), then asks
+/// systemd-mount for /media/rufus-backup with nodev,nosuid,noexec,nosymfollow (a stand-in
+/// records it: a container cannot mount a block device through a device unit; FAT and exFAT are
+/// asked the same way, with the service's uid), and it is mounted so, following no link; the
 /// service, under its hardened unit, keeps the race's passings there, equal to `export`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stick_plugged_in_is_mounted_by_the_shipped_rule_and_holds_the_race() {
@@ -688,25 +690,55 @@ async fn a_stick_plugged_in_is_mounted_by_the_shipped_rule_and_holds_the_race() 
         // "unsupported" there, so its mount unit fails on a dependency): a stand-in records what
         // the helper asks of it, and the test mounts with exactly that.
         m.sh("mv /usr/bin/systemd-mount /usr/bin/systemd-mount.real && printf '#!/bin/sh\\necho \"$@\" > /run/systemd-mount.args\\n' > /usr/bin/systemd-mount && chmod 755 /usr/bin/systemd-mount");
+        let backup = config(&fake, &deviceid, "/run/reader0", "STICK")
+            + "\n[backup]\ndir = \"/media/rufus-backup\"\ninterval = \"1s\"\n";
+        // An ext4 stick is an untrusted ext4 image for the kernel to parse: refused unless a
+        // config opts in, and the journal says why.
+        root.write("/etc/rufus-gateway/config.toml", &backup);
+        m.sh(command);
+        assert_eq!(m.sh("test -e /run/systemd-mount.args && echo asked || echo not asked").trim(), "not asked");
+        m.wait_for("the refused ext4 stick in the journal", || {
+            m.sh("journalctl -q -t rufus-gateway-backup -o cat")
+                .contains(&format!("stick {dev} labelled RUFUSBACKUP is ext4: not mounted"))
+                .then_some(())
+        });
+        let backup = backup + "allow_ext4 = true\n";
+        root.write("/etc/rufus-gateway/config.toml", &backup);
         m.sh(command);
         let asked = m.sh("cat /run/systemd-mount.args");
         assert_eq!(
             asked.trim(),
-            format!("--no-block --collect --options=nodev,nosuid,noexec,noatime {dev} /media/rufus-backup"),
-            "what the helper asks of systemd-mount for an ext4 stick"
+            format!("--no-block --collect --options=nodev,nosuid,noexec,noatime,nosymfollow {dev} /media/rufus-backup"),
+            "what the helper asks of systemd-mount for an ext4 stick, allowed"
         );
+        // What it asks for FAT and exFAT (this kernel has no vfat to mount them with).
+        let (uid, gid) = (m.sh("id -u rufus-gateway"), m.sh("id -g rufus-gateway"));
+        for (fstype, extra) in [("vfat", ",flush"), ("exfat", "")] {
+            m.sh(&format!("/usr/lib/rufus-gateway/mount-backup {dev} {fstype}"));
+            assert_eq!(
+                m.sh("cat /run/systemd-mount.args").trim(),
+                format!(
+                    "--no-block --collect --options=nodev,nosuid,noexec,noatime,nosymfollow,uid={},gid={},umask=0077{extra} {dev} /media/rufus-backup",
+                    uid.trim(),
+                    gid.trim()
+                ),
+                "what the helper asks of systemd-mount for {fstype}"
+            );
+        }
         let options = asked.split_whitespace().find_map(|a| a.strip_prefix("--options=")).unwrap().to_string();
         m.sh(&format!("mount -o {options} {dev} /media/rufus-backup"));
         let options = m.sh("findmnt -no OPTIONS /media/rufus-backup");
-        for option in ["nodev", "nosuid", "noexec"] {
+        for option in ["nodev", "nosuid", "noexec", "nosymfollow"] {
             assert!(options.contains(option), "{options}");
         }
+        // nosymfollow: a link on the stick leads nowhere, whoever follows it.
+        m.sh("ln -s /etc/rufus-gateway/config.toml /media/rufus-backup/link");
+        let followed = m.exec("cat /media/rufus-backup/link");
+        assert!(!followed.status.success(), "a link on the stick was followed");
+        m.sh("rm /media/rufus-backup/link");
         // An ext4 stick keeps its owners: given to the service once, as the README says.
         m.sh("chown rufus-gateway: /media/rufus-backup && chmod 700 /media/rufus-backup");
 
-        let config = config(&fake, &deviceid, "/run/reader0", "STICK")
-            + "\n[backup]\ndir = \"/media/rufus-backup\"\ninterval = \"1s\"\n";
-        root.write("/etc/rufus-gateway/config.toml", &config);
         m.sh("systemctl enable --now rufus-gateway");
         let sim = Sim::start(&m, "reader0", "/run/reader0", RATE, 1);
         sim.sent_at_least(&m, 100);
