@@ -9,8 +9,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rufus_gateway::config::{ChipEncoding, Format, ReaderConfig};
 use rufus_gateway::dedup::{Candidate, Dedup, Strongest};
-use rufus_gateway::reader::format::{Parser, chafon, ipico};
-use rufus_gateway::reader::framing::Framer;
+use rufus_gateway::reader::format::{Framer, Parser, chafon, ipico};
 use rufus_gateway::store::query::Outgoing;
 
 const N: usize = 1000;

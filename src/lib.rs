@@ -10,10 +10,11 @@
 //!                  control socket ───┘   └── uplink outcomes (delivered, refused, …)
 //! ```
 //!
-//! - [`reader`]: port open/reopen (serial or TCP, [`reader::transport`]), framing
-//!   ([`reader::framing`]) and parsing ([`reader::format`]); reader times through [`timestamp`];
-//!   the commands that get and set a reader's clock and replay its memory in [`reader::control`],
-//!   used by [`reader::talk`] to measure and set the clock and rewind after a reconnect;
+//! - [`reader`]: port open/reopen (serial or TCP, [`reader::transport`]); one connection's pump
+//!   in `reader::connection`; framed records, parsed reads and rejects in [`reader::record`] (a
+//!   leaf); one file per family in [`reader::format`], holding its framer, parser and commands
+//!   (the Elite's control port in [`reader::elite`]); reader times through [`timestamp`];
+//!   [`reader::talk`] measures and sets the clock and rewinds after a reconnect;
 //!   reads per antenna and silent antennas in [`antennas`].
 //! - [`store`]: group commit, de-duplication ([`dedup`]), `num_passing`, sessions, retention; the
 //!   read side in [`store::query`].

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use chrono::NaiveDateTime;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::clock::Stamp;
@@ -27,6 +28,34 @@ const EVENTS_QUEUED: usize = 1024;
 /// have failed (a real memory holds some hundred thousand reads of under 40 bytes).
 const REPLAY_MAX_BYTES: u64 = 16 << 20;
 const REPLAY_MAX: Duration = Duration::from_secs(15 * 60);
+
+// The control port's commands and replies (reader-control.md): text, one per line.
+
+pub const GET_CLOCK: &str = "getdate\n";
+
+/// `setdate.yyMMddHH:mm:ss` (local wall time, to the second).
+pub fn set_clock(local: NaiveDateTime) -> String {
+    format!("setdate.{}\n", local.format("%y%m%d%H:%M:%S"))
+}
+
+/// Replay what reader 1 (`ttyS0`) or 2 (`ttyS1`) stored since `since` (all of it without),
+/// to TCP `port` (10300 in the source); the replay ends when the reader closes that connection.
+pub fn replay_start(reader: u8, port: u16, since: Option<NaiveDateTime>) -> String {
+    let file = format!("file.ttyS{} port.{port}", reader.saturating_sub(1));
+    match since {
+        Some(t) => format!("replay_start {file} datetime.{}\n", t.format("%y%m%d%H%M%S")),
+        None => format!("replay_start {file}\n"),
+    }
+}
+
+/// The `getdate` reply, Linux `date` output after `date.`: `Wed Nov 12 15:30:30 CST 2008`
+/// (the zone name is not trusted: the reader's wall time is taken as local).
+pub fn parse_clock(line: &str) -> Option<NaiveDateTime> {
+    let text = line.trim().strip_prefix("date.")?;
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, month, day, time, _zone, year] = parts.as_slice() else { return None };
+    NaiveDateTime::parse_from_str(&format!("{month} {day} {year} {time}"), "%b %d %Y %H:%M:%S").ok()
+}
 
 /// What the reader thread asks of the Elite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,10 +245,28 @@ fn replay_from(addr: &str, events: &Sender<Event>) {
 mod tests {
     use super::*;
 
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, ms: u32) -> NaiveDateTime {
+        chrono::NaiveDate::from_ymd_opt(y, mo, d).unwrap().and_hms_milli_opt(h, mi, s, ms).unwrap()
+    }
+
     #[test]
     fn lines_are_split_and_their_ends_dropped() {
         let mut pending = b"aa01\r\nab02\n\npart".to_vec();
         assert_eq!(lines(&mut pending), vec![b"aa01".to_vec(), b"ab02".to_vec()]);
         assert_eq!(pending, b"part");
+    }
+
+    #[test]
+    fn elite_commands_and_replies() {
+        assert_eq!(set_clock(at(2026, 3, 6, 19, 49, 21, 0)), "setdate.26030619:49:21\n");
+        assert_eq!(GET_CLOCK, "getdate\n");
+        assert_eq!(parse_clock("date.Wed Nov 12 15:30:30 CST 2008"), Some(at(2008, 11, 12, 15, 30, 30, 0)));
+        assert_eq!(parse_clock("date.Mon Mar  2 09:05:01 UTC 2026"), Some(at(2026, 3, 2, 9, 5, 1, 0)), "one-digit day");
+        assert_eq!(parse_clock("Wed Nov 12 15:30:30 CST 2008"), None);
+        assert_eq!(replay_start(1, 10300, None), "replay_start file.ttyS0 port.10300\n");
+        assert_eq!(
+            replay_start(2, 10300, Some(at(2026, 3, 6, 19, 49, 21, 0))),
+            "replay_start file.ttyS1 port.10300 datetime.260306194921\n"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::format::Reject;
+use super::record::Reject;
 use super::talk;
 
 /// Counters the reader shares with status and metrics.

@@ -22,7 +22,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::clock::Stamp;
 use crate::config::{ChipEncoding, ClockMode, ClockSource, Format, TimestampSource};
-use crate::reader::format::{Parsed, Parser};
+use crate::reader::format::Parser;
+use crate::reader::record::Parsed;
 use crate::reader::talk::{Recall, Shared, Talk};
 use crate::reader::{Stamping, talk::Admit};
 

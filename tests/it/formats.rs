@@ -6,8 +6,8 @@ use chrono_tz::Tz;
 use proptest::prelude::*;
 use rufus_gateway::config::{ChipEncoding, Format, ReaderConfig};
 use rufus_gateway::pty::Pty;
-use rufus_gateway::reader::format::{Parsed, ParsedRead, Parser};
-use rufus_gateway::reader::framing::{Framed, Framer};
+use rufus_gateway::reader::format::{Framer, Parser};
+use rufus_gateway::reader::record::{Framed, Parsed, ParsedRead};
 
 use crate::common::readers::{self, TagRead};
 use crate::common::*;

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use rufus_gateway::config::{ALIAS_MAX, ChipEncoding, Format, ReaderConfig, alias_or_default};
 use rufus_gateway::control::Request;
 use rufus_gateway::limits::{LineError, read_line};
-use rufus_gateway::reader::format::{CHIP_MAX, Parsed, Parser, is_safe_chip};
-use rufus_gateway::reader::framing::{Framed, Framer};
+use rufus_gateway::reader::format::{Framer, Parser};
+use rufus_gateway::reader::record::{CHIP_MAX, Framed, Parsed, is_safe_chip};
 
 /// 512 cases a target; 32 under emulation (qemu runs the debug build some 20 times slower).
 fn cases() -> u32 {

@@ -4,9 +4,8 @@
 //! finds frames by length and CRC and resynchronises byte by byte after garbage; the parser reads
 //! answer-mode inventory replies (18 and 288 layouts) and real-time (0xEE) pushes.
 
-use super::{ParsedRead, Reject, decode_ascii_chip};
 use crate::config::ChipEncoding;
-use crate::reader::framing::Framed;
+use crate::reader::record::{Framed, ParsedRead, Reject, decode_ascii_chip};
 
 /// Smallest sane `Len`: Adr, Cmd, Status and the two CRC bytes.
 const MIN_LEN: usize = 5;

@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::{Parsed, ParsedRead, Reject, decode_ascii_chip};
 use crate::config::ChipEncoding;
+use crate::reader::record::{Parsed, ParsedRead, Reject, decode_ascii_chip};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

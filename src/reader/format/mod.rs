@@ -9,113 +9,11 @@ pub mod ipico;
 pub mod regex;
 pub mod ultra;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 use chrono_tz::Tz;
 
 use crate::config::{ChipEncoding, Format, ReaderConfig};
-pub use crate::timestamp::{TimestampFormat, local_to_utc};
-
-/// What a parser found in one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParsedRead {
-    pub chip: String,
-    pub antenna: Option<i64>,
-    pub rssi: Option<i64>,
-    /// The reader's own time for the read, converted to UTC, when the format carries one.
-    pub reader_time: Option<DateTime<Utc>>,
-    /// A bib the record itself carries (regex `bib` group).
-    pub bib: Option<String>,
-    /// Identifies this exact read across replays (stored-read downloads, rewinds): the same key
-    /// twice is the same read, whatever the de-duplication window.
-    pub replay_key: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
-    Read(ParsedRead),
-    /// Formats that report several tags in one record (Chafon answer mode).
-    Reads(Vec<ParsedRead>),
-    /// Not a tag read (status line, banner, control reply, heartbeat): ignored, not counted.
-    Skip,
-    Reject(Reject),
-}
-
-/// Why a record was refused; each has its own counter in status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reject {
-    TooLong,
-    InvalidUtf8,
-    NoMatch,
-    BadLength,
-    BadChecksum,
-    BadTime,
-    BadField,
-    /// A chip code outside its format's alphabet (hex for hex formats; letters, digits, `-` and
-    /// `_` for ASCII-encoded chips), or longer than [`CHIP_MAX`]: tags anyone can program must
-    /// not carry a line end, a comma or a formula into the feed, a CSV file or the API.
-    BadChip,
-    /// A bib a record carries (a regex `bib` group) outside its alphabet ([`is_safe_bib`]): an
-    /// escape sequence would clear a timer's screen in `watch` and reach the API as it is.
-    BadBib,
-}
-
-/// The longest chip code: an EPC is at most 496 bits (124 hex digits).
-pub const CHIP_MAX: usize = 128;
-/// The longest bib a record may carry, in characters.
-pub const BIB_MAX: usize = 32;
-
-/// A bib from a record: letters and digits of any script, ASCII punctuation and spaces, at most
-/// [`BIB_MAX`] characters. No control or format characters (escape sequences, bidi overrides).
-pub fn is_safe_bib(bib: &str) -> bool {
-    !bib.is_empty()
-        && bib.chars().count() <= BIB_MAX
-        && bib.chars().all(|c| c.is_alphanumeric() || c.is_ascii_punctuation() || c == ' ')
-}
-
-/// A hex chip code (IPICO, Chafon, Impinj): hex digits only.
-pub fn is_hex_chip(chip: &str) -> bool {
-    !chip.is_empty() && chip.len() <= CHIP_MAX && chip.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Any other chip code: ASCII letters, digits, `-` and `_` (and, from a user's own `pattern`,
-/// spaces between groups, as some readers print hex in blocks).
-pub fn is_safe_chip(chip: &str, spaces: bool) -> bool {
-    !chip.is_empty()
-        && chip.len() <= CHIP_MAX
-        && chip.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (spaces && b == b' '))
-}
-
-impl Reject {
-    pub const ALL: [Reject; 9] = [
-        Reject::TooLong,
-        Reject::InvalidUtf8,
-        Reject::NoMatch,
-        Reject::BadLength,
-        Reject::BadChecksum,
-        Reject::BadTime,
-        Reject::BadField,
-        Reject::BadChip,
-        Reject::BadBib,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reject::TooLong => "too_long",
-            Reject::InvalidUtf8 => "invalid_utf8",
-            Reject::NoMatch => "no_match",
-            Reject::BadLength => "bad_length",
-            Reject::BadChecksum => "bad_checksum",
-            Reject::BadTime => "bad_time",
-            Reject::BadField => "bad_field",
-            Reject::BadChip => "bad_chip",
-            Reject::BadBib => "bad_bib",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        Reject::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
+use crate::reader::record::{Framed, LineFramer, Parsed, ParsedRead, Reject, is_hex_chip, is_safe_bib, is_safe_chip};
 
 /// A configured parser for one reader.
 pub enum Parser {
@@ -182,19 +80,48 @@ impl Parser {
     }
 }
 
-/// `chip_encoding = "ascii"`: hex EPC bytes that spell the chip code; leading NULs and zeros dropped.
-pub fn decode_ascii_chip(hex: &str) -> Option<String> {
-    // Hex digits only, checked first: slicing a multi-byte character below would panic (found by
-    // the fuzz target: a user pattern may capture any text).
-    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
+/// The framer a format needs: lines for the text formats, length+CRC for Chafon, lines with
+/// binary status records for Ultra.
+pub enum Framer<T> {
+    Lines(LineFramer<T>),
+    Chafon(chafon::ChafonFramer<T>),
+    Ultra(ultra::UltraFramer<T>),
+}
+
+impl<T: Copy> Framer<T> {
+    pub fn for_format(format: crate::config::Format) -> Self {
+        use crate::config::Format;
+        match format {
+            Format::Chafon => Framer::Chafon(Default::default()),
+            Format::Ultra => Framer::Ultra(Default::default()),
+            Format::Regex | Format::Ipico | Format::ImpinjJson => Framer::Lines(Default::default()),
+        }
     }
-    let bytes: Option<Vec<u8>> =
-        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
-    let bytes = bytes?;
-    // Printable text; [`Parser::parse`] then refuses what is not a safe chip (`bad_chip`).
-    let text: String = bytes.iter().skip_while(|b| **b == 0 || **b == b'0').map(|b| *b as char).collect();
-    (!text.is_empty() && text.chars().all(|c| c.is_ascii_graphic())).then_some(text)
+
+    pub fn push(&mut self, chunk: &[u8], stamp: T, out: &mut Vec<Framed<T>>) {
+        match self {
+            Framer::Lines(f) => f.push(chunk, stamp, out),
+            Framer::Chafon(f) => f.push(chunk, stamp, out),
+            Framer::Ultra(f) => f.push(chunk, stamp, out),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        match self {
+            Framer::Lines(f) => f.reset(),
+            Framer::Chafon(f) => f.reset(),
+            Framer::Ultra(f) => f.reset(),
+        }
+    }
+
+    /// No record is half read: stopping here splits none between this process and the next.
+    pub fn between_records(&self) -> bool {
+        match self {
+            Framer::Lines(f) => f.at_line_start(),
+            Framer::Chafon(f) => f.at_record_start(),
+            Framer::Ultra(f) => f.at_record_start(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -202,38 +129,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ascii_chips() {
-        assert_eq!(decode_ascii_chip("00323038").as_deref(), Some("208"));
-        assert_eq!(decode_ascii_chip("30303030304D433030393738").as_deref(), Some("MC00978"));
-        assert_eq!(decode_ascii_chip("0001"), None);
-        assert_eq!(decode_ascii_chip("abc"), None);
-        assert_eq!(decode_ascii_chip("\u{578}#"), None, "not hex, and not a panic");
-        // ",9" and "=1" decode; the parser refuses them as chips (`chip_alphabets`).
-        assert_eq!(decode_ascii_chip("2C39").as_deref(), Some(",9"));
-    }
-
-    #[test]
-    fn bib_alphabet() {
-        for good in ["B12", "1042", "Ñandú 7", "M-40/2", "A.1"] {
-            assert!(is_safe_bib(good), "{good:?}");
+    fn between_records_only_when_nothing_of_one_is_held() {
+        let mut out = Vec::new();
+        for format in [crate::config::Format::Regex, crate::config::Format::Ultra] {
+            let mut f: Framer<u32> = Framer::for_format(format);
+            assert!(f.between_records());
+            f.push(b"ABCD", 1, &mut out);
+            assert!(!f.between_records(), "{format:?}");
+            f.push(b"1234\r\n", 2, &mut out);
+            assert!(f.between_records(), "{format:?}");
         }
-        for bad in
-            ["", "\u{1b}]0;pwned\u{7}", "A\u{1b}[2J", "x\ny", "\u{202e}21", "\u{9b}31m", &"9".repeat(BIB_MAX + 1)]
-        {
-            assert!(!is_safe_bib(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn chip_alphabets() {
-        assert!(is_hex_chip("E2000017221101441890ABcd"));
-        for bad in ["", "E2 00", "XYZ", "AB\n999", &"A".repeat(CHIP_MAX + 1)] {
-            assert!(!is_hex_chip(bad), "{bad:?}");
-        }
-        assert!(is_safe_chip("MC-00_978", false));
-        assert!(is_safe_chip("0102 0304", true) && !is_safe_chip("0102 0304", false));
-        for bad in ["", "=1+1", "A,B", "a\"b", "x\ny", "é"] {
-            assert!(!is_safe_chip(bad, true), "{bad:?}");
-        }
+        let mut f: Framer<u32> = Framer::for_format(crate::config::Format::Chafon);
+        f.push(&[0x11, 0x00], 1, &mut out);
+        assert!(!f.between_records(), "a Chafon frame begun");
+        f.reset();
+        assert!(f.between_records());
     }
 }

@@ -4,8 +4,9 @@
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 
-use super::{Parsed, ParsedRead, Reject, TimestampFormat, decode_ascii_chip};
 use crate::config::ChipEncoding;
+use crate::reader::record::{Parsed, ParsedRead, Reject, decode_ascii_chip};
+use crate::timestamp::TimestampFormat;
 
 pub struct RegexParser {
     re: regex::Regex,

@@ -2,11 +2,11 @@
 //! 1980-01-01 00:00 in the reader's local time; status lines and binary 0x03 records share the
 //! stream.
 
-use chrono::{NaiveDate, TimeDelta};
+use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
 use chrono_tz::Tz;
 
-use super::{Parsed, ParsedRead, Reject, local_to_utc};
-use crate::reader::framing::{Framed, LineFramer};
+use crate::reader::record::{Framed, LineFramer, Parsed, ParsedRead, Reject};
+use crate::timestamp::local_to_utc;
 
 const FIELDS: usize = 12;
 /// Extended status records start with this byte, then a length byte.
@@ -65,6 +65,12 @@ impl<T: Copy> UltraFramer<T> {
     }
 }
 
+/// The fields of a chip line, the one place a line is split: twelve, the first a number.
+fn chip_fields(line: &str) -> Option<Vec<&str>> {
+    let fields: Vec<&str> = line.trim().split(',').collect();
+    (fields.len() == FIELDS && !fields[0].is_empty() && fields[0].bytes().all(|b| b.is_ascii_digit())).then_some(fields)
+}
+
 pub struct UltraParser {
     tz: Tz,
 }
@@ -76,11 +82,8 @@ impl UltraParser {
 
     pub fn parse(&self, record: &[u8]) -> Parsed {
         let Ok(line) = std::str::from_utf8(record) else { return Parsed::Reject(Reject::InvalidUtf8) };
-        let fields: Vec<&str> = line.trim().split(',').collect();
         // Status lines (V=…, S=…, U…, u…, Connected,…) are not reads.
-        if fields.len() != FIELDS || !fields[0].bytes().all(|b| b.is_ascii_digit()) || fields[0].is_empty() {
-            return Parsed::Skip;
-        }
+        let Some(fields) = chip_fields(line) else { return Parsed::Skip };
         let int = |i: usize| fields[i].trim().parse::<i64>().ok();
         let (Some(seconds), Some(millis), Some(antenna)) = (int(2), int(3), int(4)) else {
             return Parsed::Reject(Reject::BadField);
@@ -115,9 +118,78 @@ impl UltraParser {
     }
 }
 
+// Commands (reader-control.md): ASCII, on the reader's own connection.
+
+/// The two forms of the rewind command found in the sources: ChronoKeep's ASCII
+/// (`600<from>\r<to>\n`) and PikaTimer's (`6␀␀<from>\r<to>\r`, "like RFIDServer").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Ascii,
+    Binary,
+}
+
+fn command(form: Form, kind: u8, a: u64, b: u64) -> Vec<u8> {
+    let mut out = vec![kind];
+    match form {
+        Form::Ascii => out.extend_from_slice(b"00"),
+        Form::Binary => out.extend_from_slice(&[0, 0]),
+    }
+    out.extend_from_slice(format!("{a}\r{b}").as_bytes());
+    out.push(if form == Form::Ascii { b'\n' } else { b'\r' });
+    out
+}
+
+/// Replay the log from index `from` (≥ 1) to `to`.
+pub fn rewind_by_index(form: Form, from: u64, to: u64) -> Vec<u8> {
+    command(form, b'6', from.max(1), to)
+}
+
+/// Replay what was read between two local times (seconds since 1980-01-01 00:00 local).
+pub fn rewind_by_time(form: Form, start: NaiveDateTime, end: NaiveDateTime) -> Vec<u8> {
+    command(form, b'8', seconds_since_1980(start), seconds_since_1980(end))
+}
+
+/// Stop a replay.
+pub const STOP: &[u8] = b"9";
+/// Ask for the clock.
+pub const GET_CLOCK: &[u8] = b"r";
+
+pub fn seconds_since_1980(local: NaiveDateTime) -> u64 {
+    let epoch = NaiveDate::from_ymd_opt(1980, 1, 1).unwrap_or_default().and_hms_opt(0, 0, 0).unwrap_or_default();
+    (local - epoch).num_seconds().max(0) as u64
+}
+
+/// Set the clock (local time, to the second); only while the reader is not reading.
+pub fn set_clock(local: NaiveDateTime) -> Vec<u8> {
+    format!("t {}\n", local.format("%H:%M:%S %d-%m-%Y")).into_bytes()
+}
+
+/// The clock reply, `H:M:S D-M-YYYY (n)`, not zero-padded; local time, 1 s resolution.
+pub fn parse_clock(line: &str) -> Option<NaiveDateTime> {
+    let text = line.trim();
+    let (stamp, rest) = text.split_once(" (")?;
+    rest.strip_suffix(')')?;
+    NaiveDateTime::parse_from_str(stamp, "%H:%M:%S %d-%m-%Y").ok()
+}
+
+/// Of a chip line: whether it is replayed (field 7, the rewind flag) and its log index
+/// (field 12, the duplicate key).
+pub fn replay_marks(line: &str) -> Option<(bool, u64)> {
+    let fields = chip_fields(line)?;
+    Some((fields[6].trim() == "1", fields[11].trim().parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, ms: u32) -> chrono::NaiveDateTime {
+        chrono::NaiveDate::from_ymd_opt(y, mo, d).unwrap().and_hms_milli_opt(h, mi, s, ms).unwrap()
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect()
+    }
     use chrono::{DateTime, Utc};
 
     fn utc(s: &str) -> Option<DateTime<Utc>> {
@@ -178,5 +250,18 @@ mod tests {
             })
             .collect();
         assert_eq!(lines, vec![b"0,1,1,0,1,-7,0,2,1,0,0,1".to_vec(), b"0,2,1,0,1,-7,0,2,1,0,0,2".to_vec()]);
+    }
+
+    #[test]
+    fn ultra_commands_byte_for_byte() {
+        assert_eq!(rewind_by_index(Form::Ascii, 29310, 29319), hex("36303032393331300d32393331390a"));
+        assert_eq!(rewind_by_index(Form::Binary, 29310, 29319), hex("36000032393331300d32393331390d"));
+        let (start, end) = (at(2017, 2, 2, 16, 0, 0, 0), at(2017, 2, 2, 17, 0, 0, 0));
+        assert_eq!(rewind_by_time(Form::Ascii, start, end), b"8001170518400\r1170522000\n");
+        assert_eq!(set_clock(at(2017, 2, 2, 16, 5, 1, 0)), hex("742031363a30353a30312030322d30322d323031370a"));
+        assert_eq!(parse_clock("16:5:1 2-2-2017 (0)"), Some(at(2017, 2, 2, 16, 5, 1, 0)));
+        assert_eq!(replay_marks("0,11055,1170518701,698,1,-71,0,2,1,0000000000000000,0,29319"), Some((false, 29319)));
+        assert_eq!(replay_marks("0,11055,1170518701,698,1,-71,1,2,1,0000000000000000,0,29319"), Some((true, 29319)));
+        assert_eq!(replay_marks("Connected,1170518400"), None);
     }
 }

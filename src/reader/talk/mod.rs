@@ -10,8 +10,9 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
 use tracing::warn;
 
-use super::control::{elite, ipico, ultra};
-use super::format::Reject;
+use super::elite;
+use super::format::{ipico, ultra};
+use super::record::Reject;
 use crate::clock::Stamp;
 use crate::config::{ClockMode, Format, ReaderConfig, UltraRewindForm};
 
@@ -401,7 +402,7 @@ impl Talk {
     pub fn reply(&mut self, record: &[u8], at: Stamp) -> Result<bool, Reject> {
         match self.family {
             Family::Ipico if record.starts_with(b"ab") => {
-                let reply = ipico::parse(&String::from_utf8_lossy(record)).map_err(|e| match e {
+                let reply = ipico::parse_reply(&String::from_utf8_lossy(record)).map_err(|e| match e {
                     ipico::BadFrame::Checksum => Reject::BadChecksum,
                     ipico::BadFrame::Short | ipico::BadFrame::Length => Reject::BadLength,
                     ipico::BadFrame::NotControl | ipico::BadFrame::NotHex | ipico::BadFrame::Field => Reject::BadField,

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::reader::control::ultra;
+use crate::reader::format::ultra;
 
 /// What the reader last gave us, from the store at start and from every live read after:
 /// where a rewind begins.

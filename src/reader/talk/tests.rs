@@ -6,7 +6,7 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use super::*;
 use crate::config::{ClockMode, Format, ReaderConfig};
-use crate::reader::format::Reject;
+use crate::reader::record::Reject;
 
 const T0: i64 = 1_780_000_000_000_000; // 2026-05-28T20:26:40Z, in µs
 

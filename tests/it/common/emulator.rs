@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use rufus_gateway::pty::Pty;
-use rufus_gateway::reader::control::ipico;
+use rufus_gateway::reader::format::ipico;
 
 use super::readers::{self, TagRead};
 
@@ -108,7 +108,7 @@ impl State {
             Family::Ipico => readers::ipico(&r, self.tz),
             Family::Ultra => readers::ultra(&r, self.tz, index),
         };
-        let local_s = rufus_gateway::reader::control::ultra::seconds_since_1980(self.local(at));
+        let local_s = rufus_gateway::reader::format::ultra::seconds_since_1980(self.local(at));
         self.memory.push(Stored { line: line.clone(), index, local_s });
         line
     }
@@ -572,7 +572,7 @@ fn elite_control(state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, mut stream: Tc
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("datetime."))
                     .and_then(|t| NaiveDateTime::parse_from_str(t, "%y%m%d%H%M%S").ok())
-                    .map_or(0, rufus_gateway::reader::control::ultra::seconds_since_1980);
+                    .map_or(0, rufus_gateway::reader::format::ultra::seconds_since_1980);
                 state.replay_since = Some(since);
             }
         }
