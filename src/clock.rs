@@ -67,6 +67,61 @@ pub fn rfc3339(utc_us: i64) -> String {
     DateTime::from_timestamp_micros(utc_us).unwrap_or_default().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
+/// Serde for a time kept as microseconds and shown as [`rfc3339`] (in status and session lists):
+/// a number inside the process, text only where it is shown.
+pub mod rfc3339_us {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(utc_us: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339(*utc_us))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_us(&text).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
+    }
+
+    /// The same, for a time that may be absent.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(utc_us: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match utc_us {
+                Some(us) => s.serialize_str(&crate::clock::rfc3339(*us)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|text| {
+                    crate::clock::parse_us(&text)
+                        .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
+                })
+                .transpose()
+        }
+    }
+}
+
+/// Serde for a time kept as microseconds and shown as the API shows it ([`api_timestamp`]).
+pub mod api_timestamp_us {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(utc_us: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::api_timestamp(*utc_us))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_us(&text).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
+    }
+}
+
+/// An RFC 3339 time as microseconds since the epoch.
+pub fn parse_us(text: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.timestamp_micros())
+}
+
 /// Answers "is the system clock synchronised?" per `[clock] source`.
 #[derive(Debug, Clone)]
 pub struct ClockWatch {

@@ -159,7 +159,11 @@ async fn replay(db: &SharedDb, since: i64) -> anyhow::Result<(Option<i64>, Vec<(
         let rows = db.passings_since(session.id, since, REPLAY_PAGE)?;
         Ok((
             Some(session.id),
-            rows.into_iter().map(|p| (p.num_passing, line(p.num_passing, &p.bib, &p.chip, &p.timestamp))).collect(),
+            rows.into_iter()
+                .map(|p| {
+                    (p.num_passing, line(p.num_passing, &p.bib, &p.chip, &crate::clock::api_timestamp(p.timestamp_us)))
+                })
+                .collect(),
         ))
     })
     .await

@@ -24,14 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::BackupConfig;
 
 mod files;
-use crate::store::query::{Db, SessionRow};
+use crate::store::query::{Db, PassingRow, SessionRow};
 use files::{Found, candidates, cells, left_alone, open_file};
 
 /// The header RUFUS Race Manager's import maps (Chip, BIB, Date, Time), and what identifies a row.
@@ -127,47 +126,15 @@ pub fn local_date_time(utc_us: i64) -> (String, String) {
     (local.format("%Y-%m-%d").to_string(), local.format("%H:%M:%S%.3f").to_string())
 }
 
-/// A passing as a backup row (without its line end).
-pub fn row(r: &BackupRow) -> String {
-    let (date, time) = local_date_time(r.timestamp_us);
-    let (num, session) = (r.num_passing.to_string(), r.session_id.to_string());
-    let ts = crate::clock::api_timestamp(r.timestamp_us);
+/// A passing of `session` as a backup row (without its line end).
+pub fn row(p: &PassingRow, session: &SessionRow) -> String {
+    let (date, time) = local_date_time(p.timestamp_us);
+    let (num, id) = (p.num_passing.to_string(), session.id.to_string());
+    let ts = crate::clock::api_timestamp(p.timestamp_us);
     // `csv_line` neutralises every text cell and quotes as needed; its `\n` is the caller's.
-    crate::csv_cell::csv_line(&[&num, &r.bib, &r.chip, &date, &time, &ts, &session, &r.alias, &r.state])
+    crate::csv_cell::csv_line(&[&num, &p.bib, &p.chip, &date, &time, &ts, &id, &session.alias, &p.state])
         .trim_end_matches('\n')
         .to_string()
-}
-
-#[derive(Debug, Clone)]
-pub struct BackupRow {
-    pub num_passing: i64,
-    pub bib: String,
-    pub chip: String,
-    pub timestamp_us: i64,
-    pub session_id: i64,
-    pub alias: String,
-    pub state: String,
-}
-
-/// The session's passings after `after`, in order.
-fn rows_after(db: &Db, session: &SessionRow, after: i64) -> rusqlite::Result<Vec<BackupRow>> {
-    let mut stmt = db.connection().prepare_cached(&format!(
-        "SELECT p.num_passing, p.bib, p.chip, p.timestamp, {} FROM passings p JOIN sessions s ON s.id = p.session_id
-         WHERE p.session_id = ?1 AND p.num_passing > ?2 ORDER BY p.num_passing LIMIT ?3",
-        crate::store::query::PASSING_STATE
-    ))?;
-    stmt.query_map(params![session.id, after, PAGE], |r| {
-        Ok(BackupRow {
-            num_passing: r.get(0)?,
-            bib: r.get(1)?,
-            chip: r.get(2)?,
-            timestamp_us: r.get(3)?,
-            session_id: session.id,
-            alias: session.alias.clone(),
-            state: r.get(4)?,
-        })
-    })?
-    .collect()
 }
 
 pub struct Backup {
@@ -351,21 +318,21 @@ impl Backup {
         let Found { mut file, mut last, .. } = self.open_own(session, false, |db, last, line| {
             let cells = cells(line);
             Ok(last <= session.passings
-                && rows_after(db, session, last - 1)?.first().is_some_and(|r| {
-                    let mine = self::cells(&row(r));
+                && db.passings_since(session.id, last - 1, 1)?.first().is_some_and(|r| {
+                    let mine = self::cells(&row(r, session));
                     r.num_passing == last && cells.get(2) == mine.get(2) && cells.get(5) == mine.get(5)
                 }))
         })?;
         let db = self.db.as_ref().ok_or_else(|| anyhow::anyhow!("no database"))?;
         let mut appended = 0u64;
         loop {
-            let rows = rows_after(db, session, last)?;
+            let rows = db.passings_since(session.id, last, PAGE)?;
             if rows.is_empty() {
                 break;
             }
             let mut text = String::with_capacity(rows.len() * 96);
             for r in &rows {
-                text.push_str(&row(r));
+                text.push_str(&row(r, session));
                 text.push('\n');
             }
             file.write_all(text.as_bytes())?;
@@ -393,11 +360,7 @@ impl Backup {
         // Its own: the last row is this session's read of that id (same arrival, same chip).
         let Found { mut file, mut last, .. } = self.open_own(session, true, |db, last, line| {
             let cells = cells(line);
-            let mine: Option<(i64, String)> = db
-                .connection()
-                .prepare_cached("SELECT received_at, chip FROM reads WHERE id = ?1 AND session_id = ?2")?
-                .query_row(params![last, session.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            let mine = db.read_of_session(last, session.id)?;
             Ok(mine.is_some_and(|(at, chip)| {
                 cells.get(1) == Some(&crate::clock::api_timestamp(at)) && cells.get(2) == Some(&chip)
             }))
@@ -406,27 +369,24 @@ impl Backup {
         let mut appended = 0u64;
         loop {
             // By rowid from the last one written: a range, not a scan of the table.
-            let mut stmt = db.connection().prepare_cached(
-                "SELECT id, received_at, chip, antenna, rssi, reader_time FROM reads
-                 WHERE id > ?1 AND session_id = ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows: Vec<(i64, String)> = stmt
-                .query_map(params![last, session.id, PAGE], |r| {
-                    let id: i64 = r.get(0)?;
+            let rows: Vec<(i64, String)> = db
+                .reads_after(session.id, last, PAGE)?
+                .into_iter()
+                .map(|r| {
                     let number = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
                     let cells = [
-                        id.to_string(),
-                        crate::clock::api_timestamp(r.get(1)?),
-                        r.get::<_, String>(2)?,
-                        number(r.get(3)?),
-                        number(r.get(4)?),
-                        r.get::<_, Option<i64>>(5)?.map(crate::clock::api_timestamp).unwrap_or_default(),
+                        r.id.to_string(),
+                        crate::clock::api_timestamp(r.received_at_us),
+                        r.chip,
+                        number(r.antenna),
+                        number(r.rssi),
+                        r.reader_time_us.map(crate::clock::api_timestamp).unwrap_or_default(),
                         session.id.to_string(),
                     ];
                     let refs: Vec<&str> = cells.iter().map(String::as_str).collect();
-                    Ok((id, crate::csv_cell::csv_line(&refs)))
-                })?
-                .collect::<Result<_, _>>()?;
+                    (r.id, crate::csv_cell::csv_line(&refs))
+                })
+                .collect();
             let Some((newest, _)) = rows.last() else { break };
             last = *newest;
             let text: String = rows.iter().map(|(_, line)| line.as_str()).collect();

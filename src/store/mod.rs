@@ -3,6 +3,7 @@
 //! session changes asked for by the control socket and the uplink. Everything else reads through
 //! `query::Db` on connections of its own.
 
+mod copies;
 mod maintenance;
 mod open;
 mod passings;
@@ -10,6 +11,7 @@ pub mod query;
 pub mod schema;
 mod sessions;
 
+pub use copies::{BackedUpRead, ExportedPassing, ExportedRead};
 pub use open::{open_or_replace, open_writer, stable_plans};
 pub use passings::load_bib_map;
 

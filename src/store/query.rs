@@ -17,8 +17,10 @@ pub struct SessionRow {
     #[serde(skip)]
     pub token: Option<String>,
     pub remote_error: Option<String>,
-    pub created_at: String,
-    pub closed_at: Option<String>,
+    #[serde(rename = "created_at", with = "crate::clock::rfc3339_us")]
+    pub created_at_us: i64,
+    #[serde(rename = "closed_at", with = "crate::clock::rfc3339_us::option")]
+    pub closed_at_us: Option<i64>,
     pub passings: i64,
     pub pending: i64,
     pub delivered: i64,
@@ -118,8 +120,8 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
         remote_state,
         token: r.get(4)?,
         remote_error: r.get(5)?,
-        created_at: crate::clock::rfc3339(r.get(6)?),
-        closed_at: r.get::<_, Option<i64>>(7)?.map(crate::clock::rfc3339),
+        created_at_us: r.get(6)?,
+        closed_at_us: r.get(7)?,
         passings,
         pending,
         delivered,
@@ -129,10 +131,19 @@ fn session_row(r: &Row<'_>) -> rusqlite::Result<SessionRow> {
     })
 }
 
+macro_rules! delivered_by_watermark {
+    () => {
+        "p.state = 'pending' AND p.num_passing <= s.delivered_through"
+    };
+}
+
 /// A passing's state (`pending | delivered | undeliverable`) from its row `p` and its session
 /// `s`: delivery is recorded by the session's watermark, not row by row (schema version 2).
-pub const PASSING_STATE: &str =
-    "CASE WHEN p.state = 'pending' AND p.num_passing <= s.delivered_through THEN 'delivered' ELSE p.state END";
+pub const PASSING_STATE: &str = concat!("CASE WHEN ", delivered_by_watermark!(), " THEN 'delivered' ELSE p.state END");
+
+/// The one rule for a passing delivered by its session's watermark, as SQL over `p` and `s`:
+/// still `pending` in its row, at or below the session's `delivered_through`.
+pub const DELIVERED_BY_WATERMARK: &str = delivered_by_watermark!();
 
 /// Totals over every session.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,7 +166,8 @@ pub struct PassingRow {
     pub num_passing: i64,
     pub bib: String,
     pub chip: String,
-    pub timestamp: String,
+    #[serde(rename = "timestamp", with = "crate::clock::api_timestamp_us")]
+    pub timestamp_us: i64,
     pub state: String,
 }
 
@@ -222,7 +234,7 @@ impl Cursor {
 }
 
 pub struct Db {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 impl Db {
@@ -367,7 +379,7 @@ impl Db {
                 num_passing: r.get(0)?,
                 bib: r.get(1)?,
                 chip: r.get(2)?,
-                timestamp: crate::clock::api_timestamp(r.get(3)?),
+                timestamp_us: r.get(3)?,
                 state: r.get(4)?,
             })
         })?
@@ -377,7 +389,7 @@ impl Db {
     /// A test session's latest reads, newest first, with the passing each became (if any).
     /// Bounded to reads since the session began (on the `received_at` index).
     pub fn chip_check_reads(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<CheckedRead>> {
-        let since = chrono::DateTime::parse_from_rfc3339(&session.created_at).map_or(0, |t| t.timestamp_micros());
+        let since = session.created_at_us;
         let mut stmt = self.conn.prepare_cached(
             "SELECT r.timestamp, r.chip, r.antenna, r.rssi, (SELECT p.num_passing FROM passings p WHERE p.read_id = r.id)
              FROM reads r WHERE r.received_at >= ?1 AND r.session_id = ?2 ORDER BY r.id DESC LIMIT ?3",
@@ -397,7 +409,7 @@ impl Db {
 
     /// A test session's reads per chip (most recently read first): count, antennas, best RSSI.
     pub fn chip_check_counts(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<ChipCount>> {
-        let since = chrono::DateTime::parse_from_rfc3339(&session.created_at).map_or(0, |t| t.timestamp_micros());
+        let since = session.created_at_us;
         let mut stmt = self.conn.prepare_cached(
             "SELECT chip, count(*), group_concat(DISTINCT antenna), max(rssi), max(received_at)
              FROM reads WHERE received_at >= ?1 AND session_id = ?2 GROUP BY chip ORDER BY max(id) DESC LIMIT ?3",
@@ -436,10 +448,6 @@ impl Db {
     /// Reads received in the last minute (index on `received_at`).
     pub fn reads_since(&self, since_us: i64) -> rusqlite::Result<i64> {
         self.conn.query_row("SELECT count(*) FROM reads WHERE received_at >= ?1", [since_us], |r| r.get(0))
-    }
-
-    pub fn connection(&self) -> &Connection {
-        &self.conn
     }
 }
 

@@ -65,10 +65,10 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
 
     // What the gateway committed.
     let db = gw.db();
+    let sql = gw.sql();
     let sessions = db.sessions().unwrap();
     assert_eq!(sessions.len(), 1);
-    let mut stmt =
-        db.connection().prepare("SELECT num_passing, chip, timestamp FROM passings ORDER BY num_passing").unwrap();
+    let mut stmt = sql.prepare("SELECT num_passing, chip, timestamp FROM passings ORDER BY num_passing").unwrap();
     let committed: Vec<(i64, String, i64)> =
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect();
     let n = committed.len() as i64;
@@ -110,7 +110,7 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
         let kill = outages.iter().position(|(killed, ready)| *at + before >= *killed && *at <= *ready + after);
         let Some(k) = kill else {
             let in_reads: i64 =
-                db.connection().query_row("SELECT count(*) FROM reads WHERE chip = ?1", [chip], |r| r.get(0)).unwrap();
+                sql.query_row("SELECT count(*) FROM reads WHERE chip = ?1", [chip], |r| r.get(0)).unwrap();
             let near: Vec<String> = outages
                 .iter()
                 .map(|(k, r)| format!("kill {:+} ms / ready {:+} ms", ms(*at, *k), ms(*at, *r)))

@@ -603,8 +603,7 @@ async fn retention_prunes_delivered_rows_only() {
     gw.wait_status("5 pending", |s| s["queue"]["pending"] == 5).await;
 
     let counts = |gw: &Gateway| -> (i64, i64) {
-        let db = gw.db();
-        let c = db.connection();
+        let c = gw.sql();
         (
             c.query_row("SELECT count(*) FROM passings", [], |r| r.get(0)).unwrap(),
             c.query_row("SELECT count(*) FROM reads", [], |r| r.get(0)).unwrap(),
@@ -683,9 +682,8 @@ async fn a_clock_jump_neither_reorders_nor_re_times_passings() {
     assert!((115..=121).contains(&back), "the jump back shows in host timestamps: {back} min");
     assert!((175..=181).contains(&forward), "the jump forward shows: {forward} min");
     // The database agrees with the server: nothing was re-timed afterwards.
-    let db = gw.db();
-    let stored: Vec<String> = db
-        .connection()
+    let stored: Vec<String> = gw
+        .sql()
         .prepare("SELECT timestamp FROM passings ORDER BY num_passing")
         .unwrap()
         .query_map([], |r| Ok(rufus_gateway::clock::api_timestamp(r.get(0)?)))

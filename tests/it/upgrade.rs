@@ -100,8 +100,7 @@ async fn a_version_1_database_keeps_its_deliveries_and_sends_only_what_was_pendi
         vec![(5, "undeliverable", false), (7, "delivered", true), (9, "delivered", true), (10, "delivered", true)];
     want.extend((11..=15).map(|n| (n, "delivered", true)));
     assert_eq!(summary, want, "{export}");
-    let db = gw.db();
-    let version: i64 = db.connection().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let version: i64 = gw.sql().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, rufus_gateway::store::schema::VERSION);
     let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
     assert_eq!((list[0]["passings"].as_i64(), list[0]["delivered"].as_i64()), (Some(15), Some(14)));

@@ -240,6 +240,11 @@ impl Gateway {
     pub fn db(&self) -> rufus_gateway::store::query::Db {
         rufus_gateway::store::query::Db::open_readonly(&self.db).expect("open db")
     }
+
+    /// The database as SQL, read-only, for what a test checks that the store has no query for.
+    pub fn sql(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db")
+    }
 }
 
 impl Drop for Gateway {
