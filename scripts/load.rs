@@ -3,7 +3,8 @@
 //!
 //! ```sh
 //! cargo build --release --bins --examples && target/release/examples/load [--reads 20000] [--rounds 15] [--scale]
-//! # parts: --drain-only, --scale-only
+//! # parts: --drain-only, --scale-only, --flood-only (idle and peak memory)
+//! # the shipping binary: RUFUS_GATEWAY_BIN=/path/to/a/binary built with --bin rufus-gateway
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -11,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rufus_gateway::control::{self, Request};
-use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
-use rufus_gateway::pty::Pty;
+use rufus_gateway::demo::fake_api::{FAKE_KEY, FakeApi};
+use rufus_gateway::demo::pty::Pty;
 
 /// What /proc says about a process (all threads).
 #[derive(Debug, Clone, Copy, Default)]
@@ -446,7 +447,12 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(DRAIN_ROUNDS);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = root.join("target/release/rufus-gateway");
+    // The binary a box runs: building the examples turns on the test suite's `test-support`
+    // feature for the whole build, so measure a binary built on its own
+    // (`cargo build --release --bin rufus-gateway`, copied aside) by naming it here.
+    let binary = std::env::var_os("RUFUS_GATEWAY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/rufus-gateway"));
     let naive = root.join("target/release/examples/naive-forwarder");
     println!(
         "rufus-gateway load tool: {n} reads, binary {} ({} bytes)",
@@ -472,6 +478,9 @@ async fn main() {
     let (plain, idle, wakeups) = flood_run(&binary, n, "").await;
     println!("    idle (fresh) RSS {:.1} MB, wake-ups {wakeups:.1}/s", idle.rss_kb as f64 / 1024.0);
     report(&plain);
+    if args.iter().any(|a| a == "--flood-only") {
+        return;
+    }
     println!("\n## flood, dashboard and feed on (nobody connected)");
     let (web, idle_web, _) =
         flood_run(&binary, n, "[http]\nlisten = \"127.0.0.1:0\"\n[feed]\nlisten = \"127.0.0.1:0\"\n").await;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -18,7 +17,8 @@ use crate::control::ControlServer;
 use crate::feed::FeedServer;
 use crate::http::{HttpOptions, HttpServer};
 use crate::logging::LogHandle;
-use crate::optional::Optional;
+use crate::optional::{self, Tasks};
+use crate::status::Listener;
 use crate::reader::{Reader, ReaderStats};
 use crate::reload::Reloader;
 use crate::signal::{Event as SignalEvent, Signal};
@@ -39,7 +39,7 @@ pub struct Running {
     /// Passings and (while watched) reads, as they are committed.
     pub live: Live,
     pub status: StatusSource,
-    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    tasks: Tasks,
     reader: JoinHandle<anyhow::Result<()>>,
     store: JoinHandle<anyhow::Result<()>>,
     signal: Option<Signal>,
@@ -117,7 +117,7 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let uplink = Uplink::new(cfg, api_rx, handle.clone(), notify, uplink_status)?;
     let uplink_live = uplink.live.clone();
 
-    let mut tasks = JoinSet::new();
+    let mut tasks = Tasks::new();
     // The control socket: a second gateway on the same socket is refused at start; anything else
     // that stops it binding (a stray file at its path) is reported and retried like the optional
     // listeners, and the pipeline goes on.
@@ -131,14 +131,8 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         let (h, s, alias, path, reads) =
             (handle.clone(), status.clone(), cfg.session.alias.clone(), cfg.control.socket.clone(), live.reads.clone());
         let bind = move |_: &str| ControlServer::bind(&path, h.clone(), s.clone(), alias.clone(), reads.clone());
-        let listener = Optional {
-            what: "control",
-            listen: cfg.control.socket.display().to_string(),
-            listening: status.listening.clone(),
-        };
-        let first = listener.bind(&bind);
-        let c = cancel.clone();
-        tasks.spawn(async move { ("control", listener.keep(first, bind, |server, c| server.run(c), c).await) });
+        let listen = cfg.control.socket.display().to_string();
+        optional::start(&mut tasks, Listener::Control, listen, status.listening.clone(), bind, cancel.clone());
     }
     let c = cancel.clone();
     tasks.spawn(async move { ("uplink", uplink.run(c).await) });
@@ -155,18 +149,12 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
         };
         let (s, h, cap) = (status.clone(), handle.clone(), HttpServer::cap(status.listening.clone()));
         let bind = move |addr: &str| HttpServer::bind(addr, &options, s.clone(), h.clone(), cap.clone());
-        let listener = Optional { what: "http", listen, listening: status.listening.clone() };
-        let first = listener.bind(&bind);
-        let c = cancel.clone();
-        tasks.spawn(async move { ("http", listener.keep(first, bind, |server, c| server.run(c), c).await) });
+        optional::start(&mut tasks, Listener::Http, listen, status.listening.clone(), bind, cancel.clone());
     }
     if let Some(listen) = cfg.feed.listen.clone() {
         let (events, db, cap) = (events.clone(), cfg.storage.path.clone(), FeedServer::cap(status.listening.clone()));
         let bind = move |addr: &str| FeedServer::bind(addr, events.clone(), db.clone(), cap.clone());
-        let listener = Optional { what: "feed", listen, listening: status.listening.clone() };
-        let first = listener.bind(&bind);
-        let c = cancel.clone();
-        tasks.spawn(async move { ("feed", listener.keep(first, bind, |server, c| server.run(c), c).await) });
+        optional::start(&mut tasks, Listener::Feed, listen, status.listening.clone(), bind, cancel.clone());
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let c = cancel.clone();

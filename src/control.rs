@@ -124,13 +124,13 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        let cap = ConnectionCap::new("control", CONTROL_CONNECTIONS, status.listening.clone());
+        let cap = ConnectionCap::new(crate::status::Listener::Control, CONTROL_CONNECTIONS, status.listening.clone());
         let watchers = Arc::new(tokio::sync::Semaphore::new(WATCHERS));
         Ok(Self { listener, path: path.to_path_buf(), store, status, default_alias, cap, watchers, reads })
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut pause = AcceptPause::new("control");
+        let mut pause = AcceptPause::new(crate::status::Listener::Control);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,

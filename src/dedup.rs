@@ -122,10 +122,12 @@ impl Dedup {
     }
 
     /// Chips remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.chips.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.chips.is_empty()
     }

@@ -62,7 +62,7 @@ impl FeedServer {
 
     /// The cap every feed listener of this process shares (`status.listening.refused.feed`).
     pub fn cap(listening: std::sync::Arc<std::sync::Mutex<crate::status::Listening>>) -> ConnectionCap {
-        ConnectionCap::new("feed", FEED_CONNECTIONS, listening).with_shares(FEED_PER_HOST, RESERVED_FOR_THIS_BOX)
+        ConnectionCap::new(crate::status::Listener::Feed, FEED_CONNECTIONS, listening).with_shares(FEED_PER_HOST, RESERVED_FOR_THIS_BOX)
     }
 
     pub fn local_addr(&self) -> Option<String> {
@@ -70,7 +70,7 @@ impl FeedServer {
     }
 
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let mut pause = AcceptPause::new("feed");
+        let mut pause = AcceptPause::new(crate::status::Listener::Feed);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),

@@ -142,7 +142,7 @@ impl HttpServer {
 
     /// The cap every dashboard listener of this process shares (`status.listening.refused.http`).
     pub fn cap(listening: Arc<Mutex<crate::status::Listening>>) -> ConnectionCap {
-        ConnectionCap::new("http", HTTP_CONNECTIONS, listening).with_shares(HTTP_PER_HOST, RESERVED_FOR_THIS_BOX)
+        ConnectionCap::new(crate::status::Listener::Http, HTTP_CONNECTIONS, listening).with_shares(HTTP_PER_HOST, RESERVED_FOR_THIS_BOX)
     }
 
     pub fn local_addr(&self) -> Option<String> {
@@ -168,7 +168,7 @@ impl HttpServer {
     /// flight get [`STOP_GRACE`] and then every connection is dropped, whatever its client does.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let router = self.router();
-        let mut pause = AcceptPause::new("http");
+        let mut pause = AcceptPause::new(crate::status::Listener::Http);
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {

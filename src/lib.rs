@@ -41,34 +41,26 @@
 // `TTYPort`, adopted and lent, in reader/transport.rs). The pty and tty ioctls use rustix.
 #![deny(unsafe_code)]
 
-pub mod antennas;
-pub mod app;
-pub mod backup;
-pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod control;
-pub mod csv_cell;
-pub mod dedup;
-pub mod demo;
-pub mod export;
-pub mod fake_api;
-pub mod fdstore;
-pub mod feed;
-pub mod http;
-pub mod limits;
-pub mod liveness;
-pub mod logging;
-pub mod metrics;
-pub mod optional;
-pub mod panics;
-pub mod pty;
-pub mod reader;
-pub mod reload;
-pub mod signal;
-pub mod status;
-pub mod store;
-pub mod supervisor;
-pub mod timestamp;
-pub mod uplink;
-pub mod watch;
+// Modules are private: the binary's surface is the two items below, so rustc reports every item
+// nothing uses. The test suite and the benches (through the `test-support` feature, which the
+// dev-dependency on this crate turns on, and a release build never does) see the modules as
+// public.
+macro_rules! modules {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "test-support")]
+            pub mod $name;
+            #[cfg(not(feature = "test-support"))]
+            mod $name;
+        )*
+    };
+}
+
+modules!(
+    antennas, app, backup, cli, clock, config, control, csv_cell, dedup, demo, export, fdstore, feed, http, limits,
+    liveness, logging, metrics, optional, panics, reader, reload, signal, status, store, supervisor, timestamp, uplink,
+    watch,
+);
+
+pub use cli::{Cli, execute, exit_code};
+pub use panics::abort_unless_caught;

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
-use crate::status::Listening;
+use crate::status::{Listener, Listening};
 
 /// Connections the dashboard serves at once (a browser opens up to six; a tent has a few).
 pub const HTTP_CONNECTIONS: usize = 64;
@@ -42,7 +41,7 @@ pub const LOG_EVERY: Duration = Duration::from_secs(60);
 /// `status.listening.refused`.
 #[derive(Clone)]
 pub struct ConnectionCap {
-    what: &'static str,
+    what: Listener,
     slots: Arc<Semaphore>,
     max: usize,
     listening: Arc<Mutex<Listening>>,
@@ -87,7 +86,7 @@ fn is_this_box(ip: IpAddr) -> bool {
 }
 
 impl ConnectionCap {
-    pub fn new(what: &'static str, max: usize, listening: Arc<Mutex<Listening>>) -> Self {
+    pub fn new(what: Listener, max: usize, listening: Arc<Mutex<Listening>>) -> Self {
         Self {
             what,
             slots: Arc::new(Semaphore::new(max)),
@@ -142,11 +141,11 @@ impl ConnectionCap {
 
     fn refuse(&self, why: &'static str) -> Option<Slot> {
         if let Ok(mut l) = self.listening.lock() {
-            *l.refused.entry(self.what.to_string()).or_default() += 1;
+            *l.refused.entry(self.what.as_str().to_string()).or_default() += 1;
         }
         if let Some(count) = self.warn.hit() {
             warn!(
-                listener = self.what,
+                listener = self.what.as_str(),
                 max = self.max,
                 per_host = self.per_host,
                 refused = count,
@@ -157,6 +156,7 @@ impl ConnectionCap {
     }
 
     /// Connections being served now.
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.max - self.slots.available_permits()
     }
@@ -166,7 +166,7 @@ impl ConnectionCap {
 /// before accept. Retrying at once would spin a core and flood the journal; the pause doubles
 /// from 10 ms to 1 s and resets after a success.
 pub struct AcceptPause {
-    what: &'static str,
+    what: Listener,
     delay: Duration,
     warn: Throttle,
 }
@@ -175,7 +175,7 @@ impl AcceptPause {
     const FIRST: Duration = Duration::from_millis(10);
     const MAX: Duration = Duration::from_secs(1);
 
-    pub fn new(what: &'static str) -> Self {
+    pub fn new(what: Listener) -> Self {
         Self { what, delay: Self::FIRST, warn: Throttle::new(LOG_EVERY) }
     }
 
@@ -186,7 +186,7 @@ impl AcceptPause {
     /// Log (throttled) and wait before the next accept.
     pub async fn failed(&mut self, error: &io::Error) {
         if let Some(count) = self.warn.hit() {
-            warn!(listener = self.what, error = %error, failures = count, "accept failed; pausing before the next");
+            warn!(listener = self.what.as_str(), error = %error, failures = count, "accept failed; pausing before the next");
         }
         tokio::time::sleep(self.delay).await;
         self.delay = (self.delay * 2).min(Self::MAX);
@@ -245,19 +245,6 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> R
     Ok(if line.is_empty() { None } else { Some(line) })
 }
 
-/// A counter that is only ever read for status.
-#[derive(Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +277,7 @@ mod tests {
     #[test]
     fn the_cap_refuses_and_counts() {
         let listening = Arc::new(Mutex::new(Listening::default()));
-        let cap = ConnectionCap::new("feed", 2, listening.clone());
+        let cap = ConnectionCap::new(Listener::Feed, 2, listening.clone());
         let a = cap.admit().expect("first");
         let _b = cap.admit().expect("second");
         assert!(cap.admit().is_none());
@@ -304,7 +291,7 @@ mod tests {
     #[test]
     fn one_address_holds_its_share_and_the_box_keeps_its_slots() {
         let listening = Arc::new(Mutex::new(Listening::default()));
-        let cap = ConnectionCap::new("test", 8, listening).with_shares(3, 2);
+        let cap = ConnectionCap::new(Listener::Http, 8, listening).with_shares(3, 2);
         let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "::ffff:192.0.2.2".parse().unwrap());
         let held_a: Vec<Slot> = (0..5).filter_map(|_| cap.admit_from(a)).collect();
         assert_eq!(held_a.len(), 3, "a share of 3");

@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rufus_gateway::cli::{Cli, execute, exit_code};
+use rufus_gateway::{Cli, execute, exit_code};
 
 fn main() -> ExitCode {
-    rufus_gateway::panics::abort_unless_caught();
+    rufus_gateway::abort_unless_caught();
     let cli = Cli::parse();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -203,6 +203,129 @@ impl Signal {
     }
 }
 
+/// What the LED and the beeper do, as a pure function of what happened and when: the thread
+/// feeds it health and passings with the time, and performs what it answers. Nothing here reads
+/// a clock or a file.
+#[derive(Debug, Clone)]
+struct Policy {
+    has_led: bool,
+    has_beeper: bool,
+    beep_on: BeepOn,
+    pattern: Pattern,
+    /// When the pattern began (its blinks count from here).
+    epoch: Instant,
+    blip_until: Option<Instant>,
+    beep_until: Option<Instant>,
+    /// Beeps asked for and not begun yet; the next may begin at `beep_next`.
+    beeps_waiting: u32,
+    beep_next: Instant,
+    /// The reader-lost alarm: when its current round started.
+    alarm: Option<Instant>,
+    lost_in_race: bool,
+}
+
+/// Something the policy is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Health(Health),
+    Passing { test: bool },
+    /// Only time passed.
+    Tick,
+}
+
+/// What to show now, and when to ask again at the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Output {
+    led: bool,
+    beeper: bool,
+    /// A beep began now (counted in `status.signal.beeps_total`).
+    beep_began: bool,
+    /// The next moment something can change without being told (`None`: nothing will).
+    wake_at: Option<Instant>,
+}
+
+/// How often the alarm's beeps are looked at while it sounds.
+const ALARM_TICK: Duration = Duration::from_millis(25);
+
+impl Policy {
+    fn new(has_led: bool, has_beeper: bool, beep_on: BeepOn, now: Instant) -> Self {
+        Self {
+            has_led,
+            has_beeper,
+            beep_on,
+            pattern: Pattern::Off,
+            epoch: now,
+            blip_until: None,
+            beep_until: None,
+            beeps_waiting: 0,
+            beep_next: now,
+            alarm: None,
+            lost_in_race: false,
+        }
+    }
+
+    fn on(&mut self, input: Input, now: Instant) -> Output {
+        match input {
+            Input::Health(h) => {
+                if h.pattern != self.pattern {
+                    self.pattern = h.pattern;
+                    self.epoch = now;
+                }
+                if h.reader_lost_in_race && !self.lost_in_race {
+                    self.alarm = Some(now);
+                }
+                if !h.reader_lost_in_race {
+                    self.alarm = None;
+                }
+                self.lost_in_race = h.reader_lost_in_race;
+            }
+            Input::Passing { test } => {
+                if self.has_led {
+                    self.blip_until = Some(now + BLIP);
+                }
+                let wanted = match self.beep_on {
+                    BeepOn::Always => true,
+                    BeepOn::Test => test,
+                    BeepOn::Never => false,
+                };
+                if wanted && self.has_beeper {
+                    self.beeps_waiting = (self.beeps_waiting + 1).min(BEEPS_QUEUED);
+                }
+            }
+            Input::Tick => {}
+        }
+        // The LED: the pattern, inverted during a blip.
+        let blip = self.blip_until.is_some_and(|t| now < t);
+        let led = self.pattern.level(now - self.epoch) != blip;
+        // The beeper: a passing's beep, or the alarm's three beeps.
+        let alarm_on = self.alarm.is_some_and(|start| {
+            let t = (now - start).as_millis() % ALARM_EVERY.as_millis();
+            let slot = t / ALARM_BEEP.as_millis();
+            slot < 6 && slot.is_multiple_of(2)
+        });
+        let beep_began = self.beeps_waiting > 0 && now >= self.beep_next;
+        if beep_began {
+            self.beeps_waiting -= 1;
+            self.beep_until = Some(now + BEEP);
+            self.beep_next = now + BEEP + BEEP_GAP;
+        }
+        let beeper = self.beep_until.is_some_and(|t| now < t) || alarm_on;
+        // The next thing that can change.
+        let queued = (self.beeps_waiting > 0).then_some(self.beep_next);
+        let edge = self.pattern.next_edge(now - self.epoch).map(|e| self.epoch + e);
+        let alarm = self.alarm.map(|_| now + ALARM_TICK);
+        let wake_at = [self.blip_until, self.beep_until, queued]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .chain(edge)
+            .chain(alarm)
+            .min();
+        Output { led, beeper, beep_began, wake_at }
+    }
+}
+
+/// The thread: asks for health once a second, tells the policy, and performs what it answers.
 fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Health>, shown: &Mutex<SignalStatus>) {
     let update = |f: &dyn Fn(&mut SignalStatus)| {
         if let Ok(mut s) = shown.lock() {
@@ -231,63 +354,29 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Heal
     });
     let mut led = open(&cfg.led);
     let mut beeper = open(&cfg.beeper);
-    let mut pattern = Pattern::Off;
-    let mut epoch = Instant::now();
+    let mut policy = Policy::new(led.is_some(), beeper.is_some(), cfg.beep_on_passing, Instant::now());
     let mut next_health = Instant::now();
-    let mut blip_until: Option<Instant> = None;
-    let mut beep_until: Option<Instant> = None;
-    // Beeps asked for and not begun yet; the next may begin at `beep_next`.
-    let mut beeps_waiting = 0u32;
-    let mut beep_next = Instant::now();
-    // The alarm: when the current round started, and when the next one is due.
-    let mut alarm: Option<Instant> = None;
-    let mut lost_in_race = false;
     let mut failed_write = false;
+    let mut input = Input::Tick;
     loop {
         let now = Instant::now();
         if now >= next_health {
             next_health = now + HEALTH_EVERY;
             if let Some(h) = health() {
-                if h.pattern != pattern {
-                    pattern = h.pattern;
-                    epoch = now;
-                }
-                let lost = h.reader_lost_in_race;
-                if lost && !lost_in_race {
-                    alarm = Some(now);
-                }
-                if !lost {
-                    alarm = None;
-                }
-                lost_in_race = lost;
-                update(&|st| st.led_pattern = Some(pattern));
+                policy.on(Input::Health(h), now);
+                update(&|st| st.led_pattern = Some(h.pattern));
             }
         }
-        // The LED: the pattern, inverted during a blip.
-        let blip = blip_until.is_some_and(|t| now < t);
-        let mut level = pattern.level(now - epoch);
-        if blip {
-            level = !level;
-        }
-        // The beeper: a passing's beep, or the alarm's three beeps.
-        let alarm_on = alarm.is_some_and(|start| {
-            let t = (now - start).as_millis() % ALARM_EVERY.as_millis();
-            let slot = t / ALARM_BEEP.as_millis();
-            slot < 6 && slot.is_multiple_of(2)
-        });
-        if beeps_waiting > 0 && now >= beep_next {
-            beeps_waiting -= 1;
-            beep_until = Some(now + BEEP);
-            beep_next = now + BEEP + BEEP_GAP;
+        let out = policy.on(std::mem::replace(&mut input, Input::Tick), now);
+        if out.beep_began {
             update(&|s| s.beeps_total += 1);
         }
-        let beep = beep_until.is_some_and(|t| now < t) || alarm_on;
         let mut result = Ok(());
         if let Some(d) = led.as_mut() {
-            result = result.and(d.set(level));
+            result = result.and(d.set(out.led));
         }
         if let Some(d) = beeper.as_mut() {
-            result = result.and(d.set(beep));
+            result = result.and(d.set(out.beeper));
         }
         match result {
             Err(e) if !failed_write => {
@@ -301,33 +390,9 @@ fn run(cfg: &SignalConfig, rx: Receiver<Event>, health: impl Fn() -> Option<Heal
             }
             _ => {}
         }
-        // Sleep until the next thing that can change.
-        let mut wake = next_health;
-        let queued = (beeps_waiting > 0).then_some(beep_next);
-        for t in [blip_until, beep_until, queued].into_iter().flatten().filter(|t| *t > now) {
-            wake = wake.min(t);
-        }
-        if let Some(edge) = pattern.next_edge(now - epoch) {
-            wake = wake.min(epoch + edge);
-        }
-        if alarm.is_some() {
-            wake = wake.min(now + Duration::from_millis(25));
-        }
+        let wake = out.wake_at.map_or(next_health, |t| t.min(next_health));
         match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Ok(Event::Passing { test }) => {
-                let at = Instant::now();
-                if led.is_some() {
-                    blip_until = Some(at + BLIP);
-                }
-                let wanted = match cfg.beep_on_passing {
-                    BeepOn::Always => true,
-                    BeepOn::Test => test,
-                    BeepOn::Never => false,
-                };
-                if wanted && beeper.is_some() {
-                    beeps_waiting = (beeps_waiting + 1).min(BEEPS_QUEUED);
-                }
-            }
+            Ok(Event::Passing { test }) => input = Input::Passing { test },
             Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
         }
@@ -372,5 +437,59 @@ mod tests {
         assert_eq!(std::fs::read_to_string(led.join("trigger")).unwrap(), "mmc0\n");
         let missing = Device::open(dir.path(), "nope").err().unwrap();
         assert!(missing.contains("nope/max_brightness"), "{missing}");
+    }
+
+    /// The policy as a table: at each time (ms), what it is told, and what it answers (LED,
+    /// beeper, when to ask again).
+    #[test]
+    fn the_policy_as_a_table() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let health = |pattern, lost| Input::Health(Health { pattern, reader_lost_in_race: lost });
+        let mut p = Policy::new(true, true, BeepOn::Test, t0);
+        #[rustfmt::skip]
+        let table: &[(u64, Input, bool, bool, Option<u64>)] = &[
+            // All well: steady, nothing to wake for.
+            (0, health(Pattern::Steady, false), true, false, None),
+            // A test passing: a blip (inverted) and a beep, both 60 ms.
+            (100, Input::Passing { test: true }, false, true, Some(160)),
+            (160, Input::Tick, true, false, None),
+            // A race passing with beep_on_passing = test: a blip, no beep.
+            (200, Input::Passing { test: false }, false, false, Some(260)),
+            // Three test passings at once: the beeps queue, 60 on and 80 off each.
+            (300, Input::Passing { test: true }, false, true, Some(360)),
+            (301, Input::Passing { test: true }, false, true, Some(360)),
+            (302, Input::Passing { test: true }, false, true, Some(360)),
+            (362, Input::Tick, true, false, Some(440)),
+            (440, Input::Tick, true, true, Some(500)),
+            (500, Input::Tick, true, false, Some(580)),
+            (580, Input::Tick, true, true, Some(640)),
+            (640, Input::Tick, true, false, None),
+            // The reader is lost in a race: fast blink from now, and the alarm's beeps.
+            (1000, health(Pattern::Fast, true), true, true, Some(1025)),
+            (1125, Input::Tick, false, true, Some(1150)),
+            (1150, Input::Tick, false, false, Some(1175)),
+            (1300, Input::Tick, true, true, Some(1325)),
+            (1450, Input::Tick, false, false, Some(1475)),
+            // After the three beeps, silence until the next round 30 s after the first.
+            (1900, Input::Tick, false, false, Some(1925)),
+            (31_000, Input::Tick, true, true, Some(31_025)),
+            // Back: slow blink, no alarm; the next edge is half a second after the change.
+            (31_100, health(Pattern::Slow, false), true, false, Some(31_600)),
+            (31_600, Input::Tick, false, false, Some(32_100)),
+        ];
+        for (ms, input, led, beeper, wake) in table {
+            let out = p.on(*input, at(*ms));
+            assert_eq!(
+                (out.led, out.beeper, out.wake_at),
+                (*led, *beeper, wake.map(at)),
+                "at {ms} ms, told {input:?}"
+            );
+        }
+        // No LED, no beeper: a passing changes nothing.
+        let mut quiet = Policy::new(false, false, BeepOn::Always, t0);
+        quiet.on(health(Pattern::Steady, false), t0);
+        let out = quiet.on(Input::Passing { test: true }, at(1));
+        assert_eq!((out.led, out.beeper, out.wake_at, out.beep_began), (true, false, None, false));
     }
 }

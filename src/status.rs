@@ -54,12 +54,29 @@ pub struct Listening {
 }
 
 impl Listening {
-    pub fn set_address(&mut self, what: &str, address: Option<String>) {
+    pub fn set_address(&mut self, what: Listener, address: Option<String>) {
         match what {
-            "http" => self.http = address,
-            "feed" => self.feed = address,
-            "control" => self.control = address,
-            _ => {}
+            Listener::Http => self.http = address,
+            Listener::Feed => self.feed = address,
+            Listener::Control => self.control = address,
+        }
+    }
+}
+
+/// A listener of the box: its name in `status.listening` (`failing`, `refused`) and the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Control,
+    Http,
+    Feed,
+}
+
+impl Listener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Control => "control",
+            Listener::Http => "http",
+            Listener::Feed => "feed",
         }
     }
 }

@@ -162,6 +162,7 @@ impl Tally {
     }
 
     /// Entries held: the chips and the per-second counts (what a watcher costs).
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.chips.len() + self.recent.iter().map(|(_, c)| c.len()).sum::<usize>()
     }

@@ -16,7 +16,9 @@ pub use crate::timestamp::TimestampFormat;
 mod check;
 mod reader;
 
-pub use check::{ALIAS_MAX, TOKEN_MIN, alias_or_default, check_alias, config_file_warning, console_warning, warnings};
+#[cfg(feature = "test-support")]
+pub use check::ALIAS_MAX;
+pub use check::{alias_or_default, config_file_warning, warnings};
 pub use reader::*;
 
 /// Where the config lives unless `-c` or `RUFUS_GATEWAY_CONFIG` says otherwise.
@@ -40,9 +42,6 @@ impl Secret {
     }
     pub fn expose(&self) -> &str {
         &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
     /// A hint that lets an operator recognise the value without revealing it.
     pub fn masked(&self) -> String {

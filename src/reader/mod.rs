@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::antennas::Change;
 use crate::clock::{ClockWatch, Stamp};
 use crate::config::{Config, ReaderConfig, TimestampSource};
+#[cfg(test)]
 pub use connection::Stamping;
 use connection::{Connection, Pump};
 use format::{Framer, Parser};

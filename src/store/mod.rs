@@ -3,7 +3,7 @@
 //! session changes asked for by the control socket and the uplink. Everything else reads through
 //! `query::Db` on connections of its own.
 
-mod copies;
+pub mod copies;
 mod maintenance;
 mod open;
 mod passings;
@@ -11,8 +11,9 @@ pub mod query;
 pub mod schema;
 mod sessions;
 
-pub use copies::{BackedUpRead, ExportedPassing, ExportedRead};
-pub use open::{open_or_replace, open_writer, stable_plans};
+#[cfg(feature = "test-support")]
+pub use open::open_writer;
+pub use open::stable_plans;
 pub use passings::load_bib_map;
 
 // Shared between the parts of the actor (each part sees them through `use super::*`).

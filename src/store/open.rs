@@ -7,6 +7,12 @@ use super::*;
 /// looked up among the stored passings when a read needs them).
 const RESTORED_WINDOWS: i64 = 4096;
 
+/// The database fails SQLite's integrity check (with what it said): [`open_or_replace`] moves it
+/// aside, whatever the message's words.
+#[derive(Debug, thiserror::Error)]
+#[error("integrity check failed: {0}")]
+pub struct Corrupt(String);
+
 /// Open (creating or migrating) the database for writing, with the durability settings.
 pub fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     if let Some(dir) = path.parent()
@@ -25,7 +31,7 @@ pub fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     )?;
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
-        anyhow::bail!("integrity check failed: {check}");
+        return Err(Corrupt(check).into());
     }
     schema::migrate(&mut conn).context("cannot migrate the database schema")?;
     Ok(conn)
@@ -119,11 +125,9 @@ pub(super) fn explain_open_error(path: &Path, e: anyhow::Error) -> anyhow::Error
 
 pub(super) fn is_corruption(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>() {
-            matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-        } else {
-            c.to_string().starts_with("integrity check failed")
-        }
+        c.is::<Corrupt>()
+            || matches!(c.downcast_ref::<rusqlite::Error>(), Some(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
     })
 }
 

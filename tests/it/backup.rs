@@ -127,9 +127,9 @@ fn export(gw: &Gateway, session: i64) -> Vec<BTreeMap<String, String>> {
 }
 
 async fn gateway(
-    fake: &rufus_gateway::fake_api::FakeApi,
+    fake: &rufus_gateway::demo::fake_api::FakeApi,
     device: &str,
-    pty: &rufus_gateway::pty::Pty,
+    pty: &rufus_gateway::demo::pty::Pty,
     dir: &Path,
     extra: &str,
 ) -> Gateway {

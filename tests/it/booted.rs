@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::DEADLINE;
-use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
+use rufus_gateway::demo::fake_api::{FAKE_KEY, FakeApi};
 use serde_json::Value;
 
 /// One booted machine at a time: two cores do not boot several quickly.

@@ -25,7 +25,7 @@ async fn sigkill_at_random_moments_loses_nothing_committed() {
     // The reader: distinct chips at ~1 per 2 ms, each with the time it was written.
     let written: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let mut pty_tail = rufus_gateway::pty::Pty::from_file(pty.try_clone().unwrap(), pty.path.clone());
+    let mut pty_tail = rufus_gateway::demo::pty::Pty::from_file(pty.try_clone().unwrap(), pty.path.clone());
     let writer = {
         let (written, done) = (written.clone(), done.clone());
         std::thread::spawn(move || {

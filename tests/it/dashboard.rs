@@ -208,7 +208,7 @@ async fn the_feed_replays_from_a_number_and_slow_clients_do_not_slow_the_gateway
     // …passings continue meanwhile, a flood among them…
     let many: Vec<String> = chips(5..3005);
     let writer = {
-        let mut pty2 = rufus_gateway::pty::Pty::from_file(pty.try_clone().unwrap(), pty.path.clone());
+        let mut pty2 = rufus_gateway::demo::pty::Pty::from_file(pty.try_clone().unwrap(), pty.path.clone());
         std::thread::spawn(move || write_lines(&mut pty2, &many))
     };
     wait_fake(&fake, &gw, "3005 delivered despite a stalled feed client", |s| s.total_passings() == 3005).await;

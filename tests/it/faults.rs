@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use crate::common::*;
-use rufus_gateway::fake_api::{FAKE_KEY, FakeApi, Fault, Route};
+use rufus_gateway::demo::fake_api::{FAKE_KEY, FakeApi, Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 
 /// A gateway with a session already created remotely.
-async fn running(extra: &str) -> (FakeApi, Gateway, rufus_gateway::pty::Pty) {
+async fn running(extra: &str) -> (FakeApi, Gateway, rufus_gateway::demo::pty::Pty) {
     let (fake, device) = fake().await;
     let pty = pty();
     let mut gw = Gateway::new(&fake, &device, &pty.path.display().to_string(), &format!("{STRICT_CHIP}\n{extra}"));

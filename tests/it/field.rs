@@ -7,11 +7,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use rufus_gateway::fake_api::{Fault, Route};
+use rufus_gateway::demo::fake_api::{Fault, Route};
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 
-fn delivered(fake: &rufus_gateway::fake_api::FakeApi) -> usize {
+fn delivered(fake: &rufus_gateway::demo::fake_api::FakeApi) -> usize {
     fake.state().total_passings()
 }
 
@@ -654,7 +654,7 @@ async fn a_clock_jump_neither_reorders_nor_re_times_passings() {
     gw.start().await;
     gw.cli_ok(&["session", "start", "--alias", "JUMP"]);
     let chips = chips(0..15);
-    let timestamps = |fake: &rufus_gateway::fake_api::FakeApi| -> Vec<chrono::DateTime<chrono::Utc>> {
+    let timestamps = |fake: &rufus_gateway::demo::fake_api::FakeApi| -> Vec<chrono::DateTime<chrono::Utc>> {
         fake.state().sessions[0].passings.values().map(|p| p.timestamp.parse().unwrap()).collect()
     };
     write_lines(&mut pty, &chips[0..5]);

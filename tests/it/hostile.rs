@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use rufus_gateway::control::{Request, request};
-use rufus_gateway::fake_api::{Fault, Route};
+use rufus_gateway::demo::fake_api::{Fault, Route};
 use serde_json::Value;
 
 /// 31 characters: long enough for a network listen.
@@ -28,8 +28,8 @@ fn address(gw: &Gateway, what: &str) -> String {
 /// Write `chips` on the reader and wait until the fake API holds `total` passings.
 async fn reads_flow(
     gw: &Gateway,
-    pty: &mut rufus_gateway::pty::Pty,
-    fake: &rufus_gateway::fake_api::FakeApi,
+    pty: &mut rufus_gateway::demo::pty::Pty,
+    fake: &rufus_gateway::demo::fake_api::FakeApi,
     chips: &[String],
     total: usize,
 ) {
@@ -303,7 +303,7 @@ async fn out_of_descriptors_the_accept_loop_pauses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_never_followed() {
     let (fake, device) = fake().await;
-    let (other, _) = rufus_gateway::fake_api::FakeApi::start().await.unwrap();
+    let (other, _) = rufus_gateway::demo::fake_api::FakeApi::start().await.unwrap();
     for _ in 0..50 {
         fake.push_fault(
             Route::ActiveSession,

@@ -239,9 +239,9 @@ fn host() -> String {
 /// A gateway writing its backup to `dir` (a plain directory standing in for the stick: the rule
 /// under test is how files on it are opened, not how it is mounted).
 async fn backed_up(
-    fake: &rufus_gateway::fake_api::FakeApi,
+    fake: &rufus_gateway::demo::fake_api::FakeApi,
     device: &str,
-    pty: &rufus_gateway::pty::Pty,
+    pty: &rufus_gateway::demo::pty::Pty,
     dir: &std::path::Path,
 ) -> Gateway {
     let extra = format!(

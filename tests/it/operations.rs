@@ -1,7 +1,7 @@
 //! Race-day operations through the real binary: bind, resend, list, the human status.
 
 use crate::common::*;
-use rufus_gateway::fake_api::FAKE_KEY;
+use rufus_gateway::demo::fake_api::FAKE_KEY;
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rufus_gateway::fake_api::{Fault, Route};
+use rufus_gateway::demo::fake_api::{Fault, Route};
 
 use crate::common::*;
 

@@ -26,7 +26,7 @@ fn year_2099() -> DateTime<Utc> {
 }
 
 /// Every passing RUFUS holds: (bib, time).
-fn passings(fake: &rufus_gateway::fake_api::FakeApi) -> Vec<(String, String)> {
+fn passings(fake: &rufus_gateway::demo::fake_api::FakeApi) -> Vec<(String, String)> {
     fake.state()
         .sessions
         .iter()

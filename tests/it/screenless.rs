@@ -198,7 +198,7 @@ impl Drop for Watcher {
 }
 
 /// Write `lines` and wait until the store holds `total` reads; returns the gateway's CPU ticks spent.
-async fn burst(gw: &Gateway, pty: &mut rufus_gateway::pty::Pty, lines: &[String], total: i64) -> u64 {
+async fn burst(gw: &Gateway, pty: &mut rufus_gateway::demo::pty::Pty, lines: &[String], total: i64) -> u64 {
     let pid = gw.pid();
     let before = usage(pid).cpu_ticks;
     write_lines(pty, lines);
@@ -291,7 +291,7 @@ async fn watch_sees_every_read_of_a_burst_in_order_and_a_stalled_one_slows_nothi
 /// Keep antennas `reading` busy (one read each per round) until `cond` holds on the status.
 async fn read_until(
     gw: &Gateway,
-    pty: &mut rufus_gateway::pty::Pty,
+    pty: &mut rufus_gateway::demo::pty::Pty,
     reading: &[i64],
     what: &str,
     cond: impl Fn(&Value) -> bool,

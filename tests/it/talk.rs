@@ -31,7 +31,7 @@ pub(crate) async fn wait_connected(emu: &Emulator, gw: &Gateway) {
 }
 
 /// Per chip, the `num_passing`s RUFUS received for it (every session of the fake).
-pub(crate) fn received(fake: &rufus_gateway::fake_api::FakeApi) -> BTreeMap<String, Vec<i64>> {
+pub(crate) fn received(fake: &rufus_gateway::demo::fake_api::FakeApi) -> BTreeMap<String, Vec<i64>> {
     let mut out: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for s in &fake.state().sessions {
         for (num, p) in &s.passings {

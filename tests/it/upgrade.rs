@@ -3,7 +3,7 @@
 //! export and pruning agree with it.
 
 use crate::common::*;
-use rufus_gateway::fake_api::FAKE_KEY;
+use rufus_gateway::demo::fake_api::FAKE_KEY;
 
 const STRICT_CHIP: &str = r#"reader.pattern = '^(?P<chip>[0-9A-F]{8})$'"#;
 

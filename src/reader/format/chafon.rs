@@ -30,7 +30,8 @@ pub fn crc16(bytes: &[u8]) -> u16 {
     crc
 }
 
-/// Append the CRC (LSB first) to `Len…Data`.
+/// Append the CRC (LSB first) to `Len…Data` (for the emulator and the tests).
+#[cfg(any(test, feature = "test-support"))]
 pub fn with_crc(mut frame: Vec<u8>) -> Vec<u8> {
     let crc = crc16(&frame);
     frame.extend_from_slice(&crc.to_le_bytes());

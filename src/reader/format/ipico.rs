@@ -149,6 +149,7 @@ fn bcd_time(local: NaiveDateTime) -> [u8; 7] {
 
 /// The reader's answer to [`get_clock`] (for the emulator and the tests): the time to 10 ms
 /// and the configuration byte.
+#[cfg(any(test, feature = "test-support"))]
 pub fn clock_reply(local: NaiveDateTime, config: u8) -> String {
     let mut data = bcd_time(local).to_vec();
     data.extend([(local.nanosecond() / 10_000_000) as u8, config]);
@@ -171,10 +172,6 @@ pub fn download_stop() -> String {
 }
 pub fn download_cleanup() -> String {
     frame(DOWNLOAD, &[0x07, 0x00])
-}
-/// Ask for the download state (length byte 0xff, no data: as captured).
-pub fn download_query() -> String {
-    "ab00ff4bc2\r\n".to_string()
 }
 
 /// A reply from the reader.
@@ -382,7 +379,6 @@ mod tests {
         assert_eq!(download_start(), "ab00024b01011a\r\n");
         assert_eq!(download_stop(), "ab00024b010019\r\n");
         assert_eq!(download_cleanup(), "ab00024b07001f\r\n");
-        assert_eq!(download_query(), "ab00ff4bc2\r\n");
         // Recording on and off (captured): the same frame builder gives them.
         assert_eq!(frame(DOWNLOAD, &[0x00, 0x01]), "ab00024b000119\r\n");
         assert_eq!(frame(DOWNLOAD, &[0x00, 0x00]), "ab00024b000018\r\n");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
-use rufus_gateway::pty::Pty;
+use rufus_gateway::demo::pty::Pty;
 use rufus_gateway::reader::format::ipico;
 
 use super::readers::{self, TagRead};

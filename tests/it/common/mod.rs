@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rufus_gateway::fake_api::{FAKE_KEY, FakeApi};
-use rufus_gateway::pty::Pty;
+use rufus_gateway::demo::fake_api::{FAKE_KEY, FakeApi};
+use rufus_gateway::demo::pty::Pty;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rufus-gateway");
@@ -258,7 +258,7 @@ pub async fn wait_fake(
     fake: &FakeApi,
     gw: &Gateway,
     what: &str,
-    cond: impl Fn(&rufus_gateway::fake_api::FakeState) -> bool,
+    cond: impl Fn(&rufus_gateway::demo::fake_api::FakeState) -> bool,
 ) {
     if let Err(e) = fake.wait_for(DEADLINE, what, cond).await {
         panic!("{e}\nrequests: {:?}\nlog:\n{}", fake.state().requests, gw.logs());

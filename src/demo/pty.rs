@@ -42,6 +42,7 @@ impl Pty {
     }
 
     /// Another writer on the same master (e.g. from a clone of its file).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn from_file(master: File, path: PathBuf) -> Pty {
         Pty { master, path }
     }
@@ -52,6 +53,7 @@ impl Pty {
         self.master.flush()
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     pub fn try_clone(&self) -> std::io::Result<File> {
         self.master.try_clone()
     }

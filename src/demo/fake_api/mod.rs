@@ -2,11 +2,11 @@
 //!
 //! It keeps sessions and passings the way the real service is documented to (one active session
 //! per device; a new session closes the other; resent `num_passing` values count as duplicates),
-//! checks every request strictly (no unlisted field, the timestamp format), and can be scripted
-//! to misbehave: fail with a status, drop the connection before or after committing, hang, refuse
-//! a chip, close a session on its own, stop listening.
+//! checks every request strictly (no unlisted field, the timestamp format). In test builds it can
+//! be scripted to misbehave ([`faults`]): fail with a status, drop the connection before or after
+//! committing, hang, refuse a chip, close a session on its own; any build can stop listening.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -21,33 +21,23 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Which requests a scripted fault applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// Any route but `ActiveSession` (a look-up the gateway makes before creating a session).
-    Any,
-    ActiveSession,
-    CreateSession,
-    Passings,
-    CloseSession,
-}
+#[cfg(any(test, feature = "test-support"))]
+mod faults;
+#[cfg(any(test, feature = "test-support"))]
+pub use faults::{Fault, RequestLog};
+pub use route::Route;
 
-#[derive(Debug, Clone)]
-pub enum Fault {
-    /// Answer with this status (and `Retry-After`, when given) without doing anything.
-    Status { code: u16, retry_after: Option<String> },
-    /// Drop the connection without doing anything.
-    Drop,
-    /// Do the work, then drop the connection instead of answering (the lost reply).
-    CommitThenDrop,
-    /// Never answer (the client's timeout fires).
-    Hang,
-    /// Wait this long, then answer normally (a slow request, still in flight).
-    Delay(Duration),
-    /// Answer `307 Temporary Redirect` to this URL (another host, or plain http).
-    Redirect(String),
-    /// Answer 200 with a body of this many bytes (streamed: the fake holds 64 KiB of it).
-    Huge(u64),
+mod route {
+    /// Which requests a call (and, in test builds, a scripted fault) is for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Route {
+        /// Any route but `ActiveSession` (a look-up the gateway makes before creating a session).
+        Any,
+        ActiveSession,
+        CreateSession,
+        Passings,
+        CloseSession,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,41 +62,25 @@ pub struct FakeSession {
     pub conflicts: u64,
 }
 
-#[derive(Debug, Clone)]
-pub struct RequestLog {
-    pub method: &'static str,
-    pub path: String,
-    pub status: u16,
-    pub at: Instant,
-    pub batch: usize,
-}
-
 #[derive(Debug, Default)]
 pub struct FakeState {
     pub api_key: String,
     pub envelope: bool,
     pub devices: BTreeMap<String, (String, String)>,
     pub sessions: Vec<FakeSession>,
-    pub faults: VecDeque<(Route, Fault)>,
+    #[cfg(any(test, feature = "test-support"))]
+    pub faults: std::collections::VecDeque<(Route, Fault)>,
+    #[cfg(any(test, feature = "test-support"))]
     pub hang_all: bool,
     pub refused_chips: HashSet<String>,
+    #[cfg(any(test, feature = "test-support"))]
     pub requests: Vec<RequestLog>,
     pub violations: Vec<String>,
 }
 
 impl FakeState {
-    pub fn session_by_alias(&self, alias: &str) -> Vec<&FakeSession> {
-        self.sessions.iter().filter(|s| s.alias == alias).collect()
-    }
-
     pub fn total_passings(&self) -> usize {
         self.sessions.iter().map(|s| s.passings.len()).sum()
-    }
-
-    fn take_fault(&mut self, route: Route) -> Option<Fault> {
-        let i =
-            self.faults.iter().position(|(r, _)| *r == route || (*r == Route::Any && route != Route::ActiveSession))?;
-        self.faults.remove(i).map(|(_, f)| f)
     }
 }
 
@@ -140,10 +114,6 @@ impl FakeApi {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push_fault(&self, route: Route, fault: Fault) {
-        self.state().faults.push_back((route, fault));
-    }
-
     /// Stop listening: new connections are refused until `resume`.
     pub fn stop_listening(&self) {
         self.stop.lock().unwrap().cancel();
@@ -165,13 +135,6 @@ impl FakeApi {
         *self.stop.lock().unwrap() = CancellationToken::new();
         self.serve(listener);
         Ok(())
-    }
-
-    /// Close a session as if from the RUFUS web app (or another device's new session).
-    pub fn close_remotely(&self, token: &str) {
-        for s in self.state().sessions.iter_mut().filter(|s| s.token == token) {
-            s.active = false;
-        }
     }
 
     /// Wait until `cond` holds, polling the state, or fail after `timeout`.
@@ -246,7 +209,8 @@ fn dropped() -> Response {
     Response::builder().status(200).body(Body::from_stream(stream)).unwrap()
 }
 
-/// Common prologue: log, scripted faults, authentication. `Err` is the response to give now.
+/// Common prologue: the scripted faults (in test builds), then authentication. `Err` is the
+/// response to give now; `Ok(true)`: do the work, then drop the connection (the lost reply).
 async fn prologue(
     shared: &Arc<Mutex<FakeState>>,
     headers: &HeaderMap,
@@ -255,74 +219,24 @@ async fn prologue(
     path: String,
     batch: usize,
 ) -> Result<bool, Response> {
-    let (fault, hang) = {
-        let mut s = lock(shared);
-        (s.take_fault(route), s.hang_all)
-    };
-    let log = |status: u16| {
-        lock(shared).requests.push(RequestLog { method, path: path.clone(), status, at: Instant::now(), batch });
-    };
-    if hang {
-        log(0);
-        std::future::pending::<()>().await;
-    }
-    match fault {
-        Some(Fault::Status { code, retry_after }) => {
-            log(code);
-            let mut r =
-                reply(&lock(shared), StatusCode::from_u16(code).unwrap(), json!({ "description": "scripted failure" }));
-            if let Some(v) = retry_after {
-                r.headers_mut().insert("retry-after", v.parse().unwrap());
-            }
-            return Err(r);
-        }
-        Some(Fault::Drop) => {
-            log(0);
-            return Err(dropped());
-        }
-        Some(Fault::Hang) => {
-            log(0);
-            std::future::pending::<()>().await;
-        }
-        Some(Fault::CommitThenDrop) => {
-            log(0);
-        }
-        Some(Fault::Delay(d)) => {
-            log(200);
-            tokio::time::sleep(d).await;
-        }
-        Some(Fault::Redirect(to)) => {
-            log(307);
-            let r = Response::builder().status(307).header("location", to).body(Body::empty()).unwrap();
-            return Err(r);
-        }
-        Some(Fault::Huge(size)) => {
-            log(200);
-            let chunk = Bytes::from(vec![b' '; 64 * 1024]);
-            let chunks = size.div_ceil(chunk.len() as u64);
-            let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-            let r = Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(Body::from_stream(stream))
-                .unwrap();
-            return Err(r);
-        }
-        None => {}
-    }
+    #[cfg(any(test, feature = "test-support"))]
+    let scripted = faults::scripted(shared, route, method, &path, batch).await?;
+    #[cfg(not(any(test, feature = "test-support")))]
+    let _ = (route, method, path, batch);
     let key_ok = headers.get("api_key").and_then(|v| v.to_str().ok()) == Some(lock(shared).api_key.as_str());
     if !key_ok {
-        log(403);
+        #[cfg(any(test, feature = "test-support"))]
+        faults::log(shared, method, &path, 403, batch);
         return Err(reply(
             &lock(shared),
             StatusCode::FORBIDDEN,
             json!({ "description": "Forbidden: invalid api key" }),
         ));
     }
-    if !matches!(fault, Some(Fault::CommitThenDrop | Fault::Delay(_))) {
-        log(200);
-    }
-    Ok(matches!(fault, Some(Fault::CommitThenDrop)))
+    #[cfg(any(test, feature = "test-support"))]
+    return Ok(scripted.finish(shared, method, &path, batch));
+    #[cfg(not(any(test, feature = "test-support")))]
+    Ok(false)
 }
 
 fn check_fields(obj: &Value, allowed: &[&str], what: &str, violations: &mut Vec<String>) -> bool {
@@ -490,11 +404,8 @@ async fn insert_passings(State(shared): Shared, headers: HeaderMap, axum::Json(b
         return reply(s, StatusCode::BAD_REQUEST, json!({ "description": "Invalid parameters" }));
     }
     if list.iter().any(|p| p["chip"].as_str().is_some_and(|c| s.refused_chips.contains(c))) {
-        // The request log holds what passed the fault layer: record the refusal there (the
-        // gateway sends one request at a time, so the last POST is this one).
-        if let Some(logged) = s.requests.iter_mut().rev().find(|r| r.path == "/passings") {
-            logged.status = 400;
-        }
+        #[cfg(any(test, feature = "test-support"))]
+        faults::refused(s);
         return reply(s, StatusCode::BAD_REQUEST, json!({ "description": "Invalid passing" }));
     }
     let token = body["token_session"].as_str().unwrap_or("");

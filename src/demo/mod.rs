@@ -5,6 +5,9 @@
 //! to a built-in stand-in of the RUFUS API on loopback. With `--outage` the API goes away for a
 //! while in the middle, and you watch the queue grow and drain.
 
+pub mod fake_api;
+pub mod pty;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,8 +15,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClockSource, Config, Format, LogTarget, Purpose, Secret, TimestampSource};
-use crate::fake_api::{FAKE_KEY, FakeApi};
-use crate::pty::Pty;
+use fake_api::{FAKE_KEY, FakeApi};
+use pty::Pty;
 use crate::reader::format::ipico;
 
 const RUNNERS: u32 = 60;
