@@ -168,6 +168,7 @@ impl Talk {
         }
         self.reported_off = off;
         self.measured = true;
+        self.offset_us = Some(ms.saturating_mul(1000));
         self.shared.clock(|c| {
             c.clock_offset_ms = Some(ms);
             c.clock_measured_at = Some(crate::clock::rfc3339(at.utc_us));
@@ -184,7 +185,7 @@ impl Talk {
         let (best, n, start) = &mut self.window;
         *best = (*best).max(Some(sample));
         *n += 1;
-        let first = self.reported_off || self.shared.clock.lock().map(|c| c.clock_offset_ms.is_none()).unwrap_or(true);
+        let first = self.reported_off || self.offset_us.is_none();
         let span = if first { IMPINJ_FIRST_WINDOW_US } else { self.check_us.max(IMPINJ_FIRST_WINDOW_US) };
         if *n >= IMPINJ_SAMPLES && at.monotonic_us - *start >= span {
             let offset = best.unwrap_or(0);

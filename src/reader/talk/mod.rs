@@ -209,6 +209,11 @@ pub struct Talk {
     time_asked: bool,
     /// The last measurement got no answer (said in the journal once).
     unanswered: bool,
+    /// The reader clock's last measured offset from ours (µs, to the millisecond shown in
+    /// status). Kept here: status is written, never read back.
+    offset_us: Option<i64>,
+    /// Reads the running (or last) rewind brought.
+    rewind_reads: u64,
 }
 
 impl Talk {
@@ -263,6 +268,8 @@ impl Talk {
             live_seen: false,
             time_asked: false,
             unanswered: false,
+            offset_us: None,
+            rewind_reads: 0,
         }
     }
 
@@ -441,6 +448,6 @@ impl Talk {
 
     /// The reader clock's last measured offset from ours, µs (0 while never measured).
     pub fn offset_us(&self) -> i64 {
-        self.shared.clock.lock().ok().and_then(|c| c.clock_offset_ms).unwrap_or(0).saturating_mul(1000)
+        self.offset_us.unwrap_or(0)
     }
 }

@@ -197,6 +197,7 @@ impl Talk {
 
     pub(super) fn start(&mut self, now: Stamp, asked: String) {
         info!(asked = %asked, "rewinding the reader");
+        self.rewind_reads = 0;
         self.rewind_deadline = now.monotonic_us.saturating_add(REWIND_MAX_US);
         self.shared.rewind(|r| {
             r.state = RewindState::Running;
@@ -210,7 +211,7 @@ impl Talk {
     }
 
     pub(super) fn finish(&mut self, now: Stamp, error: Option<String>) {
-        let reads = self.shared.rewind.lock().map(|r| r.reads).unwrap_or(0);
+        let reads = self.rewind_reads;
         match &error {
             None => info!(reads, "rewind finished"),
             Some(e) => warn!(reads, error = %e, "rewind ended early"),
@@ -228,7 +229,8 @@ impl Talk {
         }
     }
 
-    pub(super) fn count_replayed(&self) {
+    pub(super) fn count_replayed(&mut self) {
+        self.rewind_reads += 1;
         self.shared.rewind(|r| {
             r.reads += 1;
             r.reads_total += 1;
