@@ -174,9 +174,9 @@ impl<'a> Connection<'a> {
             taken += 1;
             match event {
                 elite::Event::Line(line, at) => self.talk.elite_line(&line, at),
-                elite::Event::Replayed(bytes, stamp) => {
+                elite::Event::Replayed(framed) => {
                     self.replaying = true;
-                    let alive = self.handle(Framed::Record { bytes, stamp });
+                    let alive = self.handle(framed);
                     self.replaying = false;
                     if !alive {
                         return None;

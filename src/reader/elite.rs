@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::record::{Framed, LineFramer};
 use crate::clock::Stamp;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -19,8 +20,6 @@ const REPLY_WAIT: Duration = Duration::from_millis(100);
 const REPLAY_CONNECT_FOR: Duration = Duration::from_secs(10);
 /// A replay silent this long is over (it should end with the reader closing the connection).
 const REPLAY_IDLE: Duration = Duration::from_secs(30);
-/// The longest line taken from either port.
-const MAX_LINE: usize = 4096;
 /// Events waiting for the reader thread. A replay that sends faster than the reader thread
 /// takes its records in waits here (its socket stops being read), instead of filling memory.
 const EVENTS_QUEUED: usize = 1024;
@@ -71,8 +70,8 @@ pub enum Request {
 pub enum Event {
     /// A line from the control port, stamped on arrival.
     Line(String, Stamp),
-    /// A record from the replay port.
-    Replayed(Vec<u8>, Stamp),
+    /// A record from the replay port (or one refused as too long, counted like any other).
+    Replayed(Framed<Stamp>),
     /// The replay is over: `None` when the reader closed it, else why it ended.
     ReplayEnd(Option<String>),
     /// The control port cannot be reached or failed.
@@ -117,27 +116,10 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Split complete lines off `pending` (without their line ends).
-fn lines(pending: &mut Vec<u8>) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-        let mut line: Vec<u8> = pending.drain(..=end).collect();
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
-        }
-        if !line.is_empty() {
-            out.push(line);
-        }
-    }
-    if pending.len() > MAX_LINE {
-        pending.clear();
-    }
-    out
-}
-
 fn serve(addr: &str, replay_port: u16, requests: Receiver<Request>, events: Sender<Event>) {
     let mut control: Option<TcpStream> = None;
-    let mut pending = Vec::new();
+    let mut lines = LineFramer::default();
+    let mut framed = Vec::new();
     let mut buf = vec![0u8; 4096];
     loop {
         let request = match requests.recv_timeout(REPLY_WAIT) {
@@ -178,12 +160,23 @@ fn serve(addr: &str, replay_port: u16, requests: Receiver<Request>, events: Send
         // Whatever the control port said meanwhile.
         if let Some(s) = control.as_mut() {
             match s.read(&mut buf) {
-                Ok(0) => control = None,
+                Ok(0) => {
+                    control = None;
+                    lines.reset();
+                }
                 Ok(n) => {
-                    let at = Stamp::now();
-                    pending.extend_from_slice(&buf[..n]);
-                    for line in lines(&mut pending) {
-                        let _ = events.send(Event::Line(String::from_utf8_lossy(&line).into_owned(), at));
+                    lines.push(&buf[..n], Stamp::now(), &mut framed);
+                    for line in framed.drain(..) {
+                        let _ = events.send(match line {
+                            Framed::Record { bytes, stamp } => {
+                                Event::Line(String::from_utf8_lossy(&bytes).into_owned(), stamp)
+                            }
+                            Framed::Rejected { bytes, .. } => Event::Error(format!(
+                                "the control port sent a line of over {} bytes (it begins {:?})",
+                                bytes.len(),
+                                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+                            )),
+                        });
                     }
                 }
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
@@ -211,7 +204,8 @@ fn replay_from(addr: &str, events: &Sender<Event>) {
         if let Err(e) = stream.write_all(b"\n") {
             return Some(format!("replay port {addr}: {e}"));
         }
-        let mut pending = Vec::new();
+        let mut lines = LineFramer::default();
+        let mut framed = Vec::new();
         let mut buf = vec![0u8; 8192];
         let (started, mut total) = (Instant::now(), 0u64);
         loop {
@@ -226,10 +220,9 @@ fn replay_from(addr: &str, events: &Sender<Event>) {
                 Ok(0) => return None,
                 Ok(n) => {
                     total += n as u64;
-                    let at = Stamp::now();
-                    pending.extend_from_slice(&buf[..n]);
-                    for line in lines(&mut pending) {
-                        if events.send(Event::Replayed(line, at)).is_err() {
+                    lines.push(&buf[..n], Stamp::now(), &mut framed);
+                    for record in framed.drain(..) {
+                        if events.send(Event::Replayed(record)).is_err() {
                             return Some("the reader connection is gone".into());
                         }
                     }
@@ -249,11 +242,33 @@ mod tests {
         chrono::NaiveDate::from_ymd_opt(y, mo, d).unwrap().and_hms_milli_opt(h, mi, s, ms).unwrap()
     }
 
+    /// The replay port is framed like any reader line: a line too long is a counted reject
+    /// (it was dropped silently), and the lines after it come through.
     #[test]
-    fn lines_are_split_and_their_ends_dropped() {
-        let mut pending = b"aa01\r\nab02\n\npart".to_vec();
-        assert_eq!(lines(&mut pending), vec![b"aa01".to_vec(), b"ab02".to_vec()]);
-        assert_eq!(pending, b"part");
+    fn a_replay_line_too_long_is_a_reject_and_the_next_ones_come() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let reader = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 1];
+            conn.read_exact(&mut hello).unwrap();
+            let long = vec![b'x'; crate::reader::record::MAX_LINE + 100];
+            conn.write_all(&[&long[..], b"\r\naa0102\r\n\r\nab03"].concat()).unwrap();
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        replay_from(&addr, &tx);
+        reader.join().unwrap();
+        let events: Vec<Event> = rx.try_iter().collect();
+        let shown: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                Event::Replayed(Framed::Record { bytes, .. }) => String::from_utf8_lossy(bytes).into_owned(),
+                Event::Replayed(Framed::Rejected { reason, bytes, .. }) => format!("{reason:?} {}", bytes.len()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        // The tail without a line end is not a record: the replay ended in the middle of it.
+        assert_eq!(shown, ["TooLong 4096", "aa0102", "ReplayEnd(None)"]);
     }
 
     #[test]
