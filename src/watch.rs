@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::store::ReadEvent;
+use crate::store::query::ShownRead;
 
 /// How often a summary line is written.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
@@ -26,27 +27,6 @@ pub const STALL_MAX: Duration = Duration::from_secs(60);
 const CHIPS_MAX: usize = 10_000;
 /// Antennas counted apart in one second; more are counted as "other".
 const ANTENNAS_MAX: usize = 16;
-
-/// A read as `watch --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WatchedRead {
-    /// The time the read carries (RFC 3339, UTC, milliseconds).
-    pub at: String,
-    pub chip: String,
-    /// From the bib map; null when the chip is not in it.
-    pub bib: Option<String>,
-    pub antenna: Option<i64>,
-    pub rssi: Option<i64>,
-    /// The passing it became (`num_passing`), or null for a repeat inside the window.
-    pub passing: Option<i64>,
-    /// With `dedup_keep = "strongest"`: the best read of a window that just ended, announced again
-    /// with its passing number.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub strongest: bool,
-    /// Of a test session (chip check).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub test: bool,
-}
 
 /// Every [`SUMMARY_EVERY`]: what this watcher has seen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,13 +50,13 @@ pub struct Summary {
 #[serde(untagged)]
 pub enum Line {
     Summary(Summary),
-    Read(WatchedRead),
+    Read(ShownRead),
 }
 
-impl From<&ReadEvent> for WatchedRead {
+impl From<&ReadEvent> for ShownRead {
     fn from(e: &ReadEvent) -> Self {
-        WatchedRead {
-            at: crate::clock::api_timestamp(e.at_us),
+        ShownRead {
+            at_us: e.at_us,
             chip: e.chip.clone(),
             bib: e.bib.clone(),
             antenna: e.antenna,
@@ -191,7 +171,7 @@ pub async fn serve(
                     let mut next = Some(e);
                     while let Some(e) = next.take() {
                         tally.read(&e, Instant::now());
-                        serde_json::to_writer(&mut out, &Line::Read(WatchedRead::from(&*e)))?;
+                        serde_json::to_writer(&mut out, &Line::Read(ShownRead::from(&*e)))?;
                         out.push(b'\n');
                         if out.len() < 64 * 1024 {
                             next = reads.try_recv().ok();
@@ -216,7 +196,7 @@ pub async fn serve(
 pub fn human(line: &Line) -> String {
     match line {
         Line::Read(r) => {
-            let time = local_time(&r.at);
+            let time = local_time(&crate::clock::api_timestamp(r.at_us));
             let bib = r.bib.as_deref().map_or_else(|| "unmapped".to_string(), |b| format!("bib {b}"));
             let antenna = r.antenna.map_or_else(String::new, |a| format!("ant {a}"));
             let rssi = r.rssi.map_or_else(String::new, |v| format!("rssi {v}"));
@@ -271,16 +251,16 @@ mod tests {
 
     #[test]
     fn the_json_line_is_the_documented_one() {
-        let line = serde_json::to_value(Line::Read(WatchedRead::from(&event("A", Some(2), Some(5))))).unwrap();
+        let line = serde_json::to_value(Line::Read(ShownRead::from(&event("A", Some(2), Some(5))))).unwrap();
         assert_eq!(
             line,
             serde_json::json!({"at": "2023-01-22T09:20:25.123Z", "chip": "A", "bib": "7", "antenna": 2, "rssi": -60, "passing": 5})
         );
-        let repeat = serde_json::to_value(Line::Read(WatchedRead::from(&event("B", None, None)))).unwrap();
+        let repeat = serde_json::to_value(Line::Read(ShownRead::from(&event("B", None, None)))).unwrap();
         assert_eq!(repeat["passing"], serde_json::Value::Null);
         assert_eq!(repeat["bib"], serde_json::Value::Null);
         // Both kinds of line come back as what they were.
-        let text = serde_json::to_string(&Line::Read(WatchedRead::from(&event("B", None, None)))).unwrap();
+        let text = serde_json::to_string(&Line::Read(ShownRead::from(&event("B", None, None)))).unwrap();
         assert!(matches!(serde_json::from_str::<Line>(&text).unwrap(), Line::Read(_)));
         let mut tally = Tally::default();
         let text = serde_json::to_string(&Line::Summary(tally.summary(Instant::now()))).unwrap();
@@ -309,9 +289,9 @@ mod tests {
 
     #[test]
     fn a_person_reads_bib_or_unmapped_and_passing_or_repeat() {
-        let line = human(&Line::Read(WatchedRead::from(&event("A", Some(2), Some(5)))));
+        let line = human(&Line::Read(ShownRead::from(&event("A", Some(2), Some(5)))));
         assert!(line.contains("bib 7") && line.contains("ant 2") && line.contains("passing #5"), "{line}");
-        let line = human(&Line::Read(WatchedRead::from(&event("B", None, None))));
+        let line = human(&Line::Read(ShownRead::from(&event("B", None, None))));
         assert!(line.contains("unmapped") && line.ends_with("repeat"), "{line}");
     }
 
@@ -332,5 +312,36 @@ mod tests {
         assert_eq!(s.chips, CHIPS_MAX, "at least this many");
         assert!(s.reads_per_minute >= 118_000 && s.reads_per_minute <= 120_000, "{}", s.reads_per_minute);
         assert!(s.antennas.contains_key("other") && s.antennas.len() <= ANTENNAS_MAX + 1, "{:?}", s.antennas);
+    }
+
+    /// On tokio's paused clock (no wall-clock waits): a summary every ten seconds, counting the
+    /// reads sent before it, and a watcher that stops taking lines is let go after a minute.
+    #[tokio::test(start_paused = true)]
+    async fn summaries_on_time_and_a_stalled_watcher_let_go() {
+        use tokio::io::AsyncBufReadExt;
+        let t0 = Instant::now();
+        let (tx, rx) = broadcast::channel(16);
+        // A pipe of 4 KiB: the watcher's terminal.
+        let (client, mut server) = tokio::io::duplex(4096);
+        let daemon = tokio::spawn(async move { serve(&mut server, rx).await });
+        tx.send(Arc::new(event("A", Some(1), Some(1)))).unwrap();
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let first: Line = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(matches!(first, Line::Read(ref r) if r.chip == "A" && r.passing == Some(1)), "{first:?}");
+        let second: Line = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let Line::Summary(summary) = second else { panic!("{second:?}") };
+        assert_eq!((summary.reads, summary.chips), (1, 1));
+        assert_eq!(Instant::now() - t0, SUMMARY_EVERY, "the first summary, ten seconds in");
+        // The watcher stops reading: once the pipe is full, a minute later it is let go.
+        let stalled = Instant::now();
+        for n in 0..200 {
+            tx.send(Arc::new(event(&format!("C{n}"), Some(1), None))).unwrap();
+            tokio::task::yield_now().await;
+        }
+        let error = daemon.await.unwrap().unwrap_err().to_string();
+        assert!(error.contains("took nothing"), "{error}");
+        let waited = Instant::now() - stalled;
+        assert!((STALL_MAX..STALL_MAX + SUMMARY_EVERY).contains(&waited), "let go after {waited:?}");
+        drop(lines);
     }
 }

@@ -192,17 +192,26 @@ pub enum Work {
     Idle,
 }
 
-/// A read of a chip check (`GET /api/chipcheck`).
+/// A read as a person sees it: in `watch` (a line of `watch --json`) and in a chip check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckedRead {
-    pub at: String,
+pub struct ShownRead {
+    /// The time the read carries (shown as RFC 3339, UTC, milliseconds).
+    #[serde(rename = "at", with = "crate::clock::api_timestamp_us")]
+    pub at_us: i64,
     pub chip: String,
     /// From the bib map; null when the chip is not in it.
     pub bib: Option<String>,
     pub antenna: Option<i64>,
     pub rssi: Option<i64>,
-    /// The passing it became, or null for a repeat.
+    /// The passing it became (`num_passing`), or null for a repeat inside the window.
     pub passing: Option<i64>,
+    /// With `dedup_keep = "strongest"`: the best read of a window that just ended, announced again
+    /// with its passing number.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strongest: bool,
+    /// Of a test session (chip check), in `watch`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub test: bool,
 }
 
 /// A chip's reads in a chip check.
@@ -388,20 +397,22 @@ impl Db {
 
     /// A test session's latest reads, newest first, with the passing each became (if any).
     /// Bounded to reads since the session began (on the `received_at` index).
-    pub fn chip_check_reads(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<CheckedRead>> {
+    pub fn chip_check_reads(&self, session: &SessionRow, limit: i64) -> rusqlite::Result<Vec<ShownRead>> {
         let since = session.created_at_us;
         let mut stmt = self.conn.prepare_cached(
             "SELECT r.timestamp, r.chip, r.antenna, r.rssi, (SELECT p.num_passing FROM passings p WHERE p.read_id = r.id)
              FROM reads r WHERE r.received_at >= ?1 AND r.session_id = ?2 ORDER BY r.id DESC LIMIT ?3",
         )?;
         stmt.query_map(params![since, session.id, limit], |r| {
-            Ok(CheckedRead {
-                at: crate::clock::api_timestamp(r.get(0)?),
+            Ok(ShownRead {
+                at_us: r.get(0)?,
                 chip: r.get(1)?,
                 bib: None,
                 antenna: r.get(2)?,
                 rssi: r.get(3)?,
                 passing: r.get(4)?,
+                strongest: false,
+                test: false,
             })
         })?
         .collect()

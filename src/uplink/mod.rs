@@ -86,6 +86,12 @@ enum Failure {
     Store(anyhow::Error),
 }
 
+/// The batch read ahead while a request was in flight, if it was read: a query thread that
+/// failed, or a database that refused, leaves nothing, and the next batch is read the usual way.
+async fn read_ahead(next: tokio::task::JoinHandle<anyhow::Result<rusqlite::Result<Prefetched>>>) -> Option<Prefetched> {
+    next.await.ok()?.ok()?.ok()
+}
+
 impl From<crate::store::StoreError> for Failure {
     fn from(e: crate::store::StoreError) -> Self {
         Failure::Store(e.into())
@@ -349,9 +355,7 @@ impl Uplink {
                 let body = body.unwrap_or_else(|| api::batch_body(&cursor.token, &passings));
                 match self.client.post_passings(body).await {
                     Ok(reply) => {
-                        if let Ok(Ok(Ok(ahead))) = next.await {
-                            self.prefetched = Some(ahead);
-                        }
+                        self.prefetched = read_ahead(next).await;
                         let duplicates = reply.duplicates.unwrap_or(0);
                         debug!(session_id, first, last, inserted = reply.inserted, duplicates, "passings delivered");
                         if duplicates > 0 {
