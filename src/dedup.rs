@@ -1,4 +1,4 @@
-//! De-duplication with `dedup_keep = "first"`: the first read of a chip opens a window; further
+//! De-duplication. With `dedup_keep = "first"` ([`Dedup`]) the first read of a chip opens a window; further
 //! reads of that chip inside the window are suppressed. The window does not slide (a runner who
 //! stands on the mat yields one passing per window), and it runs on the clock the timestamps come
 //! from, so a replayed download de-duplicates like live data, in any order: each chip keeps its
@@ -10,6 +10,9 @@
 //! dated far ahead must not age every other window out. A read older than what is cached here is
 //! checked against the passings stored (see `store::passings`), so a forgotten window still
 //! suppresses.
+//!
+//! With `dedup_keep = "strongest"` ([`Strongest`]) the passing is the window's strongest read,
+//! decided when the window ends.
 
 use std::collections::HashMap;
 

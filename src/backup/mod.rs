@@ -87,8 +87,7 @@ pub fn file_name(host: &str, session_id: i64, alias: &str) -> String {
     format!("rufus-gateway-{}-{session_id}-{}.csv", safe(host), safe(alias))
 }
 
-/// Whether `dir` is a mount point (its device differs from its parent's, or it is listed in
-/// the mount table).
+/// Whether `dir` is a mount point: listed in this process's mount table.
 pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(dir) = dir.canonicalize() else { return false };
     std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|table| listed(&table, &dir))

@@ -38,7 +38,6 @@ pub fn check_alias(alias: &str) -> Result<String, String> {
     Ok(alias.to_string())
 }
 
-/// Plain http is allowed only to a loopback address (tests, a local proxy): the key travels in a header.
 /// The reader's port is the kernel's console? On a Raspberry Pi `/dev/serial0` (`ttyS0` or
 /// `ttyAMA0`) carries the login console by default: a getty and kernel messages would share the
 /// reader's bytes. Says what to do about it, or `None` when the port is not a console.
@@ -142,6 +141,7 @@ pub(super) fn console_warning_for(port: &str, cmdline: &str, dev: &Path) -> Opti
     })
 }
 
+/// Plain http is allowed only to a loopback address (tests, a local proxy): the key travels in a header.
 pub(super) fn validate_base_url(url: &str) -> Result<(), String> {
     let fix = "use https://…, or http:// only to 127.0.0.1, ::1 or localhost";
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("api.base_url: \"{url}\" is not a URL ({e}); {fix}"))?;

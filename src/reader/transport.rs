@@ -209,7 +209,6 @@ impl Port {
         out
     }
 
-    /// Send a command to the reader (formats that must be polled).
     /// How long one `receive` waits for data (shortened while a command is due sooner).
     pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         let timeout = timeout.max(Duration::from_millis(1));
@@ -219,6 +218,7 @@ impl Port {
         }
     }
 
+    /// Send a command to the reader (a poll, a clock request or set, a rewind).
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Port::Serial(p) => p.write_all(bytes),

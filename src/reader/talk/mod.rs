@@ -2,9 +2,11 @@
 //! is from ours (measured at connect and every `reader.clock_check`, and set when configured),
 //! and the rewind of what it read while we were not listening (`reader.rewind`).
 //!
-//! Pure: the reader thread hands every record here before parsing (replies are taken here),
-//! asks [`Talk::admit`] about every parsed read, and sends what [`Talk::poll`] returns. Every
-//! method takes the time it is called at, so the tests drive it without a clock.
+//! No I/O and no clock: the reader thread hands every record here before parsing (replies are
+//! taken here), asks [`Talk::admit`] about every parsed read, and sends what [`Talk::poll`]
+//! returns. Every method takes the time it is called at, so the tests drive it without a clock.
+//! What it decides it writes to `status.reader` ([`Shared`]) and the journal; it never reads
+//! status back.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;

@@ -1,4 +1,5 @@
-//! Rewinds: an IPICO Lite's stored-read download, an Elite's replay, an Ultra's log by index.
+//! Rewinds: an IPICO Lite's stored-read download, an Elite's replay, an Ultra's log by index (a
+//! gap in its log indexes) or by time (nothing live to tell the gap).
 
 use tracing::{info, warn};
 
