@@ -32,7 +32,7 @@
 //!   reader's port in systemd's descriptor store; [`clock`] stamps and watches synchronisation;
 //!   [`logging`] goes to journald or stderr; [`panics`] aborts on a panic, except in the one
 //!   guarded place (a reader record's parsing).
-//! - [`demo`], [`fake_api`] and [`pty`]: the self-contained demo and the test doubles it shares
+//! - [`demo`], with [`demo::fake_api`] and [`demo::pty`]: the self-contained demo and the test doubles it shares
 //!   with the test suite.
 
 // `unsafe` is denied, and allowed (with its reason, `SAFETY:`) in five functions only: two libc
@@ -40,6 +40,9 @@
 // hand-overs whose APIs give raw descriptors (systemd's `LISTEN_FDS` in fdstore.rs; serialport's
 // `TTYPort`, adopted and lent, in reader/transport.rs). The pty and tty ioctls use rustix.
 #![deny(unsafe_code)]
+// The layout above is for whoever works on the crate, whose modules are private: read it with
+// `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 // Modules are private: the binary's surface is the two items below, so rustc reports every item
 // nothing uses. The test suite and the benches (through the `test-support` feature, which the

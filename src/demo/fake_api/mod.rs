@@ -3,7 +3,7 @@
 //! It keeps sessions and passings the way the real service is documented to (one active session
 //! per device; a new session closes the other; resent `num_passing` values count as duplicates),
 //! checks every request strictly (no unlisted field, the timestamp format). In test builds it can
-//! be scripted to misbehave ([`faults`]): fail with a status, drop the connection before or after
+//! be scripted to misbehave (`faults.rs`): fail with a status, drop the connection before or after
 //! committing, hang, refuse a chip, close a session on its own; any build can stop listening.
 
 use std::collections::{BTreeMap, HashSet};
