@@ -15,7 +15,7 @@ impl Talk {
         }
         match &mut self.clock {
             ClockJob::Idle { next_mono: Some(at) } if mono >= *at => {
-                let then = if self.set_owed && host_synced && matches!(self.family, Family::Ipico | Family::Elite) {
+                let then = if self.set_owed && host_synced && self.family.replays_whole_memory() {
                     info!("the host clock is synchronised now: setting the reader's clock");
                     Then::Set
                 } else {
@@ -56,11 +56,7 @@ impl Talk {
                     self.refuse("not set: the host's time cannot be shown in reader.timezone", now);
                     return;
                 };
-                let (command, settle) = match self.family {
-                    Family::Ipico => (ipico::set_clock(local).into_bytes(), ipico::SET_ROLLOVER_MS as i64 * 1000),
-                    Family::Elite => (elite::set_clock(local).into_bytes(), 1_000_000),
-                    _ => (ultra::set_clock(local), 1_000_000),
-                };
+                let (command, settle) = self.family.set_clock(local);
                 self.send_reader(out, command);
                 info!(to = %local, "reader clock set");
                 self.set_owed = false;
@@ -104,7 +100,7 @@ impl Talk {
         // truncated to its resolution, so the middle of that step is the best guess.
         let offset_us = reader.timestamp_micros() + resolution_us / 2 - (sent.utc_us + rtt_us / 2);
         samples.push(Sample { rtt_us, offset_us });
-        let want = if self.family == Family::Ipico { IPICO_SAMPLES } else { 1 };
+        let want = self.family.samples();
         if samples.len() < want {
             *self.clock_sent_mut() = None;
             return;
@@ -134,7 +130,7 @@ impl Talk {
         // Aim for the next whole second far enough ahead to send in time: an IPICO Lite takes
         // the new second about 500 ms after the command arrives (reader-control.md §1); others
         // are sent to arrive on the second.
-        let lead = if self.family == Family::Ipico { ipico::SET_ROLLOVER_MS as i64 * 1000 } else { 0 } + one_way;
+        let lead = self.family.set_lead_us() + one_way;
         let now_utc = at.utc_us;
         let target_us = (now_utc + lead + 200_000).div_euclid(1_000_000) * 1_000_000 + 1_000_000;
         let Some(target) = DateTime::from_timestamp_micros(target_us) else {

@@ -69,6 +69,50 @@ enum Family {
     Mute,
 }
 
+/// What differs by family, said once (the conversation itself is the same for all).
+impl Family {
+    /// Answers clock requests and replays what it stored.
+    fn talks(self) -> bool {
+        matches!(self, Family::Ipico | Family::Elite | Family::Ultra)
+    }
+
+    /// A rewind replays the whole memory: one per connect (an Ultra's log is asked gap by gap).
+    fn replays_whole_memory(self) -> bool {
+        matches!(self, Family::Ipico | Family::Elite)
+    }
+
+    /// The clock request.
+    fn get_clock(self) -> Vec<u8> {
+        match self {
+            Family::Ipico => ipico::get_clock().into_bytes(),
+            Family::Elite => elite::GET_CLOCK.as_bytes().to_vec(),
+            Family::Ultra | Family::Impinj | Family::Mute => ultra::GET_CLOCK.to_vec(),
+        }
+    }
+
+    /// The set command for this local time, and how long after it the reader shows it (µs).
+    fn set_clock(self, local: NaiveDateTime) -> (Vec<u8>, i64) {
+        match self {
+            Family::Ipico => (ipico::set_clock(local).into_bytes(), Self::IPICO_ROLLOVER_US),
+            Family::Elite => (elite::set_clock(local).into_bytes(), 1_000_000),
+            Family::Ultra | Family::Impinj | Family::Mute => (ultra::set_clock(local), 1_000_000),
+        }
+    }
+
+    /// How long after a set arrives the reader takes the new second (µs): an IPICO Lite about
+    /// 500 ms later (reader-control.md §1); the others on arrival.
+    fn set_lead_us(self) -> i64 {
+        if self == Family::Ipico { Self::IPICO_ROLLOVER_US } else { 0 }
+    }
+
+    const IPICO_ROLLOVER_US: i64 = ipico::SET_ROLLOVER_MS as i64 * 1000;
+
+    /// Clock requests per measurement (the one with the shortest round trip counts).
+    fn samples(self) -> usize {
+        if self == Family::Ipico { IPICO_SAMPLES } else { 1 }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     rtt_us: i64,
@@ -228,7 +272,7 @@ impl Talk {
             Format::Regex | Format::Chafon => Family::Mute,
         };
         let mode = if family == Family::Mute { ClockMode::Ignore } else { cfg.clock_mode() };
-        let want_rewind = cfg.rewind && matches!(family, Family::Ipico | Family::Elite | Family::Ultra);
+        let want_rewind = cfg.rewind && family.talks();
         let gaps = if want_rewind && family == Family::Ultra {
             recall
                 .holes
@@ -288,7 +332,7 @@ impl Talk {
         self.set_after_rewind = false;
         self.measured = false;
         self.elite_out.clear();
-        if matches!(self.family, Family::Ipico | Family::Elite | Family::Ultra) && self.mode != ClockMode::Ignore {
+        if self.family.talks() && self.mode != ClockMode::Ignore {
             let then = if self.mode == ClockMode::Set {
                 if host_synced {
                     Then::Set
@@ -378,11 +422,7 @@ impl Talk {
     }
 
     fn get_clock(&self) -> Vec<u8> {
-        match self.family {
-            Family::Ipico => ipico::get_clock().into_bytes(),
-            Family::Elite => elite::GET_CLOCK.as_bytes().to_vec(),
-            _ => ultra::GET_CLOCK.to_vec(),
-        }
+        self.family.get_clock()
     }
 
     /// A command to the reader: on its own line, or an Elite's control port.

@@ -224,7 +224,7 @@ impl Talk {
             r.error = error;
         });
         self.rewind = Rewind::Idle;
-        if matches!(self.family, Family::Ipico | Family::Elite) {
+        if self.family.replays_whole_memory() {
             // One download or replay per connect: the whole memory is replayed each time.
             self.rewind = Rewind::Off;
         }
