@@ -169,6 +169,9 @@ async fn flood_run(binary: &Path, n: u32, extra: &str) -> (FloodResult, Sample, 
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle1 = sample(gw.pid());
     let wakeups = (idle1.switches - idle0.switches) as f64 / 10.0;
+    if std::env::var_os("RUFUS_LOAD_SMAPS").is_some() {
+        print_smaps(gw.pid(), "idle");
+    }
     let before = sample(gw.pid());
     let start = Instant::now();
     let writer = flood(pty, n, 0);
@@ -176,6 +179,9 @@ async fn flood_run(binary: &Path, n: u32, extra: &str) -> (FloodResult, Sample, 
     let seconds = start.elapsed().as_secs_f64();
     let _pty = writer.join().unwrap();
     let after = sample(gw.pid());
+    if std::env::var_os("RUFUS_LOAD_SMAPS").is_some() {
+        print_smaps(gw.pid(), "after the flood");
+    }
     let result = FloodResult {
         seconds,
         cpu_us_per_read: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / n as f64,
@@ -185,6 +191,39 @@ async fn flood_run(binary: &Path, n: u32, extra: &str) -> (FloodResult, Sample, 
     let idle_cpu = (idle1.cpu_ns - idle0.cpu_ns) as f64 / 1e9 / 10.0 * 100.0;
     println!("    idle CPU over 10 s: {idle_cpu:.2} %");
     (result, idle1, wakeups)
+}
+
+/// Where the resident memory is (`RUFUS_LOAD_SMAPS=1`): the totals, and the mappings holding
+/// the most, largest first.
+fn print_smaps(pid: u32, when: &str) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |key: &str| {
+        rollup.lines().find(|l| l.starts_with(key)).map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+    };
+    println!(
+        "    smaps {when}: Rss {} kB (anon {} kB, file {} kB)",
+        field("Rss:").unwrap_or_default(),
+        field("Anonymous:").unwrap_or_default(),
+        field("Rss:")
+            .and_then(|r| Some(r.parse::<i64>().ok()? - field("Anonymous:")?.parse::<i64>().ok()?))
+            .unwrap_or(0)
+    );
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut name = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            name = words.nth(4).unwrap_or("[anon]").to_string();
+        } else if first == "Rss:" {
+            maps.push((words.next().and_then(|v| v.parse().ok()).unwrap_or(0), name.clone()));
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (kb, name) in maps.iter().take(12) {
+        println!("      {kb:>6} kB  {name}");
+    }
 }
 
 /// The naive forwarder on the same flood.

@@ -304,13 +304,14 @@ fn bind(cfg: &Config, model: &str, serial: &str, alias: Option<&str>) -> anyhow:
 }
 
 /// glibc gives every thread that allocates its own malloc arena (megabytes each, kept); a daemon
-/// with a handful of mostly idle threads on a 512 MB Pi needs two. Measured in docs/PERFORMANCE.md.
+/// with a handful of mostly idle threads on a 512 MB Pi needs one (two cost 0.1–0.2 MB more,
+/// idle and at the peak of a flood, and saved no CPU). Measured in docs/PERFORMANCE.md.
 #[allow(unsafe_code)] // mallopt: a libc call with no safe wrapper
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -254,7 +254,7 @@ impl<'a> Connection<'a> {
         {
             info!(antenna, "antenna reads again");
         }
-        self.reader.out.send(read).is_ok()
+        self.reader.out.send(Box::new(read)).is_ok()
     }
 
     /// Antennas gone quiet while the others read: said once, and again when they read.

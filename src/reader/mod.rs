@@ -72,7 +72,7 @@ pub struct Reader {
     cfg: ReaderConfig,
     parser: Parser,
     clock: ClockWatch,
-    out: crossbeam_channel::Sender<Read>,
+    out: crossbeam_channel::Sender<Box<Read>>,
     stats: Arc<ReaderStats>,
     /// The port a previous process kept open in systemd's descriptor store, to be taken back.
     kept: Option<std::os::fd::OwnedFd>,
@@ -91,7 +91,7 @@ impl Reader {
         }
     }
 
-    pub fn new(cfg: &Config, out: crossbeam_channel::Sender<Read>, stats: Arc<ReaderStats>) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Config, out: crossbeam_channel::Sender<Box<Read>>, stats: Arc<ReaderStats>) -> anyhow::Result<Self> {
         if let Ok(mut a) = stats.antennas.lock() {
             *a = Some(crate::antennas::Antennas::new(
                 &cfg.reader.antennas,

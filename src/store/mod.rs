@@ -256,7 +256,7 @@ pub struct Store {
     dedup_window: Duration,
     auto_start: Option<String>,
     path: PathBuf,
-    reads: Receiver<Read>,
+    reads: Receiver<Box<Read>>,
     commands: Receiver<Command>,
     notify: Arc<Notify>,
     live: Live,
@@ -353,7 +353,7 @@ impl Store {
     /// Open the database and prepare the writer; the handle is how everyone else reaches it.
     pub fn open(
         cfg: &Config,
-        reads: Receiver<Read>,
+        reads: Receiver<Box<Read>>,
         notify: Arc<Notify>,
         live: Live,
         stats: Arc<StoreStats>,
@@ -459,7 +459,7 @@ impl Store {
             select! {
                 recv(reads) -> msg => match msg {
                     Ok(read) => {
-                        batch.push(read);
+                        batch.push(*read);
                         deadline.get_or_insert_with(|| Instant::now() + self.commit_interval);
                     }
                     Err(_) => { reads_open = false; reads = crossbeam_channel::never(); }

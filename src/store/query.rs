@@ -242,6 +242,11 @@ impl Cursor {
     }
 }
 
+/// A reading connection's page cache: its queries walk an index to the newest rows (the next
+/// batch, the last passings), a few pages each; SQLite's default is 2 MB per connection. See the
+/// writer's (`store::open`) for what was measured.
+const READER_CACHE: &str = "PRAGMA cache_size = -256";
+
 pub struct Db {
     pub(super) conn: Connection,
 }
@@ -252,6 +257,7 @@ impl Db {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         super::stable_plans(&conn)?;
+        conn.execute_batch(READER_CACHE)?;
         Ok(Db { conn })
     }
 
@@ -266,8 +272,8 @@ impl Db {
             .optional()
     }
 
-    /// The reader time and raw bytes of the last `n` reads stored: where a rewind begins.
-    /// The last `n` reads stored, newest first (what a rewind starts from).
+    /// The last `n` reads stored, newest first, with their reader times and raw bytes: where a
+    /// rewind begins.
     pub fn last_reads(&self, n: usize) -> rusqlite::Result<Vec<crate::reader::talk::StoredRead>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT reader_time, received_at, clock_synced, replayed, raw FROM reads ORDER BY id DESC LIMIT ?1",

@@ -13,7 +13,7 @@ use crate::config::ClockSource;
 struct Rig {
     dir: tempfile::TempDir,
     handle: Option<StoreHandle>,
-    reads: Option<Sender<Read>>,
+    reads: Option<Sender<Box<Read>>>,
     live: Live,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
@@ -55,7 +55,7 @@ impl Rig {
             host_stamped: false,
             replayed_at_us: None,
         };
-        self.reads.as_ref().unwrap().send(read).unwrap();
+        self.reads.as_ref().unwrap().send(Box::new(read)).unwrap();
     }
 
     fn db(&self) -> Db {
