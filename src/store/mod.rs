@@ -196,10 +196,31 @@ pub enum StoreError {
     Stopped,
 }
 
-/// Raised inside the writer for a change that is refused (not a storage failure).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Refusal(pub String);
+/// Why the writer did not make a requested change: the two cases its callers tell apart.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// Not possible now ("no session is open"): the reason, in words; nothing was written.
+    Refused(String),
+    /// The database failed.
+    Storage(anyhow::Error),
+}
+
+impl Failed {
+    /// As an error for a caller that does not tell the cases apart.
+    pub(crate) fn into_error(self) -> anyhow::Error {
+        match self {
+            Failed::Refused(why) => anyhow::anyhow!(why),
+            Failed::Storage(e) => e,
+        }
+    }
+}
+
+/// Any error from SQLite or the file system is a storage failure (`?` says so).
+impl<E: Into<anyhow::Error>> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Failed::Storage(e.into())
+    }
+}
 
 /// The async side's way to ask the writer for a change.
 #[derive(Clone)]
@@ -488,14 +509,14 @@ impl Store {
 
     /// Apply a change; a failure is reported in status (and logged) and returned as text.
     fn execute(&mut self, op: Op) -> Reply {
-        self.apply(op).map_err(|e| {
-            if let Some(Refusal(why)) = e.downcast_ref::<Refusal>() {
-                return StoreError::Refused(why.clone());
+        self.apply(op).map_err(|failed| match failed {
+            Failed::Refused(why) => StoreError::Refused(why),
+            Failed::Storage(e) => {
+                self.storage_failed(&e);
+                let text = format!("{e:#}");
+                warn!(error = %text, "a requested change could not be written");
+                StoreError::Storage(text)
             }
-            self.storage_failed(&e);
-            let text = format!("{e:#}");
-            warn!(error = %text, "a requested change could not be written");
-            StoreError::Storage(text)
         })
     }
 

@@ -201,7 +201,7 @@ impl Store {
         if self.open.is_none()
             && let Some(alias) = self.auto_start.clone()
         {
-            let id = self.start_session(&alias, false)?;
+            let id = self.start_session(&alias, false).map_err(Failed::into_error)?;
             info!(session_id = id, alias = %alias, "session opened automatically (session.auto_start)");
         }
         self.loaded = true;

@@ -24,12 +24,12 @@ pub(super) enum Start {
 }
 
 impl Store {
-    pub(super) fn apply(&mut self, op: Op) -> anyhow::Result<Option<i64>> {
+    pub(super) fn apply(&mut self, op: Op) -> Result<Option<i64>, Failed> {
         match op {
             Op::StartSession { alias, test } => self.start_session(&alias, test).map(Some),
             Op::Resend { alias } => self.start_session_with(&alias, Start::Resend).map(|(id, _)| Some(id)),
             Op::CloseSession => {
-                let Some(open) = self.open else { return Err(Refusal("no session is open".into()).into()) };
+                let Some(open) = self.open else { return Err(Failed::Refused("no session is open".into())) };
                 self.close_locally(open.id)?;
                 if open.test {
                     info!(session_id = open.id, "test session closed");
@@ -127,22 +127,21 @@ impl Store {
 
     /// Open a new session at once (offline or not); the open one, if any, starts closing. A test
     /// session (chip check) never replaces a race session: that is refused.
-    pub(super) fn start_session(&mut self, alias: &str, test: bool) -> anyhow::Result<i64> {
+    pub(super) fn start_session(&mut self, alias: &str, test: bool) -> Result<i64, Failed> {
         self.start_session_with(alias, if test { Start::Test } else { Start::Race }).map(|(id, _)| id)
     }
 
     /// Open a new session; with `Start::Resend`, move into it (numbered afresh from 1) the
     /// passings that remotely closed sessions could not deliver. One transaction: all of it or none.
-    pub(super) fn start_session_with(&mut self, alias: &str, kind: Start) -> anyhow::Result<(i64, i64)> {
+    pub(super) fn start_session_with(&mut self, alias: &str, kind: Start) -> Result<(i64, i64), Failed> {
         let test = kind == Start::Test;
         if let (true, Some(open)) = (test, self.open)
             && !open.test
         {
-            return Err(Refusal(format!(
+            return Err(Failed::Refused(format!(
                 "race session #{} is open: a chip check would take its reads. Close it first with `rufus-gateway session close`",
                 open.id
-            ))
-            .into());
+            )));
         }
         let now = clock::now_us();
         let tx = db(&mut self.conn)?.transaction()?;
@@ -182,11 +181,10 @@ impl Store {
                 )?;
             }
             if next_num == 1 {
-                return Err(Refusal(
+                return Err(Failed::Refused(
                     "nothing to resend: no remotely closed session has passings waiting (see `rufus-gateway session list`)"
                         .into(),
-                )
-                .into());
+                ));
             }
             tx.execute("UPDATE sessions SET next_num = ?1 WHERE id = ?2", params![next_num, id])?;
             info!(
