@@ -214,7 +214,7 @@ async fn a_stick_in_before_the_race_holds_what_export_says_within_the_interval()
     let s = gw.status();
     assert_eq!(s["backup"]["mounted"], true);
     assert_eq!(s["backup"]["rows"], 50);
-    assert!(s["backup"]["last_written_at"].is_string() && s["backup"]["error"].is_null(), "{}", s["backup"]);
+    assert!(s["backup"]["last_written_at"].is_string() && null(&s, "backup.error"), "{}", s["backup"]);
     wait_fake(&fake, &gw, "all delivered", |s| s.total_passings() == 50).await;
 }
 
@@ -303,7 +303,7 @@ async fn a_full_or_read_only_stick_is_reported_and_the_race_goes_on() {
     stick.pull();
     assert!(stick.plug(&[]), "plug back writable");
     file_with(&gw, &stick, 2000).await;
-    let s = gw.wait_status("the error cleared", |s| s["backup"]["error"].is_null()).await;
+    let s = gw.wait_status("the error cleared", |s| null(s, "backup.error")).await;
     assert!(!s["problems"].to_string().contains("BACKUP"), "{}", s["problems"]);
 
     // As many reads with a working stick, for comparison.

@@ -40,7 +40,7 @@ async fn api_endpoints_and_the_token() {
 
     let status: serde_json::Value = http.get(format!("{url}/api/status")).send().await.unwrap().json().await.unwrap();
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
-    assert!(status["session"].is_null());
+    assert!(null(&status, "session"));
 
     // Mutating endpoints: no token, a wrong one, then the right one.
     let start = |auth: Option<&str>| {
@@ -343,7 +343,7 @@ async fn listeners_that_cannot_bind_never_stop_the_pipeline() {
     let status = gw
         .wait_status("both listeners failing", |s| s["listening"]["failing"].as_object().is_some_and(|f| f.len() == 2))
         .await;
-    assert!(status["listening"]["http"].is_null() && status["listening"]["feed"].is_null(), "{status}");
+    assert!(null(&status, "listening.http") && null(&status, "listening.feed"), "{status}");
     let failing = &status["listening"]["failing"];
     assert_eq!(failing["http"]["listen"], http_addr.to_string());
     assert!(failing["http"]["error"].as_str().unwrap().contains("in use"), "{failing}");

@@ -139,7 +139,7 @@ async fn a_full_disk_recovers_by_itself() {
     assert!(gw.logs().contains("cannot write to the database"));
     std::fs::remove_file(filler).unwrap();
     let status = gw.wait_status("recovered and all delivered", |s| s["queue"]["delivered"] == 340).await;
-    assert!(status["storage"]["error"].is_null());
+    assert!(null(&status, "storage.error"));
     assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the full disk: 0 reads (the memory buffer held them)");
     println!(
         "delivery records refused by the full disk and recorded later: {}",
@@ -284,7 +284,7 @@ async fn storage_that_turns_read_only_is_survived_and_taken_up_again() {
 
     disk.repair();
     let status = gw.wait_status("all 50 delivered and recorded", |s| s["queue"]["delivered"] == 50).await;
-    assert!(status["storage"]["error"].is_null(), "{status:#}");
+    assert!(null(&status, "storage.error"), "{status:#}");
     assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the read-only card: 0 reads (held in memory)");
     assert_eq!(status["queue"]["pending"], 0);
     assert_eq!(gw.logs().matches("database opened again").count(), 1);
@@ -326,7 +326,7 @@ async fn a_new_card_gets_a_fresh_database_and_nothing_of_the_old_one() {
     gw.wait_status("the failed card reported", |s| s["storage"]["error"].is_string()).await;
 
     disk.replace();
-    gw.wait_status("the new card in use", |s| s["storage"]["error"].is_null()).await;
+    gw.wait_status("the new card in use", |s| null(s, "storage.error")).await;
     gw.cli_ok(&["session", "start", "--alias", "NEWCARD"]);
     write_lines(&mut pty, &chips(100..125));
     wait_fake(&fake, &gw, "the new session's 25 delivered", |s| {
@@ -409,7 +409,7 @@ async fn starting_on_read_only_storage_reads_into_memory_until_it_is_writable() 
 
     ro.make_writable();
     let status = gw.wait_status("all 25 delivered", |s| s["queue"]["delivered"] == 25).await;
-    assert!(status["storage"]["error"].is_null(), "{status:#}");
+    assert!(null(&status, "storage.error"), "{status:#}");
     assert_eq!(status["storage"]["dropped_reads"], 0, "lost to the read-only start: 0 reads");
     assert_eq!(status["session"]["alias"], "ROSTART");
     {

@@ -70,7 +70,7 @@ async fn hundreds_of_chips_become_numbered_passings_in_one_remote_session() {
     let out = gw.cli_ok(&["session", "close"]);
     assert!(out.contains("closing"), "{out}");
     wait_fake(&fake, &gw, "remote session closed", |s| !s.sessions[0].active).await;
-    let status = gw.wait_status("session closed locally", |s| s["session"].is_null()).await;
+    let status = gw.wait_status("session closed locally", |s| null(s, "session")).await;
     assert_eq!(status["queue"]["delivered"], 300);
     assert_eq!(gw.terminate().await.code(), Some(0), "SIGTERM exits 0");
 }

@@ -254,6 +254,16 @@ impl Drop for Gateway {
 }
 
 /// Wait for a condition on the fake API, failing with the gateway's log.
+/// Whether the field at `path` (dot-separated keys) of a JSON document is null. The key must be
+/// there: a renamed or dropped field fails the test instead of reading as null.
+pub fn null(doc: &serde_json::Value, path: &str) -> bool {
+    let mut at = doc;
+    for key in path.split('.') {
+        at = at.get(key).unwrap_or_else(|| panic!("no field {key:?} (of {path:?}) in {doc}"));
+    }
+    at.is_null()
+}
+
 pub async fn wait_fake(
     fake: &FakeApi,
     gw: &Gateway,
