@@ -77,6 +77,14 @@ fn recall(cfg: &Config) -> crate::reader::talk::Recall {
 
 /// Start every actor. Returns once the store is open, the reader started and the socket bound.
 pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyhow::Result<Running> {
+    // A second gateway on the same control socket is refused before it touches anything: it
+    // opened the database (and, with `session.auto_start`, a session) and the reader before.
+    if crate::control::another_running(&cfg.control.socket) {
+        anyhow::bail!(
+            "control.socket: another rufus-gateway is already running with control socket {}",
+            cfg.control.socket.display()
+        );
+    }
     let reader_stats = Arc::new(ReaderStats::default());
     let store_stats = Arc::new(StoreStats::default());
     let uplink_status = Arc::new(Mutex::new(UplinkStatus::default()));
@@ -119,15 +127,8 @@ pub fn start(cfg: &Config, options: Options, cancel: CancellationToken) -> anyho
     let uplink_live = uplink.live.clone();
 
     let mut tasks = Tasks::new();
-    // The control socket: a second gateway on the same socket is refused at start; anything else
-    // that stops it binding (a stray file at its path) is reported and retried like the optional
-    // listeners, and the pipeline goes on.
-    if crate::control::another_running(&cfg.control.socket) {
-        anyhow::bail!(
-            "control.socket: another rufus-gateway is already running with control socket {}",
-            cfg.control.socket.display()
-        );
-    }
+    // The control socket: anything that stops it binding (a stray file at its path) is reported
+    // and retried like the optional listeners, and the pipeline goes on.
     {
         let (h, s, alias, path, reads) =
             (handle.clone(), status.clone(), cfg.session.alias.clone(), cfg.control.socket.clone(), live.reads.clone());

@@ -129,3 +129,37 @@ async fn the_human_status_reads_at_a_glance() {
     let offline = gw.cli_ok(&["status"]);
     assert!(offline.starts_with("! OFFLINE: 2 passings waiting"), "{offline}");
 }
+
+/// A second `run` with the same config is refused before it touches anything: no second
+/// connection to the reader, no session opened in the running gateway's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_is_refused_before_it_opens_anything() {
+    let (fake, device) = fake().await;
+    let reader = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = format!("tcp://{}", reader.local_addr().unwrap());
+    let mut gw = Gateway::new(
+        &fake,
+        &device,
+        &port,
+        "reader.pattern = '^(?P<chip>[0-9A-F]{8})$'\nsession.auto_start = true\nsession.alias = \"FIRST\"",
+    );
+    gw.start().await;
+    let (_first, _) = reader.accept().unwrap();
+    gw.wait_status("the first gateway's session open", |s| s["session"]["id"] == 1).await;
+
+    let second = gw.cli(&["run"]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && stderr.contains("already running"), "{stderr}");
+    // It never connected to the reader: no connection waits in the listener's queue.
+    reader.set_nonblocking(true).unwrap();
+    let waiting = reader.accept();
+    assert!(
+        matches!(&waiting, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the refused gateway connected to the reader: {waiting:?}"
+    );
+    // Nor touched the sessions: the first gateway's one, still open, is all there is.
+    let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["session", "list", "--json"])).unwrap();
+    let sessions = list.as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{list}");
+    assert_eq!((sessions[0]["alias"].as_str(), sessions[0]["state"].as_str()), (Some("FIRST"), Some("open")));
+}
