@@ -25,19 +25,16 @@ use tokio_util::sync::CancellationToken;
 mod faults;
 #[cfg(any(test, feature = "test-support"))]
 pub use faults::{Fault, RequestLog};
-pub use route::Route;
 
-mod route {
-    /// Which requests a call (and, in test builds, a scripted fault) is for.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Route {
-        /// Any route but `ActiveSession` (a look-up the gateway makes before creating a session).
-        Any,
-        ActiveSession,
-        CreateSession,
-        Passings,
-        CloseSession,
-    }
+/// Which requests a call (and, in test builds, a scripted fault) is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Any route but `ActiveSession` (a look-up the gateway makes before creating a session).
+    Any,
+    ActiveSession,
+    CreateSession,
+    Passings,
+    CloseSession,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
