@@ -77,8 +77,12 @@ pub mod rfc3339_us {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_us(&text).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
+        parsed(&String::deserialize(d)?)
+    }
+
+    /// Text read back (by the command line) as microseconds.
+    fn parsed<E: serde::de::Error>(text: &str) -> Result<i64, E> {
+        super::parse_us(text).ok_or_else(|| E::custom(format!("not an RFC 3339 time: {text:?}")))
     }
 
     /// The same, for a time that may be absent.
@@ -93,28 +97,21 @@ pub mod rfc3339_us {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|text| {
-                    crate::clock::parse_us(&text)
-                        .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
-                })
-                .transpose()
+            Option::<String>::deserialize(d)?.map(|text| super::parsed(&text)).transpose()
         }
     }
 }
 
 /// Serde for a time kept as microseconds and shown as the API shows it ([`api_timestamp`]).
 pub mod api_timestamp_us {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::Serializer;
 
     pub fn serialize<S: Serializer>(utc_us: &i64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::api_timestamp(*utc_us))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        let text = String::deserialize(d)?;
-        super::parse_us(&text).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
-    }
+    /// Either form reads back the same way.
+    pub use super::rfc3339_us::deserialize;
 }
 
 /// An RFC 3339 time as microseconds since the epoch.
